@@ -1,0 +1,81 @@
+//! Durable storage of a node: one sled `Db` holding every Raft group it hosts.
+//!
+//! Per group `g{N}`: `g{N}/log` (entries by big-endian index), `g{N}/meta` (vote, committed,
+//! last purged, state generation, latest snapshot) and `g{N}/sm/{generation}` (applied state).
+//! One flusher thread per node makes writes durable for all groups at once ([`flusher`]).
+
+mod flusher;
+mod log;
+mod overlay;
+mod sm;
+
+use std::path::Path;
+
+pub use self::log::LogStore;
+pub use self::sm::{GroupKind, SnapshotBuilder, StateMachineStore, StateReader};
+use crate::ids::GroupId;
+use crate::types::StorageError;
+
+/// Why a node's store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// sled refused to open or read the directory.
+    #[error("cannot open store at {path}: {source}")]
+    Open {
+        /// The directory.
+        path: String,
+        /// sled's error.
+        source: sled::Error,
+    },
+    /// sled failed afterwards.
+    #[error("store failed: {0}")]
+    Sled(#[from] sled::Error),
+    /// The flusher thread could not be started.
+    #[error("cannot start the flusher thread: {0}")]
+    Thread(#[from] std::io::Error),
+    /// A group's storage could not be opened.
+    #[error("cannot open group storage: {0}")]
+    Group(#[from] StorageError),
+}
+
+/// A node's sled database and its flusher. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    flusher: flusher::Flusher,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, Error> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(256 * 1024 * 1024)
+            .open()
+            .map_err(|source| Error::Open { path: dir.display().to_string(), source })?;
+        let flusher = flusher::Flusher::start(db.clone())?;
+        Ok(Store { db, flusher })
+    }
+
+    /// The log and state machine storage of `group`, created empty if new.
+    pub fn group(&self, group: GroupId) -> Result<(LogStore, StateMachineStore), Error> {
+        let meta = self.db.open_tree(format!("g{}/meta", group.0))?;
+        let log = LogStore {
+            log: self.db.open_tree(format!("g{}/log", group.0))?,
+            meta: meta.clone(),
+            flusher: self.flusher.clone(),
+        };
+        let sm = StateMachineStore::open(self.db.clone(), meta, group, self.flusher.clone())?;
+        Ok((log, sm))
+    }
+
+    /// The underlying database (node identity rows live in their own tree).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// How many fsyncs this node's flusher has done.
+    pub fn fsyncs(&self) -> u64 {
+        self.flusher.fsyncs()
+    }
+}

@@ -1,0 +1,361 @@
+//! The state machine of one group on sled, with generations for atomic snapshot install.
+//!
+//! A group's applied state lives in the tree `g{group}/sm/{generation}`; the group's meta tree
+//! names the current generation and holds the latest snapshot. Applying a batch of entries is
+//! one atomic `sled::Batch` on the current tree that includes the `last_applied` row. Installing a
+//! snapshot writes a complete new generation, flushes it, then switches the generation pointer
+//! (one atomic write) and drops the old tree; a crash at any point leaves one whole generation.
+
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, EntryPayload, ErrorSubject, ErrorVerb, SnapshotMeta, StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use super::flusher::Flusher;
+use super::overlay::Overlay;
+use crate::codec;
+use crate::ids::GroupId;
+use crate::kv::Kv;
+use crate::shard::Action;
+use crate::types::{Command, Entry, LogId, Reply, Response, StorageError, TypeConfig};
+use crate::{meta, shard};
+
+/// Rows the storage layer keeps beside the state machine's own (whose keys never start with 0).
+const ROW_APPLIED: &[u8] = b"\x00last_applied";
+const ROW_MEMBERSHIP: &[u8] = b"\x00membership";
+/// Keys in the group's meta tree.
+const KEY_GENERATION: &[u8] = b"sm_generation";
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
+
+/// Bound on queued action batches per group; a consumer that lags re-derives from state.
+const ACTIONS_CAPACITY: usize = 4096;
+
+type Membership = StoredMembership<u64, openraft::BasicNode>;
+type Meta = SnapshotMeta<u64, openraft::BasicNode>;
+
+/// Which state machine a group runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupKind {
+    /// Group 0: members, parameters, placement.
+    Meta,
+    /// A shard group: flows and their journals.
+    Shard,
+}
+
+impl GroupKind {
+    /// The kind of `group`: group 0 is the metadata group, every other one a shard.
+    pub fn of(group: GroupId) -> GroupKind {
+        if group == GroupId::META {
+            GroupKind::Meta
+        } else {
+            GroupKind::Shard
+        }
+    }
+}
+
+/// A snapshot as transferred and stored: every row of the state tree at `last_applied`.
+#[derive(Serialize, Deserialize)]
+struct SnapshotRows {
+    rows: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A snapshot as kept in the meta tree.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: Meta,
+    data: Vec<u8>,
+}
+
+fn any(e: impl std::error::Error + 'static) -> AnyError {
+    AnyError::new(&e)
+}
+
+fn sm_read(e: AnyError) -> StorageError {
+    StorageIOError::read_state_machine(e).into()
+}
+
+fn sm_write(e: AnyError) -> StorageError {
+    StorageIOError::write_state_machine(e).into()
+}
+
+fn tree_name(group: GroupId, generation: u64) -> String {
+    format!("g{}/sm/{generation}", group.0)
+}
+
+/// Read access to a group's applied state, valid across snapshot installs.
+#[derive(Clone)]
+pub struct StateReader {
+    current: Arc<RwLock<sled::Tree>>,
+}
+
+impl StateReader {
+    /// Runs `f` over the current applied state. Writes made by `f` are discarded.
+    pub fn read<R>(&self, f: impl FnOnce(&dyn Kv) -> R) -> R {
+        let tree = match self.current.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let view = Overlay::new(&tree);
+        f(&view)
+    }
+
+    /// The last log id applied to this state.
+    pub fn last_applied(&self) -> Result<Option<LogId>, StorageError> {
+        self.read(|kv| read_row::<Option<LogId>>(kv, ROW_APPLIED).map(Option::flatten))
+    }
+}
+
+fn read_row<T: serde::de::DeserializeOwned>(kv: &dyn Kv, key: &[u8]) -> Result<Option<T>, StorageError> {
+    match kv.get(key).map_err(|e| sm_read(any(e)))? {
+        None => Ok(None),
+        Some(bytes) => Ok(Some(codec::decode(&bytes).map_err(|e| sm_read(any(e)))?)),
+    }
+}
+
+/// The state machine storage of one group.
+pub struct StateMachineStore {
+    db: sled::Db,
+    group: GroupId,
+    kind: GroupKind,
+    meta: sled::Tree,
+    generation: u64,
+    current: Arc<RwLock<sled::Tree>>,
+    flusher: Flusher,
+    actions: broadcast::Sender<Arc<Vec<Action>>>,
+}
+
+impl StateMachineStore {
+    pub(super) fn open(
+        db: sled::Db,
+        meta: sled::Tree,
+        group: GroupId,
+        flusher: Flusher,
+    ) -> Result<StateMachineStore, StorageError> {
+        let generation: u64 = match meta.get(KEY_GENERATION).map_err(|e| sm_read(any(e)))? {
+            None => 0,
+            Some(b) => codec::decode(&b).map_err(|e| sm_read(any(e)))?,
+        };
+        // Drop generations left by an install that crashed before switching (or after, before
+        // dropping the old one).
+        let prefix = format!("g{}/sm/", group.0);
+        let keep = tree_name(group, generation);
+        for name in db.tree_names() {
+            if name.starts_with(prefix.as_bytes()) && name.as_ref() != keep.as_bytes() {
+                db.drop_tree(&name).map_err(|e| sm_write(any(e)))?;
+            }
+        }
+        let tree = db.open_tree(&keep).map_err(|e| sm_read(any(e)))?;
+        let (actions, _) = broadcast::channel(ACTIONS_CAPACITY);
+        Ok(StateMachineStore {
+            db,
+            group,
+            kind: GroupKind::of(group),
+            meta,
+            generation,
+            current: Arc::new(RwLock::new(tree)),
+            flusher,
+            actions,
+        })
+    }
+
+    /// Read access to the applied state.
+    pub fn reader(&self) -> StateReader {
+        StateReader { current: self.current.clone() }
+    }
+
+    /// A receiver of the actions emitted by applied shard commands (on every replica; only the
+    /// leader acts on them).
+    pub fn actions(&self) -> broadcast::Sender<Arc<Vec<Action>>> {
+        self.actions.clone()
+    }
+
+    fn tree(&self) -> sled::Tree {
+        match self.current.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn apply_command(
+        &self,
+        kv: &mut dyn Kv,
+        now_ms: u64,
+        command: &Command,
+        actions: &mut Vec<Action>,
+    ) -> Result<Reply, StorageError> {
+        match (self.kind, command) {
+            (GroupKind::Shard, Command::Shard(cmd)) => {
+                let (reply, mut acts) = shard::apply(kv, now_ms, cmd).map_err(|e| sm_write(any(e)))?;
+                actions.append(&mut acts);
+                Ok(Reply::Shard(reply))
+            }
+            (GroupKind::Meta, Command::Meta(cmd)) => {
+                Ok(Reply::Meta(meta::apply(kv, now_ms, cmd).map_err(|e| sm_write(any(e)))?))
+            }
+            _ => Ok(Reply::WrongGroup),
+        }
+    }
+}
+
+fn encode_row<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
+    codec::encode(value).map_err(|e| sm_write(any(e)))
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        let tree = self.tree();
+        let view = Overlay::new(&tree);
+        let applied = read_row::<Option<LogId>>(&view, ROW_APPLIED)?.flatten();
+        let membership = read_row::<Membership>(&view, ROW_MEMBERSHIP)?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let tree = self.tree();
+        let mut kv = Overlay::new(&tree);
+        let mut responses = Vec::new();
+        let mut actions = Vec::new();
+        let mut last: Option<LogId> = None;
+        for entry in entries {
+            last = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => responses.push(Response::default()),
+                EntryPayload::Normal(request) => {
+                    let mut replies = Vec::with_capacity(request.commands.len());
+                    for command in &request.commands {
+                        replies.push(self.apply_command(&mut kv, request.now_ms, command, &mut actions)?);
+                    }
+                    responses.push(Response { replies });
+                }
+                EntryPayload::Membership(m) => {
+                    kv.put(ROW_MEMBERSHIP.to_vec(), encode_row(&Membership::new(Some(entry.log_id), m))?);
+                    responses.push(Response::default());
+                }
+            }
+        }
+        if last.is_some() {
+            kv.put(ROW_APPLIED.to_vec(), encode_row(&last)?);
+        }
+        // One atomic batch: the state changes of every entry and `last_applied` together.
+        kv.commit().map_err(|e| sm_write(any(e)))?;
+        if !actions.is_empty() {
+            // No receiver is fine: nobody leads here, or the consumer re-derives from state.
+            let _ = self.actions.send(Arc::new(actions));
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Called by the state-machine worker between applies: the copy below is consistent.
+        let tree = self.tree();
+        let rows: Result<Vec<(Vec<u8>, Vec<u8>)>, sled::Error> =
+            tree.iter().map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec()))).collect();
+        SnapshotBuilder {
+            rows,
+            db: self.db.clone(),
+            meta: self.meta.clone(),
+            flusher: self.flusher.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let signature = Some(meta.signature());
+        let snap_err = |e: AnyError| -> StorageError {
+            StorageIOError::new(ErrorSubject::Snapshot(signature.clone()), ErrorVerb::Write, e).into()
+        };
+        let data = snapshot.into_inner();
+        let rows: SnapshotRows = codec::decode(&data).map_err(|e| snap_err(any(e)))?;
+
+        // 1. Write the complete new generation and make it durable.
+        let next = self.generation + 1;
+        let name = tree_name(self.group, next);
+        self.db.drop_tree(&name).map_err(|e| snap_err(any(e)))?;
+        let tree = self.db.open_tree(&name).map_err(|e| snap_err(any(e)))?;
+        let mut batch = sled::Batch::default();
+        for (k, v) in rows.rows {
+            batch.insert(k, v);
+        }
+        tree.apply_batch(batch).map_err(|e| snap_err(any(e)))?;
+        self.flusher.flush().await.map_err(|e| snap_err(AnyError::error(e)))?;
+
+        // 2. Switch to it (and keep the snapshot for followers that need it) in one atomic write.
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        let mut switch = sled::Batch::default();
+        switch.insert(KEY_GENERATION, codec::encode(&next).map_err(|e| snap_err(any(e)))?);
+        switch.insert(KEY_SNAPSHOT, codec::encode(&stored).map_err(|e| snap_err(any(e)))?);
+        self.meta.apply_batch(switch).map_err(|e| snap_err(any(e)))?;
+        self.flusher.flush().await.map_err(|e| snap_err(AnyError::error(e)))?;
+
+        // 3. Serve reads from it and drop the old generation.
+        let old = tree_name(self.group, self.generation);
+        match self.current.write() {
+            Ok(mut t) => *t = tree,
+            Err(poisoned) => *poisoned.into_inner() = tree,
+        }
+        self.generation = next;
+        self.db.drop_tree(&old).map_err(|e| snap_err(any(e)))?;
+        // Everything derived from state may have changed: tell the leader's consumer.
+        let _ = self.actions.send(Arc::new(Vec::new()));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        match self.meta.get(KEY_SNAPSHOT).map_err(|e| sm_read(any(e)))? {
+            None => Ok(None),
+            Some(bytes) => {
+                let stored: StoredSnapshot = codec::decode(&bytes).map_err(|e| sm_read(any(e)))?;
+                Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+            }
+        }
+    }
+}
+
+/// Builds a snapshot from the copy of the state taken by `get_snapshot_builder`.
+pub struct SnapshotBuilder {
+    rows: Result<Vec<(Vec<u8>, Vec<u8>)>, sled::Error>,
+    db: sled::Db,
+    meta: sled::Tree,
+    flusher: Flusher,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let rows = std::mem::replace(&mut self.rows, Ok(Vec::new())).map_err(|e| sm_read(any(e)))?;
+        let copy = crate::kv::MemKv { rows: rows.iter().cloned().collect() };
+        let last_log_id = read_row::<Option<LogId>>(&copy, ROW_APPLIED)?.flatten();
+        let last_membership = read_row::<Membership>(&copy, ROW_MEMBERSHIP)?.unwrap_or_default();
+        let nonce = self.db.generate_id().map_err(|e| sm_write(any(e)))?;
+        let snapshot_id = match last_log_id {
+            Some(id) => format!("{}-{}-{nonce}", id.leader_id.term, id.index),
+            None => format!("none-{nonce}"),
+        };
+        let meta = Meta { last_log_id, last_membership, snapshot_id };
+        let data = codec::encode(&SnapshotRows { rows }).map_err(|e| sm_write(any(e)))?;
+        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        self.meta
+            .insert(KEY_SNAPSHOT, codec::encode(&stored).map_err(|e| sm_write(any(e)))?)
+            .map_err(|e| sm_write(any(e)))?;
+        // Durable before openraft purges the log entries the snapshot replaces.
+        self.flusher.flush().await.map_err(|e| sm_write(AnyError::error(e)))?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
