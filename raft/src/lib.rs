@@ -27,3 +27,6 @@ pub mod placement;
 pub mod shard;
 pub mod storage;
 pub mod types;
+pub mod transport;
+pub mod handle;
+pub mod node;

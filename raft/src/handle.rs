@@ -1,0 +1,336 @@
+//! The handle of one Raft group on this node: propose with group commit, read, watch, reconfigure.
+//!
+//! openraft 0.9 writes one log entry per `client_write`, so group commit is done here: proposals
+//! queue in a bounded channel, and a batcher packs whatever is waiting into one entry
+//! ([`Request`]), keeping a bounded number of entries in flight. Under load one entry (and one
+//! fsync, shared with the other groups by the flusher) carries many commands.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::BasicNode;
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
+
+use crate::ids::{GroupId, NodeId};
+use crate::kv::Kv;
+use crate::meta::{MetaCommand, MetaReply};
+use crate::shard::{Action, ShardCommand, ShardReply};
+use crate::storage::StateReader;
+use crate::types::{Command, Raft, Reply, Request};
+
+/// Bound on proposals waiting to be packed, per group.
+const QUEUE_CAPACITY: usize = 8192;
+/// Bound on commands packed into one log entry.
+const MAX_COMMANDS_PER_ENTRY: usize = 1024;
+/// Bound on entries proposed but not yet committed, per group.
+const MAX_ENTRIES_IN_FLIGHT: usize = 4;
+
+/// Why a proposal or read did not produce a reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// This node does not lead the group; `leader` is the hint, if known.
+    #[error("not the leader of {group} (leader: {leader:?})")]
+    NotLeader {
+        /// The group.
+        group: GroupId,
+        /// The leader this node knows of.
+        leader: Option<NodeId>,
+        /// Its address.
+        leader_addr: Option<String>,
+    },
+    /// No outcome within the time budget: the command may or may not commit.
+    #[error("proposal to {0} timed out; its outcome is unknown")]
+    Timeout(GroupId),
+    /// A quorum could not be reached or the membership change is not allowed now.
+    #[error("group {group} unavailable: {reason}")]
+    Unavailable {
+        /// The group.
+        group: GroupId,
+        /// Why.
+        reason: String,
+    },
+    /// The group is shutting down or its Raft stopped.
+    #[error("group {0} is shutting down")]
+    ShuttingDown(GroupId),
+    /// The reply did not match the command (a bug: the state machine broke its contract).
+    #[error("internal error in {group}: {reason}")]
+    Internal {
+        /// The group.
+        group: GroupId,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Leadership as this node sees it, for one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// The leader this node knows of.
+    pub leader: Option<NodeId>,
+    /// The current term.
+    pub term: u64,
+    /// Whether this node is the leader.
+    pub is_leader: bool,
+    /// When a quorum last acknowledged this node as leader (only while leading).
+    pub quorum_acked_at: Option<Instant>,
+    /// Index of the last applied entry.
+    pub last_applied: Option<u64>,
+}
+
+impl GroupStatus {
+    /// Time since a quorum last acknowledged this leader; `None` if not leading or never acked.
+    /// A leader that has had no quorum acknowledgement for longer than the election timeout may
+    /// have been replaced (openraft 0.9 has no check-quorum) and must stop acting.
+    pub fn since_quorum_ack(&self) -> Option<Duration> {
+        self.quorum_acked_at.map(|t| t.elapsed())
+    }
+}
+
+struct Proposal {
+    command: Command,
+    reply: oneshot::Sender<Result<Reply, Error>>,
+}
+
+/// The handle of one group. Cheap to clone.
+#[derive(Clone)]
+pub struct GroupHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    group: GroupId,
+    raft: Raft,
+    reader: StateReader,
+    proposals: mpsc::Sender<Proposal>,
+    status: watch::Receiver<GroupStatus>,
+    actions: broadcast::Sender<Arc<Vec<Action>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl GroupHandle {
+    /// Starts the batcher and the status watch of `raft`. `propose_timeout` bounds every proposal.
+    pub(crate) fn start(
+        group: GroupId,
+        raft: Raft,
+        reader: StateReader,
+        actions: broadcast::Sender<Arc<Vec<Action>>>,
+        propose_timeout: Duration,
+    ) -> GroupHandle {
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        tokio::spawn(batcher(group, raft.clone(), rx, propose_timeout));
+        let status = spawn_status_watch(raft.clone());
+        GroupHandle { inner: Arc::new(Inner { group, raft, reader, proposals: tx, status, actions }) }
+    }
+
+    /// The group.
+    pub fn group(&self) -> GroupId {
+        self.inner.group
+    }
+
+    /// The underlying openraft instance.
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// Proposes `command`; returns its reply once the entry carrying it is committed and applied.
+    pub async fn propose(&self, command: Command) -> Result<Reply, Error> {
+        let (reply, rx) = oneshot::channel();
+        let group = self.inner.group;
+        self.inner
+            .proposals
+            .send(Proposal { command, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown(group))?;
+        rx.await.map_err(|_| Error::ShuttingDown(group))?
+    }
+
+    /// Proposes a shard command and returns the shard's reply.
+    pub async fn propose_shard(&self, command: ShardCommand) -> Result<ShardReply, Error> {
+        match self.propose(Command::Shard(command)).await? {
+            Reply::Shard(r) => Ok(r),
+            other => Err(Error::Internal {
+                group: self.inner.group,
+                reason: format!("shard command answered with {other:?}"),
+            }),
+        }
+    }
+
+    /// Proposes a metadata command and returns group 0's reply.
+    pub async fn propose_meta(&self, command: MetaCommand) -> Result<MetaReply, Error> {
+        match self.propose(Command::Meta(command)).await? {
+            Reply::Meta(r) => Ok(r),
+            other => Err(Error::Internal {
+                group: self.inner.group,
+                reason: format!("metadata command answered with {other:?}"),
+            }),
+        }
+    }
+
+    /// A linearizable read: confirms leadership with a quorum, waits until everything committed
+    /// before the read is applied here, then runs `f` over the state.
+    pub async fn read<R>(&self, f: impl FnOnce(&dyn Kv) -> R) -> Result<R, Error> {
+        let group = self.inner.group;
+        self.inner.raft.ensure_linearizable().await.map_err(|e| match e {
+            RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => Error::NotLeader {
+                group,
+                leader: f.leader_id.map(NodeId),
+                leader_addr: f.leader_node.map(|n| n.addr),
+            },
+            RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(q)) => {
+                Error::Unavailable { group, reason: q.to_string() }
+            }
+            RaftError::Fatal(_) => Error::ShuttingDown(group),
+        })?;
+        Ok(self.inner.reader.read(f))
+    }
+
+    /// A read of this replica's applied state, possibly stale.
+    pub fn read_local<R>(&self, f: impl FnOnce(&dyn Kv) -> R) -> R {
+        self.inner.reader.read(f)
+    }
+
+    /// Leadership as this node sees it; changes are signalled on the receiver.
+    pub fn status(&self) -> watch::Receiver<GroupStatus> {
+        self.inner.status.clone()
+    }
+
+    /// Actions emitted by applied commands of this group (every replica; the leader acts).
+    /// A receiver that lags must re-derive its work from state (`shard::derive_actions`).
+    pub fn subscribe_actions(&self) -> broadcast::Receiver<Arc<Vec<Action>>> {
+        self.inner.actions.subscribe()
+    }
+
+    /// Creates the group with `members` as its first voters. Only one node calls this, once;
+    /// calling it on a group that already has state is a no-op.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), Error> {
+        let nodes: BTreeMap<u64, BasicNode> =
+            members.into_iter().map(|(id, addr)| (id.0, BasicNode { addr })).collect();
+        match self.inner.raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(Error::Unavailable { group: self.inner.group, reason: e.to_string() }),
+        }
+    }
+
+    /// Adds `node` as a learner and waits until it has caught up with the leader's log.
+    pub async fn add_learner(&self, node: NodeId, addr: String) -> Result<(), Error> {
+        self.inner
+            .raft
+            .add_learner(node.0, BasicNode { addr }, true)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.write_error(e))
+    }
+
+    /// Makes `voters` the group's voting members (learners not listed stay learners when
+    /// `retain` is true).
+    pub async fn change_membership(&self, voters: BTreeSet<NodeId>, retain: bool) -> Result<(), Error> {
+        let ids: BTreeSet<u64> = voters.into_iter().map(|n| n.0).collect();
+        self.inner.raft.change_membership(ids, retain).await.map(|_| ()).map_err(|e| self.write_error(e))
+    }
+
+    fn write_error(&self, e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Error {
+        write_error(self.inner.group, e)
+    }
+}
+
+fn write_error(group: GroupId, e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Error {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::NotLeader {
+            group,
+            leader: f.leader_id.map(NodeId),
+            leader_addr: f.leader_node.map(|n| n.addr),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            Error::Unavailable { group, reason: c.to_string() }
+        }
+        RaftError::Fatal(_) => Error::ShuttingDown(group),
+    }
+}
+
+/// Packs waiting proposals into entries; at most `MAX_ENTRIES_IN_FLIGHT` entries uncommitted.
+async fn batcher(group: GroupId, raft: Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration) {
+    let in_flight = Arc::new(Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        // Waiting for a slot lets more proposals queue up: the batch grows with the load.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        let mut batch = vec![first];
+        while batch.len() < MAX_COMMANDS_PER_ENTRY {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let (commands, waiters): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            let count = commands.len();
+            let request = Request { now_ms: now_ms(), commands };
+            let outcome = tokio::time::timeout(timeout, raft.client_write(request)).await;
+            drop(permit);
+            match outcome {
+                Ok(Ok(resp)) if resp.data.replies.len() == count => {
+                    for (w, r) in waiters.into_iter().zip(resp.data.replies) {
+                        let _ = w.send(Ok(r));
+                    }
+                }
+                Ok(Ok(resp)) => {
+                    let e = Error::Internal {
+                        group,
+                        reason: format!("{} replies for {count} commands", resp.data.replies.len()),
+                    };
+                    for w in waiters {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                }
+                Ok(Err(e)) => {
+                    let e = write_error(group, e);
+                    for w in waiters {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                }
+                Err(_) => {
+                    for w in waiters {
+                        let _ = w.send(Err(Error::Timeout(group)));
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn spawn_status_watch(raft: Raft) -> watch::Receiver<GroupStatus> {
+    let mut metrics = raft.metrics();
+    let initial = GroupStatus { leader: None, term: 0, is_leader: false, quorum_acked_at: None, last_applied: None };
+    let (tx, rx) = watch::channel(initial);
+    tokio::spawn(async move {
+        loop {
+            let status = {
+                let m = metrics.borrow_and_update();
+                let is_leader = m.current_leader == Some(m.id);
+                GroupStatus {
+                    leader: m.current_leader.map(NodeId),
+                    term: m.current_term,
+                    is_leader,
+                    quorum_acked_at: if is_leader {
+                        m.millis_since_quorum_ack
+                            .and_then(|ms| Instant::now().checked_sub(Duration::from_millis(ms)))
+                    } else {
+                        None
+                    },
+                    last_applied: m.last_applied.map(|l| l.index),
+                }
+            };
+            tx.send_replace(status);
+            if metrics.changed().await.is_err() || tx.is_closed() {
+                break;
+            }
+        }
+    });
+    rx
+}

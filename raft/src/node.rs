@@ -1,0 +1,331 @@
+//! One process's part of the cluster: its sled store, its Raft groups, and the tonic server
+//! that carries their RPCs.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::SnapshotPolicy;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::handle::GroupHandle;
+use crate::ids::{ClusterId, GroupId, Incarnation, NodeId};
+use crate::storage::{self, Store};
+use crate::transport::{GroupRegistry, Identity, NetworkFactory, Peers, RaftService};
+use crate::types::Raft;
+
+/// Raft timing: configuration, not code (DESIGN.md §3 "Timeouts").
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// Leader heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomized election timeout.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomized election timeout.
+    pub election_timeout_max_ms: u64,
+    /// Bound on one proposal, from queueing to applied reply.
+    pub propose_timeout_ms: u64,
+}
+
+impl Timing {
+    /// Fast failover: heartbeat 100 ms, election 400–800 ms. Benchmarks use this.
+    pub fn production() -> Timing {
+        Timing {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            propose_timeout_ms: 5_000,
+        }
+    }
+
+    /// For tests on a loaded 2-core machine: elections only after ≥ 1 s of silence.
+    pub fn relaxed() -> Timing {
+        Timing {
+            heartbeat_ms: 200,
+            election_timeout_min_ms: 1_000,
+            election_timeout_max_ms: 2_000,
+            propose_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// How to run a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Where to listen for Raft RPCs (port 0 picks a free port; see [`RaftNode::addr`]).
+    pub listen: SocketAddr,
+    /// The sled directory.
+    pub data_dir: PathBuf,
+    /// The cluster this node belongs to.
+    pub cluster_id: ClusterId,
+    /// Raft timing.
+    pub timing: Timing,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind a snapshot (for slow followers).
+    pub entries_kept_after_snapshot: u64,
+}
+
+impl NodeConfig {
+    /// A config with production timing and snapshot policy.
+    pub fn new(node_id: NodeId, listen: SocketAddr, data_dir: PathBuf, cluster_id: ClusterId) -> Self {
+        NodeConfig {
+            node_id,
+            listen,
+            data_dir,
+            cluster_id,
+            timing: Timing::production(),
+            snapshot_after_entries: 10_000,
+            entries_kept_after_snapshot: 1_000,
+        }
+    }
+}
+
+/// Why a node could not start or a group could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] storage::Error),
+    /// The data directory belongs to another node or cluster.
+    #[error("data directory {dir} belongs to {stored}, but this node was started as {given}")]
+    IdentityMismatch {
+        /// The directory.
+        dir: String,
+        /// What the directory says.
+        stored: String,
+        /// What the command line says.
+        given: String,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// openraft refused the configuration or failed to start a group.
+    #[error("cannot start Raft for group {group}: {reason}")]
+    Raft {
+        /// The group.
+        group: GroupId,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredIdentity {
+    node_id: NodeId,
+    cluster_id: ClusterId,
+    incarnation: Incarnation,
+}
+
+/// A node: store, groups and server. Dropping it does not stop it; call [`RaftNode::shutdown`].
+pub struct RaftNode {
+    config: NodeConfig,
+    identity: Identity,
+    addr: SocketAddr,
+    store: Store,
+    groups: GroupRegistry,
+    handles: Mutex<HashMap<GroupId, GroupHandle>>,
+    peers: Peers,
+    raft_config: Arc<openraft::Config>,
+    server_stop: Mutex<Option<oneshot::Sender<()>>>,
+    server: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl RaftNode {
+    /// Opens the store, checks the directory's identity and starts serving Raft RPCs.
+    pub async fn start(config: NodeConfig) -> Result<Arc<RaftNode>, Error> {
+        let store = Store::open(&config.data_dir)?;
+        let identity = load_identity(&store, &config).await?;
+        let raft_config = openraft::Config {
+            cluster_name: config.cluster_id.0.clone(),
+            heartbeat_interval: config.timing.heartbeat_ms,
+            election_timeout_min: config.timing.election_timeout_min_ms,
+            election_timeout_max: config.timing.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: config.entries_kept_after_snapshot,
+            purge_batch_size: 256,
+            max_payload_entries: 64,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| Error::Raft { group: GroupId::META, reason: e.to_string() })?;
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Listen { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| Error::Listen { addr: config.listen, source })?;
+        let groups = GroupRegistry::default();
+        let service = RaftService::new(identity.clone(), groups.clone()).into_server();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let node_id = config.node_id;
+        let server = tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(node_id = node_id.0, error = %e, "raft transport server failed");
+            }
+        });
+        tracing::info!(node_id = node_id.0, %addr, incarnation = %identity.incarnation, "raft node started");
+        Ok(Arc::new(RaftNode {
+            peers: Peers::new(identity.clone()),
+            identity,
+            addr,
+            store,
+            groups,
+            handles: Mutex::new(HashMap::new()),
+            raft_config: Arc::new(raft_config),
+            server_stop: Mutex::new(Some(stop_tx)),
+            server: Mutex::new(Some(server)),
+            config,
+        }))
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.config.node_id
+    }
+
+    /// The address the Raft service listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Who this node is on the wire.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The node's store (fsync counter, identity rows).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The node's shared peer connections.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    /// Opens `group` on this node (creating its storage if new) and starts its Raft instance.
+    /// Opening a group twice returns the same handle.
+    pub async fn open_group(&self, group: GroupId) -> Result<GroupHandle, Error> {
+        if let Some(h) = self.group(group) {
+            return Ok(h);
+        }
+        let (log, sm) = self.store.group(group)?;
+        let reader = sm.reader();
+        let actions = sm.actions();
+        let network = NetworkFactory::new(self.peers.clone(), group);
+        let raft = Raft::new(self.config.node_id.0, self.raft_config.clone(), network, log, sm)
+            .await
+            .map_err(|e| Error::Raft { group, reason: e.to_string() })?;
+        self.groups.insert(group, raft.clone());
+        let handle = GroupHandle::start(
+            group,
+            raft,
+            reader,
+            actions,
+            Duration::from_millis(self.config.timing.propose_timeout_ms),
+        );
+        let mut handles = lock(&self.handles);
+        Ok(handles.entry(group).or_insert(handle).clone())
+    }
+
+    /// The handle of an open group.
+    pub fn group(&self, group: GroupId) -> Option<GroupHandle> {
+        lock(&self.handles).get(&group).cloned()
+    }
+
+    /// Every open group.
+    pub fn groups(&self) -> Vec<GroupHandle> {
+        lock(&self.handles).values().cloned().collect()
+    }
+
+    /// Stops every group and the server, and flushes the store.
+    pub async fn shutdown(&self) {
+        let handles: Vec<GroupHandle> = lock(&self.handles).drain().map(|(_, h)| h).collect();
+        for h in handles {
+            self.groups.remove(h.group());
+            if let Err(e) = h.raft().shutdown().await {
+                tracing::warn!(group = %h.group(), error = %e, "raft shutdown failed");
+            }
+        }
+        if let Some(stop) = lock(&self.server_stop).take() {
+            let _ = stop.send(());
+        }
+        let server = lock(&self.server).take();
+        if let Some(server) = server {
+            let _ = server.await;
+        }
+        if let Err(e) = self.store.db().flush_async().await {
+            tracing::warn!(error = %e, "final flush failed");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Reads the directory's identity, or writes a new one (with a fresh incarnation) for a new
+/// directory. A directory of another node or cluster is refused.
+async fn load_identity(store: &Store, config: &NodeConfig) -> Result<Identity, Error> {
+    let tree = store.db().open_tree("node").map_err(storage::Error::from)?;
+    let dir = config.data_dir.display().to_string();
+    let stored = tree.get("identity").map_err(storage::Error::from)?;
+    let identity = match stored {
+        Some(bytes) => {
+            let stored: StoredIdentity = crate::codec::decode(&bytes).map_err(|e| Error::IdentityMismatch {
+                dir: dir.clone(),
+                stored: format!("an unreadable identity ({e})"),
+                given: format!("node {}", config.node_id.0),
+            })?;
+            if stored.node_id != config.node_id || stored.cluster_id != config.cluster_id {
+                return Err(Error::IdentityMismatch {
+                    dir,
+                    stored: format!("node {} of cluster {}", stored.node_id.0, stored.cluster_id),
+                    given: format!("node {} of cluster {}", config.node_id.0, config.cluster_id),
+                });
+            }
+            stored
+        }
+        None => {
+            let stored = StoredIdentity {
+                node_id: config.node_id,
+                cluster_id: config.cluster_id.clone(),
+                incarnation: Incarnation(rand::random()),
+            };
+            let bytes = crate::codec::encode(&stored).map_err(|e| Error::IdentityMismatch {
+                dir: dir.clone(),
+                stored: String::new(),
+                given: e.to_string(),
+            })?;
+            tree.insert("identity", bytes).map_err(storage::Error::from)?;
+            // Durable before the node says anything to anyone under this identity.
+            store.db().flush_async().await.map_err(storage::Error::from)?;
+            stored
+        }
+    };
+    Ok(Identity {
+        cluster_id: identity.cluster_id,
+        node_id: identity.node_id,
+        incarnation: identity.incarnation,
+    })
+}

@@ -1,0 +1,223 @@
+//! The sending side: openraft's network factory over lazily connected, shared tonic channels.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use super::proto::raft_response::Result as ProtoResult;
+use super::proto::raft_transport_client::RaftTransportClient;
+use super::proto::{RaftRequest, RpcKind};
+use super::{Identity, MAX_MESSAGE_BYTES};
+use crate::codec;
+use crate::ids::GroupId;
+use crate::types::TypeConfig;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Lazily created channels to peers, shared by every group of this node.
+#[derive(Clone)]
+pub struct Peers {
+    identity: Identity,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Peers {
+    /// No connections yet; they are made on first use.
+    pub fn new(identity: Identity) -> Self {
+        Peers { identity, channels: Arc::new(Mutex::new(HashMap::new())) }
+    }
+
+    /// Who this node is.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The channel to `addr` (`host:port`), created lazily and reused.
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = match self.channels.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(ch) = channels.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .connect_lazy();
+        channels.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Sends one raw request to `addr` (used by the network and by tests of the service).
+    pub async fn call(
+        &self,
+        addr: &str,
+        request: RaftRequest,
+        timeout: Duration,
+    ) -> Result<ProtoResult, CallError> {
+        let channel = self.channel(addr).map_err(|e| CallError::Unreachable(e.to_string()))?;
+        let mut client = RaftTransportClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let response = match tokio::time::timeout(timeout, client.call(request)).await {
+            Err(_) => return Err(CallError::Timeout),
+            Ok(Err(status)) => {
+                return Err(match status.code() {
+                    tonic::Code::Unavailable => CallError::Unreachable(status.to_string()),
+                    tonic::Code::DeadlineExceeded => CallError::Timeout,
+                    _ => CallError::Failed(status.to_string()),
+                })
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        response.result.ok_or_else(|| CallError::Failed("empty response".into()))
+    }
+}
+
+/// Why a raw call failed before producing a Raft reply.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The peer could not be reached (refused, down, unresolvable).
+    #[error("peer unreachable: {0}")]
+    Unreachable(String),
+    /// No answer within the RPC's time budget.
+    #[error("RPC timed out")]
+    Timeout,
+    /// The peer answered with a transport-level error or garbage.
+    #[error("RPC failed: {0}")]
+    Failed(String),
+}
+
+/// openraft's network factory for one group.
+pub struct NetworkFactory {
+    peers: Peers,
+    group: GroupId,
+}
+
+impl NetworkFactory {
+    /// A factory for `group` over the node's shared `peers`.
+    pub fn new(peers: Peers, group: GroupId) -> Self {
+        NetworkFactory { peers, group }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Network;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Network {
+        Network { peers: self.peers.clone(), group: self.group, target, addr: node.addr.clone() }
+    }
+}
+
+/// The connection of one group to one peer.
+pub struct Network {
+    peers: Peers,
+    group: GroupId,
+    target: u64,
+    addr: String,
+}
+
+impl Network {
+    async fn send<Req, Resp, E>(
+        &self,
+        kind: RpcKind,
+        rpc: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let payload = codec::encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let id = self.peers.identity();
+        let request = RaftRequest {
+            group: self.group.0,
+            cluster_id: id.cluster_id.0.clone(),
+            from_node: id.node_id.0,
+            incarnation: id.incarnation.0,
+            kind: kind as i32,
+            payload,
+        };
+        let ttl = option.hard_ttl();
+        match self.peers.call(&self.addr, request, ttl).await {
+            Err(CallError::Unreachable(m)) => Err(RPCError::Unreachable(Unreachable::new(&Msg(m)))),
+            Err(CallError::Timeout) => Err(RPCError::Timeout(Timeout {
+                action: match kind {
+                    RpcKind::Vote => openraft::network::RPCTypes::Vote,
+                    RpcKind::InstallSnapshot => openraft::network::RPCTypes::InstallSnapshot,
+                    _ => openraft::network::RPCTypes::AppendEntries,
+                },
+                id: id.node_id.0,
+                target: self.target,
+                timeout: ttl,
+            })),
+            Err(CallError::Failed(m)) => Err(RPCError::Network(NetworkError::new(&Msg(m)))),
+            Ok(ProtoResult::Error(e)) => Err(RPCError::Network(NetworkError::new(&Msg(format!(
+                "refused by node {} ({:?}): {}",
+                self.target,
+                e.code(),
+                e.message
+            ))))),
+            Ok(ProtoResult::Ok(bytes)) => {
+                let result: Result<Resp, RaftError<u64, E>> =
+                    codec::decode(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+                result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+        }
+    }
+}
+
+/// A plain message as an error (for openraft's error wrappers).
+#[derive(Debug)]
+struct Msg(String);
+
+impl std::fmt::Display for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Msg {}
+
+impl RaftNetwork<TypeConfig> for Network {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.send(RpcKind::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>>
+    {
+        self.send(RpcKind::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.send(RpcKind::Vote, &rpc, &option).await
+    }
+}

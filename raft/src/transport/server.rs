@@ -1,0 +1,132 @@
+//! The receiving side: decode, check identity and group, hand the RPC to the group's Raft.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use super::proto::raft_response::Result as ProtoResult;
+use super::proto::raft_transport_server::{RaftTransport, RaftTransportServer};
+use super::proto::{ErrorCode, RaftRequest, RaftResponse, RpcKind, TransportError};
+use super::{Identity, MAX_MESSAGE_BYTES};
+use crate::codec;
+use crate::ids::GroupId;
+use crate::types::Raft;
+
+/// The groups this node hosts, by id. Shared by the node (which adds groups) and the service.
+#[derive(Clone, Default)]
+pub struct GroupRegistry {
+    inner: Arc<RwLock<HashMap<GroupId, Raft>>>,
+}
+
+impl GroupRegistry {
+    /// Registers `raft` as `group`'s instance on this node.
+    pub fn insert(&self, group: GroupId, raft: Raft) {
+        match self.inner.write() {
+            Ok(mut g) => g.insert(group, raft),
+            Err(p) => p.into_inner().insert(group, raft),
+        };
+    }
+
+    /// The Raft instance of `group`, if hosted here.
+    pub fn get(&self, group: GroupId) -> Option<Raft> {
+        match self.inner.read() {
+            Ok(g) => g.get(&group).cloned(),
+            Err(p) => p.into_inner().get(&group).cloned(),
+        }
+    }
+
+    /// Removes `group` and returns its instance.
+    pub fn remove(&self, group: GroupId) -> Option<Raft> {
+        match self.inner.write() {
+            Ok(mut g) => g.remove(&group),
+            Err(p) => p.into_inner().remove(&group),
+        }
+    }
+
+    /// Every hosted group.
+    pub fn all(&self) -> Vec<(GroupId, Raft)> {
+        let map = match self.inner.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        map.into_iter().collect()
+    }
+}
+
+/// The tonic service carrying Raft RPCs for every group of this node.
+pub struct RaftService {
+    identity: Identity,
+    groups: GroupRegistry,
+}
+
+impl RaftService {
+    /// A service for the node `identity` serving `groups`.
+    pub fn new(identity: Identity, groups: GroupRegistry) -> Self {
+        RaftService { identity, groups }
+    }
+
+    /// The service wrapped for a tonic server, with the transport's message size limits.
+    pub fn into_server(self) -> RaftTransportServer<RaftService> {
+        RaftTransportServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> RaftResponse {
+    RaftResponse {
+        result: Some(ProtoResult::Error(TransportError { code: code as i32, message: message.into() })),
+    }
+}
+
+fn reply<T: Serialize>(value: &T) -> RaftResponse {
+    match codec::encode(value) {
+        Ok(bytes) => RaftResponse { result: Some(ProtoResult::Ok(bytes)) },
+        Err(e) => refuse(ErrorCode::Malformed, format!("cannot encode reply: {e}")),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, RaftResponse> {
+    codec::decode(payload).map_err(|e| refuse(ErrorCode::Malformed, format!("malformed payload: {e}")))
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn call(&self, request: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
+        let req = request.into_inner();
+        if req.cluster_id != self.identity.cluster_id.0 {
+            tracing::warn!(from_node = req.from_node, cluster = %req.cluster_id, "refused RPC from a foreign cluster");
+            return Ok(Response::new(refuse(
+                ErrorCode::ForeignCluster,
+                format!("this node belongs to cluster {}, not {}", self.identity.cluster_id, req.cluster_id),
+            )));
+        }
+        let group = GroupId(req.group);
+        let Some(raft) = self.groups.get(group) else {
+            return Ok(Response::new(refuse(
+                ErrorCode::UnknownGroup,
+                format!("node {} does not host group {}", self.identity.node_id, req.group),
+            )));
+        };
+        let response = match RpcKind::try_from(req.kind) {
+            Ok(RpcKind::AppendEntries) => match decode(&req.payload) {
+                Ok(rpc) => reply(&raft.append_entries(rpc).await),
+                Err(refusal) => refusal,
+            },
+            Ok(RpcKind::Vote) => match decode(&req.payload) {
+                Ok(rpc) => reply(&raft.vote(rpc).await),
+                Err(refusal) => refusal,
+            },
+            Ok(RpcKind::InstallSnapshot) => match decode(&req.payload) {
+                Ok(rpc) => reply(&raft.install_snapshot(rpc).await),
+                Err(refusal) => refusal,
+            },
+            Ok(RpcKind::Unspecified) | Err(_) => {
+                refuse(ErrorCode::UnknownKind, format!("unknown RPC kind {}", req.kind))
+            }
+        };
+        Ok(Response::new(response))
+    }
+}
