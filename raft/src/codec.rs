@@ -44,13 +44,18 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
+/// The most memory one decoded record may claim (bincode's decode limit). Without a limit a
+/// garbage length prefix makes bincode allocate `len` bytes up front: a capacity-overflow panic
+/// or an allocation abort instead of an error. The limit does not change the encoding.
+pub const MAX_DECODED_BYTES: usize = 1 << 30;
+
 /// Decodes a versioned record written by [`encode`]. The whole input must be one record.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     let (&version, body) = bytes.split_first().ok_or(Error::Empty)?;
     if version != FORMAT_VERSION {
         return Err(Error::UnknownVersion(version));
     }
-    let (value, used) = bincode::serde::decode_from_slice(body, config())
+    let (value, used) = bincode::serde::decode_from_slice(body, config().with_limit::<MAX_DECODED_BYTES>())
         .map_err(|e| Error::Malformed(e.to_string()))?;
     if used != body.len() {
         return Err(Error::Trailing(body.len() - used));

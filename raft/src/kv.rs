@@ -24,6 +24,9 @@ pub enum KvError {
     },
 }
 
+/// Key-value pairs returned by [`Kv::scan`], in key order.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// An ordered key-value store with read-your-writes semantics.
 pub trait Kv {
     /// The value at `key`, if any.
@@ -34,7 +37,7 @@ pub trait Kv {
     fn delete(&mut self, key: &[u8]);
     /// Up to `limit` pairs whose key starts with `prefix` and is `>= start` (all of them when
     /// `start` is `None`), in key order.
-    fn scan(&self, prefix: &[u8], start: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError>;
+    fn scan(&self, prefix: &[u8], start: Option<&[u8]>, limit: usize) -> Result<Rows, KvError>;
 }
 
 /// An in-memory [`Kv`]: unit tests of `apply`, and the consistent copy a snapshot is built from.
@@ -64,7 +67,12 @@ impl Kv for MemKv {
         self.rows.remove(key);
     }
 
-    fn scan(&self, prefix: &[u8], start: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    fn scan(
+        &self,
+        prefix: &[u8],
+        start: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
         let lower = match start {
             Some(s) if s > prefix => s.to_vec(),
             _ => prefix.to_vec(),
@@ -89,7 +97,9 @@ mod tests {
         for k in ["a/1", "a/2", "a/3", "b/1"] {
             kv.put(k.as_bytes().to_vec(), vec![]);
         }
-        let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| v.into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect::<Vec<_>>();
+        let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| {
+            v.into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect::<Vec<_>>()
+        };
         assert_eq!(keys(kv.scan(b"a/", None, 10).unwrap()), ["a/1", "a/2", "a/3"]);
         assert_eq!(keys(kv.scan(b"a/", Some(b"a/2"), 10).unwrap()), ["a/2", "a/3"]);
         assert_eq!(keys(kv.scan(b"a/", None, 2).unwrap()), ["a/1", "a/2"]);

@@ -153,7 +153,8 @@ impl RaftNode {
             election_timeout_max: config.timing.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_entries),
             max_in_snapshot_log_to_keep: config.entries_kept_after_snapshot,
-            purge_batch_size: 256,
+            // Purge in batches, but never wait for more entries than a snapshot interval.
+            purge_batch_size: config.snapshot_after_entries.clamp(1, 256),
             max_payload_entries: 64,
             ..Default::default()
         }

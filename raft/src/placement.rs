@@ -42,7 +42,7 @@ mod tests {
         let f = FlowId::new("order", "o-1");
         let h = xxh3_64(&entity_key("order", "o-1"));
         assert_eq!(shard_of(&f, 12), ShardId((h % 12) as u32));
-        assert_eq!(entity_key("ab", "c") == entity_key("a", "bc"), false);
+        assert_ne!(entity_key("ab", "c"), entity_key("a", "bc"));
     }
 
     #[test]

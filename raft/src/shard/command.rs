@@ -410,6 +410,18 @@ pub enum ShardCommand {
         /// Bound on the work of one command.
         max_flows: u32,
     },
+    /// Tell the shard who it is and how many shards the cluster has (committed first by the
+    /// group's creator, from group 0's parameters). `apply` needs the shard count to route outbox
+    /// entries (`placement::shard_of`) without reading local configuration; a command that must
+    /// write an outbox entry before this is rejected with `Invalid("shard not configured")`.
+    /// Idempotent for the same values; other values are rejected (the shard count is fixed at
+    /// cluster creation).
+    Configure {
+        /// This shard.
+        shard_id: ShardId,
+        /// The cluster's shard count (`> shard_id`).
+        shard_count: u32,
+    },
 }
 
 /// A control-panel mutation of one flow.

@@ -1,10 +1,11 @@
 //! The shard state machine: one per shard group, pure and deterministic.
 //!
-//! [`apply`] takes the state (a [`Kv`]), the batch timestamp chosen by the proposer and one
-//! [`ShardCommand`], and returns the reply and the [`Action`]s the leader should take. It reads
-//! no clock, randomness, environment or local configuration: time arrives in the command batch
-//! and is made monotonic (`clock = max(clock, now_ms)`), cluster parameters arrive in commands.
-//! A rejected command changes nothing.
+//! [`apply`] takes the state (a [`Kv`](crate::kv::Kv)), the batch timestamp chosen by the
+//! proposer and one [`ShardCommand`], and returns the reply and the [`Action`]s the leader should
+//! take. It reads no clock, randomness, environment or local configuration: time arrives in the
+//! command batch and is made monotonic (`clock = max(clock, now_ms)`), cluster parameters arrive
+//! in commands ([`ShardCommand::Configure`], [`ShardCommand::Gc`]). A rejected command changes
+//! nothing.
 //!
 //! Layout of the rows is private to this module (see `keys`); readers use the functions here.
 
@@ -12,6 +13,7 @@ mod apply;
 mod command;
 mod keys;
 mod read;
+pub(crate) mod txn;
 
 pub use apply::apply;
 pub use command::*;

@@ -1,1 +1,195 @@
-//! placeholder
+//! Pure reads of a shard's state, for the runtime (replay, the leader's executor, the control
+//! panel) and for tests. Each takes the state as a [`Kv`] and never writes.
+
+use serde::{Deserialize, Serialize};
+
+use super::command::{Action, EffectRecord, Event, FlowRecord, OutboxEntry};
+use super::keys;
+use super::txn;
+use crate::ids::{FlowId, ShardId};
+use crate::kv::{Kv, KvError, Rows};
+
+/// The reserved timer id of a flow's postpone timer ([`super::ShardCommand::Postpone`]). Flows
+/// cannot arm a timer with this id.
+pub const POSTPONE_TIMER_ID: &str = "__postpone";
+
+/// The type name recorded on the `Sleep` effect that `ArmTimer` writes (its value is the deadline
+/// in ms as a JSON number).
+pub const SLEEP_TYPE_NAME: &str = "u64";
+
+/// What a shard knows about itself ([`super::ShardCommand::Configure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardConfig {
+    /// This shard.
+    pub shard_id: ShardId,
+    /// The cluster's shard count.
+    pub shard_count: u32,
+}
+
+fn decode_all<T: serde::de::DeserializeOwned>(rows: Rows) -> Result<Vec<T>, KvError> {
+    rows.into_iter().map(|(k, v)| txn::decode(&k, &v)).collect()
+}
+
+/// The shard's configuration, once configured.
+pub fn shard_config(kv: &dyn Kv) -> Result<Option<ShardConfig>, KvError> {
+    txn::get(kv, keys::CONFIG)
+}
+
+/// The shard clock: the largest batch time applied so far (ms), 0 before any.
+pub fn shard_clock(kv: &dyn Kv) -> Result<u64, KvError> {
+    Ok(txn::get(kv, keys::CLOCK)?.unwrap_or(0))
+}
+
+/// The record of `flow`.
+pub fn get_flow(kv: &dyn Kv, flow: &FlowId) -> Result<Option<FlowRecord>, KvError> {
+    txn::get(kv, &keys::flow(flow))
+}
+
+/// One effect of `flow`.
+pub fn get_effect(kv: &dyn Kv, flow: &FlowId, effect_id: &str) -> Result<Option<EffectRecord>, KvError> {
+    txn::get(kv, &keys::effect(flow, effect_id))
+}
+
+/// Every effect of `flow`, by effect id (byte order).
+pub fn list_effects(kv: &dyn Kv, flow: &FlowId) -> Result<Vec<(String, EffectRecord)>, KvError> {
+    let prefix = keys::effects_prefix(flow);
+    txn::scan_all(kv, &prefix)?
+        .into_iter()
+        .map(|(key, value)| {
+            let id = key
+                .strip_prefix(prefix.as_slice())
+                .and_then(keys::utf8)
+                .ok_or_else(|| txn::corrupt(&key, "bad effect key"))?;
+            Ok((id, txn::decode(&key, &value)?))
+        })
+        .collect()
+}
+
+/// Up to `limit` events of `flow`'s log from sequence number `from_seq` on, with their numbers.
+pub fn events(kv: &dyn Kv, flow: &FlowId, from_seq: u64, limit: usize) -> Result<Vec<(u64, Event)>, KvError> {
+    let prefix = keys::events_prefix(flow);
+    kv.scan(&prefix, Some(&keys::event(flow, from_seq)), limit)?
+        .into_iter()
+        .map(|(key, value)| {
+            let seq = key
+                .strip_prefix(prefix.as_slice())
+                .and_then(keys::take_u64)
+                .filter(|(_, rest)| rest.is_empty())
+                .map(|(seq, _)| seq)
+                .ok_or_else(|| txn::corrupt(&key, "bad event key"))?;
+            Ok((seq, txn::decode(&key, &value)?))
+        })
+        .collect()
+}
+
+/// The armed timers of `flow`: (timer id, deadline ms), by timer id.
+pub fn timers_of(kv: &dyn Kv, flow: &FlowId) -> Result<Vec<(String, u64)>, KvError> {
+    let prefix = keys::flow_timers_prefix(flow);
+    txn::scan_all(kv, &prefix)?
+        .into_iter()
+        .map(|(key, value)| {
+            let id = key
+                .strip_prefix(prefix.as_slice())
+                .and_then(keys::utf8)
+                .ok_or_else(|| txn::corrupt(&key, "bad timer key"))?;
+            Ok((id, txn::decode(&key, &value)?))
+        })
+        .collect()
+}
+
+/// The earliest armed timers of the shard, in deadline order: up to `limit` of those with a
+/// deadline at or before `upto_ms`, as (deadline, flow, timer id). `upto_ms = u64::MAX` gives the
+/// earliest timers whatever their deadline.
+pub fn due_timers(kv: &dyn Kv, upto_ms: u64, limit: usize) -> Result<Vec<(u64, FlowId, String)>, KvError> {
+    let mut out = Vec::new();
+    for (key, _) in kv.scan(keys::TIMERS, None, limit)? {
+        let (deadline, flow, timer_id) =
+            keys::parse_timer_index(&key).ok_or_else(|| txn::corrupt(&key, "bad timer index key"))?;
+        if deadline > upto_ms {
+            break;
+        }
+        out.push((deadline, flow, timer_id));
+    }
+    Ok(out)
+}
+
+/// Up to `limit` unacknowledged outbox entries to `target`, in order, with their numbers.
+pub fn outbox_pending(
+    kv: &dyn Kv,
+    target: ShardId,
+    limit: usize,
+) -> Result<Vec<(u64, OutboxEntry)>, KvError> {
+    kv.scan(&keys::outbox_prefix(target), None, limit)?
+        .into_iter()
+        .map(|(key, value)| {
+            let (_, seq) = keys::parse_outbox(&key).ok_or_else(|| txn::corrupt(&key, "bad outbox key"))?;
+            Ok((seq, txn::decode(&key, &value)?))
+        })
+        .collect()
+}
+
+/// The shards this shard's outbox has unacknowledged entries for, in order.
+pub fn outbox_targets(kv: &dyn Kv) -> Result<Vec<ShardId>, KvError> {
+    let mut targets = Vec::new();
+    let mut start = keys::OUTBOX.to_vec();
+    // One probe per target: skip to the first key past the target's range.
+    while let Some((key, _)) = kv.scan(keys::OUTBOX, Some(&start), 1)?.into_iter().next() {
+        let (target, _) = keys::parse_outbox(&key).ok_or_else(|| txn::corrupt(&key, "bad outbox key"))?;
+        targets.push(target);
+        match target.0.checked_add(1) {
+            Some(next) => start = keys::outbox_prefix(ShardId(next)),
+            None => break,
+        }
+    }
+    Ok(targets)
+}
+
+/// The highest outbox number applied from `source` (0 before any).
+pub fn inbound_applied(kv: &dyn Kv, source: ShardId) -> Result<u64, KvError> {
+    Ok(txn::get(kv, &keys::inbound(source))?.unwrap_or(0))
+}
+
+/// The last outbox number this shard assigned to entries for `target` (0 before any).
+pub fn outbox_last_seq(kv: &dyn Kv, target: ShardId) -> Result<u64, KvError> {
+    Ok(txn::get(kv, &keys::outbox_next(target))?.unwrap_or(0))
+}
+
+/// Up to `limit` flow records, optionally of one type, strictly after `after`.
+///
+/// The order is that of the stored keys: by type, then instance, each compared by length first
+/// and then bytewise (so `o-9` comes before `o-10`). Pass the last id of a page as `after` to get
+/// the next page.
+pub fn list_flows(
+    kv: &dyn Kv,
+    flow_type: Option<&str>,
+    after: Option<&FlowId>,
+    limit: usize,
+) -> Result<Vec<FlowRecord>, KvError> {
+    let prefix = keys::flows_prefix(flow_type);
+    let start = after.map(|f| keys::successor(&keys::flow(f)));
+    decode_all(kv.scan(&prefix, start.as_deref(), limit)?)
+}
+
+/// The flows that are `Running` (they need an activation), up to `limit`, in key order.
+pub fn running_flows(kv: &dyn Kv, limit: usize) -> Result<Vec<FlowId>, KvError> {
+    kv.scan(keys::RUNNING, None, limit)?
+        .into_iter()
+        .map(|(key, _)| keys::parse_running(&key).ok_or_else(|| txn::corrupt(&key, "bad running key")))
+        .collect()
+}
+
+/// The work a new shard leader must do, derived from committed state alone: `Activate` for each
+/// `Running` flow, `ArmTimer` for the earliest armed timers, `DeliverOutbox` for each target with
+/// unacknowledged entries. `limit` bounds the activations and the timers (each); a leader that
+/// needs more reads [`running_flows`] and [`due_timers`] in pages.
+pub fn derive_actions(kv: &dyn Kv, limit: usize) -> Result<Vec<Action>, KvError> {
+    let mut actions: Vec<Action> =
+        running_flows(kv, limit)?.into_iter().map(|flow| Action::Activate { flow }).collect();
+    for (deadline_ms, flow, timer_id) in due_timers(kv, u64::MAX, limit)? {
+        actions.push(Action::ArmTimer { flow, timer_id, deadline_ms });
+    }
+    for target in outbox_targets(kv)? {
+        actions.push(Action::DeliverOutbox { target });
+    }
+    Ok(actions)
+}

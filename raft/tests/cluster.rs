@@ -1,0 +1,331 @@
+//! Cluster tests of the replicated journal: 3 nodes in this process on loopback, each with its
+//! own sled directory, talking real tonic.
+
+#[path = "cluster/harness.rs"]
+mod harness;
+
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Result};
+use fetter_raft::ids::{Epoch, GroupId, ShardId};
+use fetter_raft::shard::{
+    self, EffectKind, Event, Rejection, ShardCommand, ShardOutcome,
+};
+use fetter_raft::transport::proto::{raft_response, ErrorCode, RaftRequest, RpcKind};
+use harness::{eventually, expect_ok, flow_on, Cluster};
+
+fn g(shard: u32) -> GroupId {
+    GroupId::of_shard(ShardId(shard))
+}
+
+fn message(i: u64) -> ShardCommand {
+    ShardCommand::AppendEvent {
+        flow: flow_on(0, 1, "log"),
+        event: Event::Message { type_name: "Note".into(), payload: format!("{{\"i\":{i}}}").into_bytes(), idempotency_key: None },
+    }
+}
+
+async fn start_log_flow(c: &Cluster) -> Result<()> {
+    let start = ShardCommand::Start { flow: flow_on(0, 1, "log"), input: b"{}".to_vec(), parent: None };
+    expect_ok(c.propose(g(0), start).await?)?;
+    Ok(())
+}
+
+async fn events_len(c: &Cluster, node: u64) -> Result<u64> {
+    let flow = flow_on(0, 1, "log");
+    let rec = c.handle(node, g(0))?.read_local(|kv| shard::get_flow(kv, &flow))?;
+    Ok(rec.ok_or_else(|| anyhow!("flow missing on node {node}"))?.events_len)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_reach_all_replicas() -> Result<()> {
+    let c = Cluster::start(3, 1, 10_000).await?;
+    start_log_flow(&c).await?;
+    let leader = c.leader(g(0)).await?;
+    let h = c.handle(leader, g(0))?;
+    // Concurrent proposals: group commit packs them, every one gets its own reply.
+    let replies = futures::future::join_all((0..200).map(|i| h.propose_shard(message(i)))).await;
+    let mut seqs: Vec<u64> = Vec::new();
+    for r in replies {
+        match r?? {
+            ShardOutcome::Appended { seq } => seqs.push(seq),
+            other => return Err(anyhow!("unexpected {other:?}")),
+        }
+    }
+    seqs.sort_unstable();
+    ensure!(seqs == (0..200).collect::<Vec<_>>(), "each command applied once, in one order");
+    c.converge(g(0)).await?;
+    let reference = c.state(leader, g(0))?;
+    for id in 1..=3 {
+        ensure!(events_len(&c, id).await? == 200, "node {id} has every event");
+        ensure!(c.state(id, g(0))? == reference, "node {id}'s state equals the leader's");
+    }
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_leader_elects_another_and_loses_nothing() -> Result<()> {
+    let mut c = Cluster::start(3, 1, 10_000).await?;
+    start_log_flow(&c).await?;
+    for i in 0..50 {
+        expect_ok(c.propose(g(0), message(i)).await?)?;
+    }
+    let old = c.leader(g(0)).await?;
+    c.stop(old).await?;
+    let new = c.leader(g(0)).await?;
+    ensure!(new != old, "a new leader was elected");
+    for i in 50..100 {
+        expect_ok(c.propose(g(0), message(i)).await?)?;
+    }
+    c.converge(g(0)).await?;
+    for id in c.running() {
+        ensure!(events_len(&c, id).await? == 100, "node {id} lost no acknowledged command");
+    }
+    // The old leader comes back as a follower and catches up.
+    c.restart(old).await?;
+    c.converge(g(0)).await?;
+    ensure!(events_len(&c, old).await? == 100);
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_recovers_from_disk_and_catches_up() -> Result<()> {
+    let mut c = Cluster::start(3, 1, 10_000).await?;
+    start_log_flow(&c).await?;
+    for i in 0..30 {
+        expect_ok(c.propose(g(0), message(i)).await?)?;
+    }
+    c.converge(g(0)).await?;
+    let leader = c.leader(g(0)).await?;
+    let follower = (1..=3).find(|id| *id != leader).ok_or_else(|| anyhow!("no follower"))?;
+    c.stop(follower).await?;
+    for i in 30..60 {
+        expect_ok(c.propose(g(0), message(i)).await?)?;
+    }
+    c.restart(follower).await?;
+    // Straight from its sled directory it knows at least what it had before it stopped.
+    let recovered = events_len(&c, follower).await?;
+    ensure!(recovered >= 30, "recovered {recovered} events from disk");
+    c.converge(g(0)).await?;
+    ensure!(events_len(&c, follower).await? == 60, "caught up");
+    ensure!(c.state(follower, g(0))? == c.state(leader, g(0))?);
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_behind_purged_logs_catches_up_by_snapshot() -> Result<()> {
+    // Snapshot every 20 entries and keep no log behind it.
+    let mut c = Cluster::start(3, 1, 20).await?;
+    start_log_flow(&c).await?;
+    let leader = c.leader(g(0)).await?;
+    let lagger = (1..=3).find(|id| *id != leader).ok_or_else(|| anyhow!("no follower"))?;
+    c.converge(g(0)).await?;
+    let lagger_applied = c.handle(lagger, g(0))?.status().borrow().last_applied.unwrap_or(0);
+    c.stop(lagger).await?;
+    // One entry each, so the log grows well past the snapshot threshold.
+    for i in 0..120 {
+        expect_ok(c.propose(g(0), message(i)).await?)?;
+    }
+    let h = c.handle(leader, g(0))?;
+    eventually("the leader purged the entries the lagger lacks", || async {
+        let purged = h.raft().metrics().borrow().purged.map(|p| p.index)?;
+        (purged > lagger_applied + 1).then_some(())
+    })
+    .await?;
+    c.restart(lagger).await?;
+    c.converge(g(0)).await?;
+    let lh = c.handle(lagger, g(0))?;
+    ensure!(lh.raft().metrics().borrow().snapshot.is_some(), "the lagger installed a snapshot");
+    drop(lh);
+    ensure!(events_len(&c, lagger).await? == 120);
+    ensure!(c.state(lagger, g(0))? == c.state(leader, g(0))?, "identical state after install");
+    // And the installed state survives a restart.
+    c.stop(lagger).await?;
+    c.restart(lagger).await?;
+    ensure!(events_len(&c, lagger).await? == 120, "installed snapshot survived restart");
+    c.shutdown().await;
+    Ok(())
+}
+
+fn complete(flow: &fetter_raft::ids::FlowId, epoch: u64, id: &str) -> ShardCommand {
+    ShardCommand::EffectCompleted {
+        flow: flow.clone(),
+        epoch: Epoch(epoch),
+        effect_id: id.into(),
+        kind: EffectKind::Effect,
+        type_name: "T".into(),
+        value: b"1".to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_activation_fences_older_one() -> Result<()> {
+    let c = Cluster::start(3, 1, 10_000).await?;
+    let flow = flow_on(0, 1, "fenced");
+    expect_ok(c.propose(g(0), ShardCommand::Start { flow: flow.clone(), input: b"{}".to_vec(), parent: None }).await?)?;
+    expect_ok(c.propose(g(0), ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(1) }).await?)?;
+    expect_ok(c.propose(g(0), complete(&flow, 1, "a")).await?)?;
+    expect_ok(c.propose(g(0), ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(2) }).await?)?;
+    let stale = c.propose(g(0), complete(&flow, 1, "b")).await?;
+    ensure!(
+        stale == Err(Rejection::StaleEpoch { got: Epoch(1), current: Epoch(2) }),
+        "stale activation rejected, got {stale:?}"
+    );
+    c.converge(g(0)).await?;
+    for id in 1..=3 {
+        let b = c.handle(id, g(0))?.read_local(|kv| shard::get_effect(kv, &flow, "b"))?;
+        ensure!(b.is_none(), "node {id}: the stale command changed nothing");
+    }
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_proposed_through_old_leader_is_fenced_after_leader_change() -> Result<()> {
+    let mut c = Cluster::start(3, 1, 10_000).await?;
+    let flow = flow_on(0, 1, "zombie");
+    expect_ok(c.propose(g(0), ShardCommand::Start { flow: flow.clone(), input: b"{}".to_vec(), parent: None }).await?)?;
+    expect_ok(c.propose(g(0), ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(1) }).await?)?;
+    c.converge(g(0)).await?;
+    let old = c.leader(g(0)).await?;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+    // Cut the old leader off from its quorum, then let its activation propose.
+    for id in &others {
+        c.stop(*id).await?;
+    }
+    let old_handle = c.handle(old, g(0))?;
+    let before = old_handle.raft().metrics().borrow().last_log_index;
+    let zombie = tokio::spawn({
+        let cmd = complete(&flow, 1, "zombie-write");
+        async move { old_handle.propose_shard(cmd).await }
+    });
+    // Its entry reaches the old leader's log but cannot commit.
+    eventually("the zombie entry in the old leader's log", || async {
+        let now = c.handle(old, g(0)).ok()?.raft().metrics().borrow().last_log_index;
+        (now > before).then_some(())
+    })
+    .await?;
+    c.stop(old).await?;
+    let zombie_outcome = tokio::time::timeout(Duration::from_secs(30), zombie).await??;
+    ensure!(zombie_outcome.is_err(), "the old leader never acknowledged the write: {zombie_outcome:?}");
+    // The others elect a new leader, which activates the flow anew.
+    for id in &others {
+        c.restart(*id).await?;
+    }
+    expect_ok(c.propose(g(0), ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(2) }).await?)?;
+    // The old leader returns: its uncommitted entry is overwritten, never applied.
+    c.restart(old).await?;
+    c.converge(g(0)).await?;
+    for id in 1..=3 {
+        let (rec, eff) = c.handle(id, g(0))?.read_local(|kv| {
+            Ok::<_, anyhow::Error>((shard::get_flow(kv, &flow)?, shard::get_effect(kv, &flow, "zombie-write")?))
+        })?;
+        ensure!(eff.is_none(), "node {id}: the zombie write was not applied");
+        ensure!(rec.map(|r| r.epoch) == Some(Epoch(2)), "node {id}: epoch 2");
+    }
+    // And proposing it again (as a retrying zombie would) is rejected.
+    let retry = c.propose(g(0), complete(&flow, 1, "zombie-write")).await?;
+    ensure!(matches!(retry, Err(Rejection::StaleEpoch { .. })), "retry fenced: {retry:?}");
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_outbox_entries_apply_exactly_once() -> Result<()> {
+    let mut c = Cluster::start(3, 2, 10_000).await?;
+    let sender = flow_on(0, 2, "sender");
+    let receiver = flow_on(1, 2, "receiver");
+    expect_ok(c.propose(g(1), ShardCommand::Start { flow: receiver.clone(), input: b"{}".to_vec(), parent: None }).await?)?;
+    expect_ok(c.propose(g(0), ShardCommand::Start { flow: sender.clone(), input: b"{}".to_vec(), parent: None }).await?)?;
+    expect_ok(c.propose(g(0), ShardCommand::Activate { flow: sender.clone(), epoch: Epoch(1) }).await?)?;
+    for i in 0..3 {
+        let send = ShardCommand::Send {
+            flow: sender.clone(),
+            epoch: Epoch(1),
+            effect_id: format!("send-{i}"),
+            target: receiver.clone(),
+            type_name: "Hello".into(),
+            payload: format!("{{\"i\":{i}}}").into_bytes(),
+        };
+        expect_ok(c.propose(g(0), send).await?)?;
+    }
+    let src_leader = c.leader(g(0)).await?;
+    let pending = c.handle(src_leader, g(0))?.read(|kv| shard::outbox_pending(kv, ShardId(1), 100)).await??;
+    ensure!(pending.len() == 3, "three outbox entries");
+    let deliver = |from: usize| ShardCommand::OutboxDeliver {
+        source: ShardId(0),
+        first_seq: pending[from].0,
+        entries: pending[from..].iter().map(|(_, e)| e.clone()).collect(),
+    };
+    // First delivery of the first two, as a leader that crashed before acknowledging would.
+    let first = ShardCommand::OutboxDeliver {
+        source: ShardId(0),
+        first_seq: pending[0].0,
+        entries: pending[..2].iter().map(|(_, e)| e.clone()).collect(),
+    };
+    ensure!(expect_ok(c.propose(g(1), first).await?)? == ShardOutcome::Delivered { applied: 2, duplicates: 0 });
+    // The target's leader changes; the source's new leader resends everything unacknowledged.
+    let tgt_leader = c.leader(g(1)).await?;
+    c.stop(tgt_leader).await?;
+    ensure!(expect_ok(c.propose(g(1), deliver(0)).await?)? == ShardOutcome::Delivered { applied: 1, duplicates: 2 });
+    ensure!(expect_ok(c.propose(g(1), deliver(0)).await?)? == ShardOutcome::Delivered { applied: 0, duplicates: 3 });
+    let new_tgt = c.leader(g(1)).await?;
+    let events = c.handle(new_tgt, g(1))?.read(|kv| shard::events(kv, &receiver, 0, 100)).await??;
+    ensure!(events.len() == 3, "each message stored once, got {}", events.len());
+    // The source removes what the target acknowledged.
+    let upto = pending[2].0;
+    expect_ok(c.propose(g(0), ShardCommand::OutboxAck { target: ShardId(1), upto_seq: upto }).await?)?;
+    let src_leader = c.leader(g(0)).await?;
+    let left = c.handle(src_leader, g(0))?.read(|kv| shard::outbox_pending(kv, ShardId(1), 100)).await??;
+    ensure!(left.is_empty(), "acknowledged entries removed");
+    c.restart(tgt_leader).await?;
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_service_refuses_bad_requests_and_keeps_serving() -> Result<()> {
+    let c = Cluster::start(3, 1, 10_000).await?;
+    start_log_flow(&c).await?;
+    let target = c.node(2)?;
+    let addr = target.addr().to_string();
+    let me = c.node(1)?;
+    let ok_request = |group: u32, cluster: &str, kind: RpcKind, payload: Vec<u8>| RaftRequest {
+        group,
+        cluster_id: cluster.into(),
+        from_node: 1,
+        incarnation: me.identity().incarnation.0,
+        kind: kind as i32,
+        payload,
+    };
+    let cid = c.cluster_id.0.clone();
+    let cases = [
+        (ok_request(1, &cid, RpcKind::AppendEntries, vec![1, 0xff, 0xfe, 0x00]), ErrorCode::Malformed),
+        (ok_request(1, &cid, RpcKind::Vote, vec![]), ErrorCode::Malformed),
+        (ok_request(1, &cid, RpcKind::InstallSnapshot, vec![9; 64]), ErrorCode::Malformed),
+        (ok_request(77, &cid, RpcKind::Vote, vec![]), ErrorCode::UnknownGroup),
+        (ok_request(1, "someone-else", RpcKind::Vote, vec![]), ErrorCode::ForeignCluster),
+        (ok_request(1, &cid, RpcKind::Unspecified, vec![]), ErrorCode::UnknownKind),
+        (RaftRequest { kind: 42, ..ok_request(1, &cid, RpcKind::Vote, vec![]) }, ErrorCode::UnknownKind),
+    ];
+    for (request, expected) in cases {
+        let desc = format!("group {} kind {} cluster {}", request.group, request.kind, request.cluster_id);
+        match me.peers().call(&addr, request, Duration::from_secs(5)).await? {
+            raft_response::Result::Error(e) => {
+                ensure!(e.code() == expected, "{desc}: expected {expected:?}, got {:?} ({})", e.code(), e.message)
+            }
+            raft_response::Result::Ok(_) => return Err(anyhow!("{desc}: accepted")),
+        }
+    }
+    // The node still serves: commits go on and reach it.
+    for i in 0..10 {
+        expect_ok(c.propose(g(0), message(i)).await?)?;
+    }
+    c.converge(g(0)).await?;
+    ensure!(events_len(&c, 2).await? == 10);
+    c.shutdown().await;
+    Ok(())
+}
