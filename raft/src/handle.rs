@@ -176,11 +176,13 @@ impl GroupHandle {
     pub async fn read<R>(&self, f: impl FnOnce(&dyn Kv) -> R) -> Result<R, Error> {
         let group = self.inner.group;
         self.inner.raft.ensure_linearizable().await.map_err(|e| match e {
-            RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => Error::NotLeader {
-                group,
-                leader: f.leader_id.map(NodeId),
-                leader_addr: f.leader_node.map(|n| n.addr),
-            },
+            RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
+                Error::NotLeader {
+                    group,
+                    leader: f.leader_id.map(NodeId),
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                }
+            }
             RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(q)) => {
                 Error::Unavailable { group, reason: q.to_string() }
             }
@@ -268,7 +270,8 @@ async fn batcher(group: GroupId, raft: Raft, mut rx: mpsc::Receiver<Proposal>, t
         }
         let raft = raft.clone();
         tokio::spawn(async move {
-            let (commands, waiters): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            let (commands, waiters): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|p| (p.command, p.reply)).unzip();
             let count = commands.len();
             let request = Request { now_ms: now_ms(), commands };
             let outcome = tokio::time::timeout(timeout, raft.client_write(request)).await;
@@ -306,7 +309,8 @@ async fn batcher(group: GroupId, raft: Raft, mut rx: mpsc::Receiver<Proposal>, t
 
 fn spawn_status_watch(raft: Raft) -> watch::Receiver<GroupStatus> {
     let mut metrics = raft.metrics();
-    let initial = GroupStatus { leader: None, term: 0, is_leader: false, quorum_acked_at: None, last_applied: None };
+    let initial =
+        GroupStatus { leader: None, term: 0, is_leader: false, quorum_acked_at: None, last_applied: None };
     let (tx, rx) = watch::channel(initial);
     tokio::spawn(async move {
         loop {

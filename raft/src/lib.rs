@@ -20,13 +20,13 @@
 //! - snapshots are built from a copy taken while apply is paused and installed atomically.
 
 pub mod codec;
+pub mod handle;
 pub mod ids;
 pub mod kv;
 pub mod meta;
+pub mod node;
 pub mod placement;
 pub mod shard;
 pub mod storage;
-pub mod types;
 pub mod transport;
-pub mod handle;
-pub mod node;
+pub mod types;

@@ -293,11 +293,12 @@ async fn load_identity(store: &Store, config: &NodeConfig) -> Result<Identity, E
     let stored = tree.get("identity").map_err(storage::Error::from)?;
     let identity = match stored {
         Some(bytes) => {
-            let stored: StoredIdentity = crate::codec::decode(&bytes).map_err(|e| Error::IdentityMismatch {
-                dir: dir.clone(),
-                stored: format!("an unreadable identity ({e})"),
-                given: format!("node {}", config.node_id.0),
-            })?;
+            let stored: StoredIdentity =
+                crate::codec::decode(&bytes).map_err(|e| Error::IdentityMismatch {
+                    dir: dir.clone(),
+                    stored: format!("an unreadable identity ({e})"),
+                    given: format!("node {}", config.node_id.0),
+                })?;
             if stored.node_id != config.node_id || stored.cluster_id != config.cluster_id {
                 return Err(Error::IdentityMismatch {
                     dir,

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
 use fetter_raft::ids::{Epoch, GroupId, ShardId};
-use fetter_raft::shard::{
-    self, EffectKind, Event, Rejection, ShardCommand, ShardOutcome,
-};
+use fetter_raft::shard::{self, EffectKind, Event, Rejection, ShardCommand, ShardOutcome};
 use fetter_raft::transport::proto::{raft_response, ErrorCode, RaftRequest, RpcKind};
 use harness::{eventually, expect_ok, flow_on, Cluster};
 
@@ -21,7 +19,11 @@ fn g(shard: u32) -> GroupId {
 fn message(i: u64) -> ShardCommand {
     ShardCommand::AppendEvent {
         flow: flow_on(0, 1, "log"),
-        event: Event::Message { type_name: "Note".into(), payload: format!("{{\"i\":{i}}}").into_bytes(), idempotency_key: None },
+        event: Event::Message {
+            type_name: "Note".into(),
+            payload: format!("{{\"i\":{i}}}").into_bytes(),
+            idempotency_key: None,
+        },
     }
 }
 
@@ -165,7 +167,10 @@ fn complete(flow: &fetter_raft::ids::FlowId, epoch: u64, id: &str) -> ShardComma
 async fn newer_activation_fences_older_one() -> Result<()> {
     let c = Cluster::start(3, 1, 10_000).await?;
     let flow = flow_on(0, 1, "fenced");
-    expect_ok(c.propose(g(0), ShardCommand::Start { flow: flow.clone(), input: b"{}".to_vec(), parent: None }).await?)?;
+    expect_ok(
+        c.propose(g(0), ShardCommand::Start { flow: flow.clone(), input: b"{}".to_vec(), parent: None })
+            .await?,
+    )?;
     expect_ok(c.propose(g(0), ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(1) }).await?)?;
     expect_ok(c.propose(g(0), complete(&flow, 1, "a")).await?)?;
     expect_ok(c.propose(g(0), ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(2) }).await?)?;
@@ -187,7 +192,10 @@ async fn newer_activation_fences_older_one() -> Result<()> {
 async fn command_proposed_through_old_leader_is_fenced_after_leader_change() -> Result<()> {
     let mut c = Cluster::start(3, 1, 10_000).await?;
     let flow = flow_on(0, 1, "zombie");
-    expect_ok(c.propose(g(0), ShardCommand::Start { flow: flow.clone(), input: b"{}".to_vec(), parent: None }).await?)?;
+    expect_ok(
+        c.propose(g(0), ShardCommand::Start { flow: flow.clone(), input: b"{}".to_vec(), parent: None })
+            .await?,
+    )?;
     expect_ok(c.propose(g(0), ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(1) }).await?)?;
     c.converge(g(0)).await?;
     let old = c.leader(g(0)).await?;
@@ -221,7 +229,10 @@ async fn command_proposed_through_old_leader_is_fenced_after_leader_change() -> 
     c.converge(g(0)).await?;
     for id in 1..=3 {
         let (rec, eff) = c.handle(id, g(0))?.read_local(|kv| {
-            Ok::<_, anyhow::Error>((shard::get_flow(kv, &flow)?, shard::get_effect(kv, &flow, "zombie-write")?))
+            Ok::<_, anyhow::Error>((
+                shard::get_flow(kv, &flow)?,
+                shard::get_effect(kv, &flow, "zombie-write")?,
+            ))
         })?;
         ensure!(eff.is_none(), "node {id}: the zombie write was not applied");
         ensure!(rec.map(|r| r.epoch) == Some(Epoch(2)), "node {id}: epoch 2");
@@ -238,8 +249,14 @@ async fn redelivered_outbox_entries_apply_exactly_once() -> Result<()> {
     let mut c = Cluster::start(3, 2, 10_000).await?;
     let sender = flow_on(0, 2, "sender");
     let receiver = flow_on(1, 2, "receiver");
-    expect_ok(c.propose(g(1), ShardCommand::Start { flow: receiver.clone(), input: b"{}".to_vec(), parent: None }).await?)?;
-    expect_ok(c.propose(g(0), ShardCommand::Start { flow: sender.clone(), input: b"{}".to_vec(), parent: None }).await?)?;
+    expect_ok(
+        c.propose(g(1), ShardCommand::Start { flow: receiver.clone(), input: b"{}".to_vec(), parent: None })
+            .await?,
+    )?;
+    expect_ok(
+        c.propose(g(0), ShardCommand::Start { flow: sender.clone(), input: b"{}".to_vec(), parent: None })
+            .await?,
+    )?;
     expect_ok(c.propose(g(0), ShardCommand::Activate { flow: sender.clone(), epoch: Epoch(1) }).await?)?;
     for i in 0..3 {
         let send = ShardCommand::Send {
@@ -266,12 +283,20 @@ async fn redelivered_outbox_entries_apply_exactly_once() -> Result<()> {
         first_seq: pending[0].0,
         entries: pending[..2].iter().map(|(_, e)| e.clone()).collect(),
     };
-    ensure!(expect_ok(c.propose(g(1), first).await?)? == ShardOutcome::Delivered { applied: 2, duplicates: 0 });
+    ensure!(
+        expect_ok(c.propose(g(1), first).await?)? == ShardOutcome::Delivered { applied: 2, duplicates: 0 }
+    );
     // The target's leader changes; the source's new leader resends everything unacknowledged.
     let tgt_leader = c.leader(g(1)).await?;
     c.stop(tgt_leader).await?;
-    ensure!(expect_ok(c.propose(g(1), deliver(0)).await?)? == ShardOutcome::Delivered { applied: 1, duplicates: 2 });
-    ensure!(expect_ok(c.propose(g(1), deliver(0)).await?)? == ShardOutcome::Delivered { applied: 0, duplicates: 3 });
+    ensure!(
+        expect_ok(c.propose(g(1), deliver(0)).await?)?
+            == ShardOutcome::Delivered { applied: 1, duplicates: 2 }
+    );
+    ensure!(
+        expect_ok(c.propose(g(1), deliver(0)).await?)?
+            == ShardOutcome::Delivered { applied: 0, duplicates: 3 }
+    );
     let new_tgt = c.leader(g(1)).await?;
     let events = c.handle(new_tgt, g(1))?.read(|kv| shard::events(kv, &receiver, 0, 100)).await??;
     ensure!(events.len() == 3, "each message stored once, got {}", events.len());
@@ -315,7 +340,12 @@ async fn raft_service_refuses_bad_requests_and_keeps_serving() -> Result<()> {
         let desc = format!("group {} kind {} cluster {}", request.group, request.kind, request.cluster_id);
         match me.peers().call(&addr, request, Duration::from_secs(5)).await? {
             raft_response::Result::Error(e) => {
-                ensure!(e.code() == expected, "{desc}: expected {expected:?}, got {:?} ({})", e.code(), e.message)
+                ensure!(
+                    e.code() == expected,
+                    "{desc}: expected {expected:?}, got {:?} ({})",
+                    e.code(),
+                    e.message
+                )
             }
             raft_response::Result::Ok(_) => return Err(anyhow!("{desc}: accepted")),
         }

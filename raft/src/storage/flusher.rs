@@ -50,9 +50,9 @@ impl Flusher {
                 counter.fetch_add(1, Ordering::Relaxed);
                 for waiter in batch.drain(..) {
                     match waiter {
-                        Waiter::Log(cb) => cb.log_io_completed(
-                            result.clone().map_err(|e| std::io::Error::other(e.clone())),
-                        ),
+                        Waiter::Log(cb) => {
+                            cb.log_io_completed(result.clone().map_err(|e| std::io::Error::other(e.clone())))
+                        }
                         Waiter::Notify(tx) => {
                             let _ = tx.send(result.clone());
                         }
@@ -64,7 +64,10 @@ impl Flusher {
     }
 
     /// Completes `cb` after the next flush. The entries it covers must already be written.
-    pub(crate) async fn flush_log(&self, cb: openraft::storage::LogFlushed<TypeConfig>) -> Result<(), String> {
+    pub(crate) async fn flush_log(
+        &self,
+        cb: openraft::storage::LogFlushed<TypeConfig>,
+    ) -> Result<(), String> {
         self.tx.send(Waiter::Log(cb)).await.map_err(|_| "flusher stopped".to_string())
     }
 

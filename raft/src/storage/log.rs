@@ -126,8 +126,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let bytes = codec::encode(&entry)
-                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, any(e)))?;
+            let bytes =
+                codec::encode(&entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, any(e)))?;
             batch.insert(&index_key(entry.log_id.index), bytes);
         }
         self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(any(e)))?;

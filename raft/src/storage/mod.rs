@@ -4,6 +4,9 @@
 //! last purged, state generation, latest snapshot) and `g{N}/sm/{generation}` (applied state).
 //! One flusher thread per node makes writes durable for all groups at once ([`flusher`]).
 
+// openraft dictates `StorageError` (large) as the error of every storage method; helpers share it.
+#![allow(clippy::result_large_err)]
+
 mod flusher;
 mod log;
 mod overlay;

@@ -58,7 +58,12 @@ impl Kv for Overlay<'_> {
         self.pending.insert(key.to_vec(), None);
     }
 
-    fn scan(&self, prefix: &[u8], start: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    fn scan(
+        &self,
+        prefix: &[u8],
+        start: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
         let lower = match start {
             Some(s) if s > prefix => s.to_vec(),
             _ => prefix.to_vec(),
@@ -143,7 +148,8 @@ mod tests {
             }
             ov.commit().unwrap();
             model = m;
-            let all: Vec<_> = tree.iter().map(|r| r.unwrap()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+            let all: Vec<_> =
+                tree.iter().map(|r| r.unwrap()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
             assert_eq!(all, model.rows.clone().into_iter().collect::<Vec<_>>());
         }
     }

@@ -20,7 +20,7 @@ use super::flusher::Flusher;
 use super::overlay::Overlay;
 use crate::codec;
 use crate::ids::GroupId;
-use crate::kv::Kv;
+use crate::kv::{Kv, Rows};
 use crate::shard::Action;
 use crate::types::{Command, Entry, LogId, Reply, Response, StorageError, TypeConfig};
 use crate::{meta, shard};
@@ -61,7 +61,7 @@ impl GroupKind {
 /// A snapshot as transferred and stored: every row of the state tree at `last_applied`.
 #[derive(Serialize, Deserialize)]
 struct SnapshotRows {
-    rows: Vec<(Vec<u8>, Vec<u8>)>,
+    rows: Rows,
 }
 
 /// A snapshot as kept in the meta tree.
@@ -259,14 +259,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // Called by the state-machine worker between applies: the copy below is consistent.
         let tree = self.tree();
-        let rows: Result<Vec<(Vec<u8>, Vec<u8>)>, sled::Error> =
+        let rows: Result<Rows, sled::Error> =
             tree.iter().map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec()))).collect();
-        SnapshotBuilder {
-            rows,
-            db: self.db.clone(),
-            meta: self.meta.clone(),
-            flusher: self.flusher.clone(),
-        }
+        SnapshotBuilder { rows, db: self.db.clone(), meta: self.meta.clone(), flusher: self.flusher.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
@@ -331,7 +326,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
 /// Builds a snapshot from the copy of the state taken by `get_snapshot_builder`.
 pub struct SnapshotBuilder {
-    rows: Result<Vec<(Vec<u8>, Vec<u8>)>, sled::Error>,
+    rows: Result<Rows, sled::Error>,
     db: sled::Db,
     meta: sled::Tree,
     flusher: Flusher,

@@ -61,14 +61,14 @@ impl Cluster {
             c.addrs.insert(id, node.addr());
             c.nodes.insert(id, Some(node));
         }
-        let members: BTreeMap<NodeId, String> = c.addrs.iter().map(|(id, a)| (NodeId(*id), a.to_string())).collect();
+        let members: BTreeMap<NodeId, String> =
+            c.addrs.iter().map(|(id, a)| (NodeId(*id), a.to_string())).collect();
         for g in c.groups.clone() {
             c.handle(1, g)?.initialize(members.clone()).await?;
         }
         for (s, g) in c.groups.clone().into_iter().enumerate() {
-            let reply = c
-                .propose(g, ShardCommand::Configure { shard_id: ShardId(s as u32), shard_count })
-                .await?;
+            let reply =
+                c.propose(g, ShardCommand::Configure { shard_id: ShardId(s as u32), shard_count }).await?;
             reply.map_err(|r| anyhow!("configure {g}: {r}"))?;
         }
         Ok(c)
@@ -105,7 +105,8 @@ impl Cluster {
 
     /// Stops node `id` (its directory stays).
     pub(crate) async fn stop(&mut self, id: u64) -> Result<()> {
-        let node = self.nodes.get_mut(&id).and_then(Option::take).ok_or_else(|| anyhow!("node {id} not running"))?;
+        let node =
+            self.nodes.get_mut(&id).and_then(Option::take).ok_or_else(|| anyhow!("node {id} not running"))?;
         node.shutdown().await;
         Ok(())
     }
