@@ -7,9 +7,13 @@ mod harness;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
-use fetter_raft::ids::{Epoch, GroupId, ShardId};
+use std::collections::BTreeSet;
+
+use fetter_raft::ids::{Epoch, GroupId, NodeId, ShardId};
+use fetter_raft::meta::{self, ClusterInfo, ClusterParams, Member, MetaCommand, MetaOutcome, ShardPlacement};
 use fetter_raft::shard::{self, EffectKind, Event, Rejection, ShardCommand, ShardOutcome};
 use fetter_raft::transport::proto::{raft_response, ErrorCode, RaftRequest, RpcKind};
+use fetter_raft::types::{Command, Reply};
 use harness::{eventually, expect_ok, flow_on, Cluster};
 
 fn g(shard: u32) -> GroupId {
@@ -356,6 +360,75 @@ async fn raft_service_refuses_bad_requests_and_keeps_serving() -> Result<()> {
     }
     c.converge(g(0)).await?;
     ensure!(events_len(&c, 2).await? == 10);
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_group_and_membership_change() -> Result<()> {
+    let mut c = Cluster::start(3, 1, 10_000).await?;
+    fn member(c: &Cluster, id: u64) -> Result<Member> {
+        let node = c.node(id)?;
+        Ok(Member {
+            node: NodeId(id),
+            addr: node.addr().to_string(),
+            incarnation: node.identity().incarnation,
+        })
+    }
+    let info = ClusterInfo {
+        cluster_id: c.cluster_id.clone(),
+        params: ClusterParams { shard_count: 1, ..ClusterParams::default() },
+        members: vec![member(&c, 1)?, member(&c, 2)?, member(&c, 3)?],
+        placement: [(
+            ShardId(0),
+            ShardPlacement { replicas: vec![NodeId(1), NodeId(2), NodeId(3)], preferred_leader: NodeId(1) },
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let init = MetaCommand::Initialize {
+        cluster_id: info.cluster_id.clone(),
+        params: info.params.clone(),
+        members: info.members.clone(),
+        placement: info.placement.clone(),
+    };
+    let meta_leader = c.leader(GroupId::META).await?;
+    let reply = c.handle(meta_leader, GroupId::META)?.propose_meta(init.clone()).await?;
+    ensure!(reply == Ok(MetaOutcome::Initialized), "{reply:?}");
+    let again = c.handle(meta_leader, GroupId::META)?.propose_meta(init).await?;
+    ensure!(again == Ok(MetaOutcome::AlreadyInitialized), "initialize is idempotent: {again:?}");
+    // A shard command sent to group 0 is refused and changes nothing.
+    let wrong = c.handle(meta_leader, GroupId::META)?.propose(Command::Shard(message(0))).await?;
+    ensure!(wrong == Reply::WrongGroup);
+    c.converge(GroupId::META).await?;
+    for id in 1..=3 {
+        let read = c.handle(id, GroupId::META)?.read_local(meta::read_cluster)?;
+        ensure!(read.as_ref() == Some(&info), "node {id} knows the cluster");
+    }
+
+    // A fourth node joins shard 0's group: learner first, then voter, and receives the state.
+    start_log_flow(&c).await?;
+    for i in 0..20 {
+        expect_ok(c.propose(g(0), message(i)).await?)?;
+    }
+    let n4 = c.add_node(4).await?;
+    let leader = c.leader(g(0)).await?;
+    let h = c.handle(leader, g(0))?;
+    h.add_learner(NodeId(4), n4.addr().to_string()).await?;
+    let voters: BTreeSet<NodeId> = (1..=4).map(NodeId).collect();
+    h.change_membership(voters.clone(), false).await?;
+    c.converge(g(0)).await?;
+    ensure!(events_len(&c, 4).await? == 20, "the new voter has the log");
+    let members: BTreeSet<NodeId> =
+        c.handle(4, g(0))?.raft().metrics().borrow().membership_config.voter_ids().map(NodeId).collect();
+    ensure!(members == voters, "node 4 sees itself as a voter: {members:?}");
+    let added =
+        c.handle(meta_leader, GroupId::META)?.propose_meta(MetaCommand::AddMember(member(&c, 4)?)).await?;
+    ensure!(added == Ok(MetaOutcome::MemberAdded), "{added:?}");
+    // And leaves again.
+    h.change_membership((1..=3).map(NodeId).collect(), false).await?;
+    let voters_now: BTreeSet<u64> = h.raft().metrics().borrow().membership_config.voter_ids().collect();
+    ensure!(voters_now == (1..=3).collect::<BTreeSet<u64>>());
     c.shutdown().await;
     Ok(())
 }

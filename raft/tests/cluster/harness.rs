@@ -53,7 +53,9 @@ impl Cluster {
             cluster_id: ClusterId("test-cluster".into()),
             addrs: BTreeMap::new(),
             nodes: BTreeMap::new(),
-            groups: (0..shard_count).map(|s| GroupId::of_shard(ShardId(s))).collect(),
+            groups: std::iter::once(GroupId::META)
+                .chain((0..shard_count).map(|s| GroupId::of_shard(ShardId(s))))
+                .collect(),
             snapshot_after_entries,
         };
         for id in 1..=n {
@@ -66,9 +68,9 @@ impl Cluster {
         for g in c.groups.clone() {
             c.handle(1, g)?.initialize(members.clone()).await?;
         }
-        for (s, g) in c.groups.clone().into_iter().enumerate() {
-            let reply =
-                c.propose(g, ShardCommand::Configure { shard_id: ShardId(s as u32), shard_count }).await?;
+        for s in 0..shard_count {
+            let g = GroupId::of_shard(ShardId(s));
+            let reply = c.propose(g, ShardCommand::Configure { shard_id: ShardId(s), shard_count }).await?;
             reply.map_err(|r| anyhow!("configure {g}: {r}"))?;
         }
         Ok(c)
@@ -103,6 +105,14 @@ impl Cluster {
         self.nodes.iter().filter(|(_, n)| n.is_some()).map(|(id, _)| *id).collect()
     }
 
+    /// Boots a new node `id` hosting the same groups; it belongs to no group's membership yet.
+    pub(crate) async fn add_node(&mut self, id: u64) -> Result<Arc<RaftNode>> {
+        let node = self.boot(id, "127.0.0.1:0".parse()?).await?;
+        self.addrs.insert(id, node.addr());
+        self.nodes.insert(id, Some(node.clone()));
+        Ok(node)
+    }
+
     /// Stops node `id` (its directory stays).
     pub(crate) async fn stop(&mut self, id: u64) -> Result<()> {
         let node =
@@ -134,16 +144,19 @@ impl Cluster {
         Err(last_err.unwrap_or_else(|| anyhow!("restart of node {id} timed out")))
     }
 
-    /// The leader of `group` that all running nodes agree on.
+    /// The leader of `group`: it says it leads, and every running node that knows a leader
+    /// names it (nodes outside the group's membership know none).
     pub(crate) async fn leader(&self, group: GroupId) -> Result<u64> {
         eventually(&format!("an agreed leader of {group}"), || async {
             let mut seen = BTreeSet::new();
             for id in self.running() {
-                let s = self.handle(id, group).ok()?.status().borrow().clone();
-                seen.insert(s.leader?.0);
+                if let Some(l) = self.handle(id, group).ok()?.status().borrow().leader {
+                    seen.insert(l.0);
+                }
             }
             let leader = *seen.iter().next()?;
-            (seen.len() == 1 && self.running().contains(&leader)).then_some(leader)
+            let leads = self.handle(leader, group).ok()?.status().borrow().is_leader;
+            (seen.len() == 1 && leads).then_some(leader)
         })
         .await
     }
