@@ -14,7 +14,7 @@ use openraft::BasicNode;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
 
 use crate::ids::{GroupId, NodeId};
-use crate::kv::Kv;
+use crate::kv::KvRead;
 use crate::meta::{MetaCommand, MetaReply};
 use crate::shard::{Action, ShardCommand, ShardReply};
 use crate::storage::StateReader;
@@ -173,7 +173,7 @@ impl GroupHandle {
 
     /// A linearizable read: confirms leadership with a quorum, waits until everything committed
     /// before the read is applied here, then runs `f` over the state.
-    pub async fn read<R>(&self, f: impl FnOnce(&dyn Kv) -> R) -> Result<R, Error> {
+    pub async fn read<R>(&self, f: impl FnOnce(&dyn KvRead) -> R) -> Result<R, Error> {
         let group = self.inner.group;
         self.inner.raft.ensure_linearizable().await.map_err(|e| match e {
             RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
@@ -192,7 +192,7 @@ impl GroupHandle {
     }
 
     /// A read of this replica's applied state, possibly stale.
-    pub fn read_local<R>(&self, f: impl FnOnce(&dyn Kv) -> R) -> R {
+    pub fn read_local<R>(&self, f: impl FnOnce(&dyn KvRead) -> R) -> R {
         self.inner.reader.read(f)
     }
 

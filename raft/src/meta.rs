@@ -16,8 +16,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ClusterId, Incarnation, NodeId, ShardId};
-use crate::kv::{Kv, KvError};
-use crate::shard::txn::{self, Overlay};
+use crate::kv::Overlay;
+use crate::kv::{Kv, KvError, KvRead};
+use crate::shard::txn;
 
 const CLOCK: &[u8] = b"C";
 const BOOTSTRAP: &[u8] = b"B";
@@ -242,7 +243,7 @@ pub fn apply(kv: &mut dyn Kv, now_ms: u64, cmd: &MetaCommand) -> Result<MetaRepl
     };
     match result {
         Ok(outcome) => {
-            txn::commit(kv, writes);
+            crate::kv::commit(kv, writes);
             if clock != stored_clock {
                 txn::put(kv, CLOCK.to_vec(), &clock)?;
             }
@@ -254,12 +255,12 @@ pub fn apply(kv: &mut dyn Kv, now_ms: u64, cmd: &MetaCommand) -> Result<MetaRepl
 }
 
 /// The cluster as group 0 knows it, once initialized.
-pub fn read_cluster(kv: &dyn Kv) -> Result<Option<ClusterInfo>, KvError> {
+pub fn read_cluster(kv: &dyn KvRead) -> Result<Option<ClusterInfo>, KvError> {
     txn::get(kv, CLUSTER)
 }
 
 /// The batch clock of group 0 (0 before any command).
-pub fn meta_clock(kv: &dyn Kv) -> Result<u64, KvError> {
+pub fn meta_clock(kv: &dyn KvRead) -> Result<u64, KvError> {
     Ok(txn::get(kv, CLOCK)?.unwrap_or(0))
 }
 

@@ -6,8 +6,9 @@
 use super::command::*;
 use super::keys;
 use super::read::{ShardConfig, POSTPONE_TIMER_ID, SLEEP_TYPE_NAME};
-use super::txn::{self, Overlay};
+use super::txn;
 use crate::ids::{Epoch, FlowId, ShardId};
+use crate::kv::Overlay;
 use crate::kv::{Kv, KvError};
 use crate::placement;
 
@@ -28,7 +29,7 @@ pub fn apply(kv: &mut dyn Kv, now_ms: u64, cmd: &ShardCommand) -> Result<(ShardR
     };
     match result {
         Ok(outcome) => {
-            txn::commit(kv, writes);
+            crate::kv::commit(kv, writes);
             if clock != stored_clock {
                 txn::put(kv, keys::CLOCK.to_vec(), &clock)?;
             }

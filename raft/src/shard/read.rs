@@ -7,7 +7,7 @@ use super::command::{Action, EffectRecord, Event, FlowRecord, OutboxEntry};
 use super::keys;
 use super::txn;
 use crate::ids::{FlowId, ShardId};
-use crate::kv::{Kv, KvError, Rows};
+use crate::kv::{KvError, KvRead, Rows};
 
 /// The reserved timer id of a flow's postpone timer ([`super::ShardCommand::Postpone`]). Flows
 /// cannot arm a timer with this id.
@@ -31,27 +31,27 @@ fn decode_all<T: serde::de::DeserializeOwned>(rows: Rows) -> Result<Vec<T>, KvEr
 }
 
 /// The shard's configuration, once configured.
-pub fn shard_config(kv: &dyn Kv) -> Result<Option<ShardConfig>, KvError> {
+pub fn shard_config(kv: &dyn KvRead) -> Result<Option<ShardConfig>, KvError> {
     txn::get(kv, keys::CONFIG)
 }
 
 /// The shard clock: the largest batch time applied so far (ms), 0 before any.
-pub fn shard_clock(kv: &dyn Kv) -> Result<u64, KvError> {
+pub fn shard_clock(kv: &dyn KvRead) -> Result<u64, KvError> {
     Ok(txn::get(kv, keys::CLOCK)?.unwrap_or(0))
 }
 
 /// The record of `flow`.
-pub fn get_flow(kv: &dyn Kv, flow: &FlowId) -> Result<Option<FlowRecord>, KvError> {
+pub fn get_flow(kv: &dyn KvRead, flow: &FlowId) -> Result<Option<FlowRecord>, KvError> {
     txn::get(kv, &keys::flow(flow))
 }
 
 /// One effect of `flow`.
-pub fn get_effect(kv: &dyn Kv, flow: &FlowId, effect_id: &str) -> Result<Option<EffectRecord>, KvError> {
+pub fn get_effect(kv: &dyn KvRead, flow: &FlowId, effect_id: &str) -> Result<Option<EffectRecord>, KvError> {
     txn::get(kv, &keys::effect(flow, effect_id))
 }
 
 /// Every effect of `flow`, by effect id (byte order).
-pub fn list_effects(kv: &dyn Kv, flow: &FlowId) -> Result<Vec<(String, EffectRecord)>, KvError> {
+pub fn list_effects(kv: &dyn KvRead, flow: &FlowId) -> Result<Vec<(String, EffectRecord)>, KvError> {
     let prefix = keys::effects_prefix(flow);
     txn::scan_all(kv, &prefix)?
         .into_iter()
@@ -66,7 +66,12 @@ pub fn list_effects(kv: &dyn Kv, flow: &FlowId) -> Result<Vec<(String, EffectRec
 }
 
 /// Up to `limit` events of `flow`'s log from sequence number `from_seq` on, with their numbers.
-pub fn events(kv: &dyn Kv, flow: &FlowId, from_seq: u64, limit: usize) -> Result<Vec<(u64, Event)>, KvError> {
+pub fn events(
+    kv: &dyn KvRead,
+    flow: &FlowId,
+    from_seq: u64,
+    limit: usize,
+) -> Result<Vec<(u64, Event)>, KvError> {
     let prefix = keys::events_prefix(flow);
     kv.scan(&prefix, Some(&keys::event(flow, from_seq)), limit)?
         .into_iter()
@@ -83,7 +88,7 @@ pub fn events(kv: &dyn Kv, flow: &FlowId, from_seq: u64, limit: usize) -> Result
 }
 
 /// The armed timers of `flow`: (timer id, deadline ms), by timer id.
-pub fn timers_of(kv: &dyn Kv, flow: &FlowId) -> Result<Vec<(String, u64)>, KvError> {
+pub fn timers_of(kv: &dyn KvRead, flow: &FlowId) -> Result<Vec<(String, u64)>, KvError> {
     let prefix = keys::flow_timers_prefix(flow);
     txn::scan_all(kv, &prefix)?
         .into_iter()
@@ -100,7 +105,11 @@ pub fn timers_of(kv: &dyn Kv, flow: &FlowId) -> Result<Vec<(String, u64)>, KvErr
 /// The earliest armed timers of the shard, in deadline order: up to `limit` of those with a
 /// deadline at or before `upto_ms`, as (deadline, flow, timer id). `upto_ms = u64::MAX` gives the
 /// earliest timers whatever their deadline.
-pub fn due_timers(kv: &dyn Kv, upto_ms: u64, limit: usize) -> Result<Vec<(u64, FlowId, String)>, KvError> {
+pub fn due_timers(
+    kv: &dyn KvRead,
+    upto_ms: u64,
+    limit: usize,
+) -> Result<Vec<(u64, FlowId, String)>, KvError> {
     let mut out = Vec::new();
     for (key, _) in kv.scan(keys::TIMERS, None, limit)? {
         let (deadline, flow, timer_id) =
@@ -115,7 +124,7 @@ pub fn due_timers(kv: &dyn Kv, upto_ms: u64, limit: usize) -> Result<Vec<(u64, F
 
 /// Up to `limit` unacknowledged outbox entries to `target`, in order, with their numbers.
 pub fn outbox_pending(
-    kv: &dyn Kv,
+    kv: &dyn KvRead,
     target: ShardId,
     limit: usize,
 ) -> Result<Vec<(u64, OutboxEntry)>, KvError> {
@@ -129,7 +138,7 @@ pub fn outbox_pending(
 }
 
 /// The shards this shard's outbox has unacknowledged entries for, in order.
-pub fn outbox_targets(kv: &dyn Kv) -> Result<Vec<ShardId>, KvError> {
+pub fn outbox_targets(kv: &dyn KvRead) -> Result<Vec<ShardId>, KvError> {
     let mut targets = Vec::new();
     let mut start = keys::OUTBOX.to_vec();
     // One probe per target: skip to the first key past the target's range.
@@ -145,12 +154,12 @@ pub fn outbox_targets(kv: &dyn Kv) -> Result<Vec<ShardId>, KvError> {
 }
 
 /// The highest outbox number applied from `source` (0 before any).
-pub fn inbound_applied(kv: &dyn Kv, source: ShardId) -> Result<u64, KvError> {
+pub fn inbound_applied(kv: &dyn KvRead, source: ShardId) -> Result<u64, KvError> {
     Ok(txn::get(kv, &keys::inbound(source))?.unwrap_or(0))
 }
 
 /// The last outbox number this shard assigned to entries for `target` (0 before any).
-pub fn outbox_last_seq(kv: &dyn Kv, target: ShardId) -> Result<u64, KvError> {
+pub fn outbox_last_seq(kv: &dyn KvRead, target: ShardId) -> Result<u64, KvError> {
     Ok(txn::get(kv, &keys::outbox_next(target))?.unwrap_or(0))
 }
 
@@ -160,7 +169,7 @@ pub fn outbox_last_seq(kv: &dyn Kv, target: ShardId) -> Result<u64, KvError> {
 /// and then bytewise (so `o-9` comes before `o-10`). Pass the last id of a page as `after` to get
 /// the next page.
 pub fn list_flows(
-    kv: &dyn Kv,
+    kv: &dyn KvRead,
     flow_type: Option<&str>,
     after: Option<&FlowId>,
     limit: usize,
@@ -171,7 +180,7 @@ pub fn list_flows(
 }
 
 /// The flows that are `Running` (they need an activation), up to `limit`, in key order.
-pub fn running_flows(kv: &dyn Kv, limit: usize) -> Result<Vec<FlowId>, KvError> {
+pub fn running_flows(kv: &dyn KvRead, limit: usize) -> Result<Vec<FlowId>, KvError> {
     kv.scan(keys::RUNNING, None, limit)?
         .into_iter()
         .map(|(key, _)| keys::parse_running(&key).ok_or_else(|| txn::corrupt(&key, "bad running key")))
@@ -182,7 +191,7 @@ pub fn running_flows(kv: &dyn Kv, limit: usize) -> Result<Vec<FlowId>, KvError> 
 /// `Running` flow, `ArmTimer` for the earliest armed timers, `DeliverOutbox` for each target with
 /// unacknowledged entries. `limit` bounds the activations and the timers (each); a leader that
 /// needs more reads [`running_flows`] and [`due_timers`] in pages.
-pub fn derive_actions(kv: &dyn Kv, limit: usize) -> Result<Vec<Action>, KvError> {
+pub fn derive_actions(kv: &dyn KvRead, limit: usize) -> Result<Vec<Action>, KvError> {
     let mut actions: Vec<Action> =
         running_flows(kv, limit)?.into_iter().map(|flow| Action::Activate { flow }).collect();
     for (deadline_ms, flow, timer_id) in due_timers(kv, u64::MAX, limit)? {

@@ -9,8 +9,8 @@
 
 mod flusher;
 mod log;
-mod overlay;
 mod sm;
+mod tree;
 
 use std::path::Path;
 

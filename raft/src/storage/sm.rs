@@ -17,10 +17,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::flusher::Flusher;
-use super::overlay::Overlay;
+use super::tree::TreeKv;
 use crate::codec;
 use crate::ids::GroupId;
-use crate::kv::{Kv, Rows};
+use crate::kv::{Kv, KvRead, Overlay, Rows};
 use crate::shard::Action;
 use crate::types::{Command, Entry, LogId, Reply, Response, StorageError, TypeConfig};
 use crate::{meta, shard};
@@ -94,14 +94,13 @@ pub struct StateReader {
 }
 
 impl StateReader {
-    /// Runs `f` over the current applied state. Writes made by `f` are discarded.
-    pub fn read<R>(&self, f: impl FnOnce(&dyn Kv) -> R) -> R {
+    /// Runs `f` over the current applied state.
+    pub fn read<R>(&self, f: impl FnOnce(&dyn KvRead) -> R) -> R {
         let tree = match self.current.read() {
             Ok(t) => t.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        let view = Overlay::new(&tree);
-        f(&view)
+        f(&TreeKv(&tree))
     }
 
     /// The last log id applied to this state.
@@ -110,7 +109,7 @@ impl StateReader {
     }
 }
 
-fn read_row<T: serde::de::DeserializeOwned>(kv: &dyn Kv, key: &[u8]) -> Result<Option<T>, StorageError> {
+fn read_row<T: serde::de::DeserializeOwned>(kv: &dyn KvRead, key: &[u8]) -> Result<Option<T>, StorageError> {
     match kv.get(key).map_err(|e| sm_read(any(e)))? {
         None => Ok(None),
         Some(bytes) => Ok(Some(codec::decode(&bytes).map_err(|e| sm_read(any(e)))?)),
@@ -211,7 +210,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
         let tree = self.tree();
-        let view = Overlay::new(&tree);
+        let view = TreeKv(&tree);
         let applied = read_row::<Option<LogId>>(&view, ROW_APPLIED)?.flatten();
         let membership = read_row::<Membership>(&view, ROW_MEMBERSHIP)?.unwrap_or_default();
         Ok((applied, membership))
@@ -223,7 +222,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: openraft::OptionalSend,
     {
         let tree = self.tree();
-        let mut kv = Overlay::new(&tree);
+        let base = TreeKv(&tree);
+        let mut kv = Overlay::new(&base);
         let mut responses = Vec::new();
         let mut actions = Vec::new();
         let mut last: Option<LogId> = None;
@@ -247,8 +247,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if last.is_some() {
             kv.put(ROW_APPLIED.to_vec(), encode_row(&last)?);
         }
-        // One atomic batch: the state changes of every entry and `last_applied` together.
-        kv.commit().map_err(|e| sm_write(any(e)))?;
+        // One atomic batch: the state changes of every entry and `last_applied` together. Not
+        // flushed: applied state is rebuilt from the (flushed) log after a crash.
+        let mut batch = sled::Batch::default();
+        for (key, value) in kv.into_writes() {
+            match value {
+                Some(v) => batch.insert(key, v),
+                None => batch.remove(key),
+            }
+        }
+        tree.apply_batch(batch).map_err(|e| sm_write(any(e)))?;
         if !actions.is_empty() {
             // No receiver is fine: nobody leads here, or the consumer re-derives from state.
             let _ = self.actions.send(Arc::new(actions));
