@@ -33,7 +33,8 @@
 //! {"nodes":3,"proposers":64,"commits_per_s":…,"fsyncs_per_s":…,"rejected":0,"errors":0,"p50_ms":…,"p99_ms":…,"max_ms":…}
 //! ```
 //!
-//! Logs go to stderr (`RUST_LOG`, default `warn`).
+//! Logs go to stderr (`RUST_LOG`; default `warn,openraft=error`, which hides the benign vote
+//! warnings of the start-up elections).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -41,6 +42,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +63,8 @@ const SHARD_COUNT: u32 = 12;
 const CLUSTER_ID: &str = "bench";
 /// The flow type of every bench flow.
 const FLOW_TYPE: &str = "bench";
+/// Bound on waiting for a follower process to listen.
+const NODE_START_WAIT: Duration = Duration::from_secs(20);
 /// Bound on waiting for node 1 to lead every group.
 const LEADERSHIP_WAIT: Duration = Duration::from_secs(20);
 /// How many rejections / errors are printed to stderr (all are counted).
@@ -122,7 +126,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error")),
         )
         .init();
     let result = match args.role {
@@ -179,19 +183,25 @@ fn coordinator(args: &Args) -> Result<()> {
         let mut child = spawn_node(&exe, args, id, port, &tmp.path().join(format!("n{id}")), &peers)?;
         let stdout = child.stdout.take().context("child stdout not piped")?;
         children.0.push((id, child));
-        let mut lines = BufReader::new(stdout).lines();
-        match lines.next() {
-            Some(Ok(line)) if line == "ready" => {}
-            Some(Ok(line)) => bail!("node {id} said {line:?} instead of \"ready\""),
-            Some(Err(e)) => bail!("cannot read node {id}'s output: {e}"),
-            None => bail!("node {id} exited before it was ready (see its stderr above)"),
-        }
-        // Anything else a follower prints goes to our stderr, so that stdout ends with the JSON.
+        // The follower's first line says it listens; anything after that goes to our stderr, so
+        // that our stdout ends with the JSON line.
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = first_tx.send(lines.next());
             for line in lines.map_while(Result::ok) {
                 eprintln!("[n{id}] {line}");
             }
         });
+        match first_rx.recv_timeout(NODE_START_WAIT) {
+            Ok(Some(Ok(line))) if line == "ready" => {}
+            Ok(Some(Ok(line))) => bail!("node {id} said {line:?} instead of \"ready\""),
+            Ok(Some(Err(e))) => bail!("cannot read node {id}'s output: {e}"),
+            Ok(None) | Err(RecvTimeoutError::Disconnected) => {
+                bail!("node {id} exited before it was ready (see its stderr above)")
+            }
+            Err(RecvTimeoutError::Timeout) => bail!("node {id} not ready within {NODE_START_WAIT:?}"),
+        }
     }
 
     let port1 = ports.get(&1).copied().context("node 1 has no port")?;
@@ -231,6 +241,7 @@ fn free_ports(nodes: u64) -> Result<BTreeMap<u64, u16>> {
         ports.insert(id, listener.local_addr()?.port());
         listeners.push(listener);
     }
+    drop(listeners);
     Ok(ports)
 }
 
@@ -587,7 +598,7 @@ async fn proposer(plan: Arc<Plan>, task: usize, tasks: usize, start: Instant, en
         let cycle = (task + step as usize) / shard_count;
         let flows = &plan.flows[shard];
         let flow = flows[(task + cycle * tasks) % flows.len()].clone();
-        let command = if step % 2 == 0 {
+        let command = if step.is_multiple_of(2) {
             ShardCommand::EffectCompleted {
                 flow,
                 epoch: Epoch(1),
