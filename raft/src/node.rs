@@ -102,6 +102,9 @@ pub enum Error {
         /// What the command line says.
         given: String,
     },
+    /// The node's identity record could not be encoded.
+    #[error("cannot encode the node identity: {0}")]
+    Codec(#[from] crate::codec::Error),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -314,11 +317,7 @@ async fn load_identity(store: &Store, config: &NodeConfig) -> Result<Identity, E
                 cluster_id: config.cluster_id.clone(),
                 incarnation: Incarnation(rand::random()),
             };
-            let bytes = crate::codec::encode(&stored).map_err(|e| Error::IdentityMismatch {
-                dir: dir.clone(),
-                stored: String::new(),
-                given: e.to_string(),
-            })?;
+            let bytes = crate::codec::encode(&stored)?;
             tree.insert("identity", bytes).map_err(storage::Error::from)?;
             // Durable before the node says anything to anyone under this identity.
             store.db().flush_async().await.map_err(storage::Error::from)?;

@@ -52,15 +52,21 @@ pub fn get_effect(kv: &dyn KvRead, flow: &FlowId, effect_id: &str) -> Result<Opt
 
 /// Every effect of `flow`, by effect id (byte order).
 pub fn list_effects(kv: &dyn KvRead, flow: &FlowId) -> Result<Vec<(String, EffectRecord)>, KvError> {
-    let prefix = keys::effects_prefix(flow);
-    txn::scan_all(kv, &prefix)?
+    rows_by_name(kv, &keys::effects_prefix(flow), "bad effect key")
+}
+
+/// Every row under `prefix` whose key continues with a UTF-8 name, decoded, by name.
+fn rows_by_name<T: serde::de::DeserializeOwned>(
+    kv: &dyn KvRead,
+    prefix: &[u8],
+    bad_key: &str,
+) -> Result<Vec<(String, T)>, KvError> {
+    txn::scan_all(kv, prefix)?
         .into_iter()
         .map(|(key, value)| {
-            let id = key
-                .strip_prefix(prefix.as_slice())
-                .and_then(keys::utf8)
-                .ok_or_else(|| txn::corrupt(&key, "bad effect key"))?;
-            Ok((id, txn::decode(&key, &value)?))
+            let name =
+                key.strip_prefix(prefix).and_then(keys::utf8).ok_or_else(|| txn::corrupt(&key, bad_key))?;
+            Ok((name, txn::decode(&key, &value)?))
         })
         .collect()
 }
@@ -89,17 +95,7 @@ pub fn events(
 
 /// The armed timers of `flow`: (timer id, deadline ms), by timer id.
 pub fn timers_of(kv: &dyn KvRead, flow: &FlowId) -> Result<Vec<(String, u64)>, KvError> {
-    let prefix = keys::flow_timers_prefix(flow);
-    txn::scan_all(kv, &prefix)?
-        .into_iter()
-        .map(|(key, value)| {
-            let id = key
-                .strip_prefix(prefix.as_slice())
-                .and_then(keys::utf8)
-                .ok_or_else(|| txn::corrupt(&key, "bad timer key"))?;
-            Ok((id, txn::decode(&key, &value)?))
-        })
-        .collect()
+    rows_by_name(kv, &keys::flow_timers_prefix(flow), "bad timer key")
 }
 
 /// The earliest armed timers of the shard, in deadline order: up to `limit` of those with a
