@@ -47,6 +47,23 @@ impl LogStore {
         Ok(())
     }
 
+    /// Removes every entry at or below `index`, from the front.
+    fn remove_upto(&self, index: u64) -> Result<(), StorageError> {
+        for key in self.log.range(..=index_key(index)).keys() {
+            let key = key.map_err(|e| StorageIOError::write_logs(any(e)))?;
+            self.log.remove(key).map_err(|e| StorageIOError::write_logs(any(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Finishes a purge that a crash interrupted.
+    pub(super) fn finish_purge(&self) -> Result<(), StorageError> {
+        match self.read_meta::<LogId>(KEY_PURGED)? {
+            Some(purged) => self.remove_upto(purged.index),
+            None => Ok(()),
+        }
+    }
+
     fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
         match self.log.last().map_err(|e| StorageIOError::read_logs(any(e)))? {
             None => Ok(None),
@@ -124,13 +141,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        // Plain inserts in index order: a crash part-way leaves a prefix, never a hole (sled
+        // recovers a prefix of its writes), and the callback below has not fired for any of them.
+        // No `sled::Batch`: sled seals and writes its I/O buffer for every batch.
         for entry in entries {
             let bytes =
                 codec::encode(&entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, any(e)))?;
-            batch.insert(&index_key(entry.log_id.index), bytes);
+            self.log
+                .insert(index_key(entry.log_id.index), bytes)
+                .map_err(|e| StorageIOError::write_logs(any(e)))?;
         }
-        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(any(e)))?;
         // The entries are readable now; openraft learns they are durable only when the flusher's
         // next `Db::flush` (shared with every other group of this node) has returned.
         self.flusher.flush_log(callback).await.map_err(|e| StorageIOError::write_logs(msg(e)))?;
@@ -138,18 +158,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // One atomic batch: a crash never leaves a hole.
+        // From the end backwards: a crash part-way leaves a shorter log, never a hole.
         let keys: Vec<_> = self
             .log
             .range(index_key(log_id.index)..)
             .keys()
             .collect::<Result<_, _>>()
             .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        let mut batch = sled::Batch::default();
-        for key in keys {
-            batch.remove(key);
+        for key in keys.into_iter().rev() {
+            self.log.remove(key).map_err(|e| StorageIOError::write_logs(any(e)))?;
         }
-        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(any(e)))?;
         // Durable before returning: a truncated suffix must not come back after a crash while a
         // new leader's entries are appended in its place.
         self.flusher.flush().await.map_err(|e| StorageIOError::write_logs(msg(e)))?;
@@ -157,19 +175,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Record the purge point first, then remove from the front: no hole at any moment.
+        // Record the purge point first, then remove from the front: no hole at any moment, and
+        // entries a crash leaves below the purge point are removed at the next open.
         self.write_meta(KEY_PURGED, &log_id)?;
-        let keys: Vec<_> = self
-            .log
-            .range(..=index_key(log_id.index))
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        let mut batch = sled::Batch::default();
-        for key in keys {
-            batch.remove(key);
-        }
-        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(any(e)))?;
+        self.remove_upto(log_id.index)?;
         Ok(())
     }
 }

@@ -3,6 +3,13 @@
 //! Per group `g{N}`: `g{N}/log` (entries by big-endian index), `g{N}/meta` (vote, committed,
 //! last purged, state generation, latest snapshot) and `g{N}/sm/{generation}` (applied state).
 //! One flusher thread per node makes writes durable for all groups at once ([`flusher`]).
+//!
+//! No `sled::Batch` or transaction is used: sled 0.34 seals and writes its I/O buffer (through
+//! its thread pool) for every batch and switches every later operation of the process to a global
+//! read-write lock; with one batch per append and per apply that was most of the CPU of a node.
+//! Atomicity comes from ordering instead: sled recovers a prefix of its writes in log order, so
+//! the log is written and truncated without holes, and an applied batch is written as one redo
+//! record before its rows (see `sm`).
 
 // openraft dictates `StorageError` (large) as the error of every storage method; helpers share it.
 #![allow(clippy::result_large_err)]
@@ -68,6 +75,7 @@ impl Store {
             meta: meta.clone(),
             flusher: self.flusher.clone(),
         };
+        log.finish_purge()?;
         let sm = StateMachineStore::open(self.db.clone(), meta, group, self.flusher.clone())?;
         Ok((log, sm))
     }

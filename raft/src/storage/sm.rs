@@ -1,13 +1,21 @@
 //! The state machine of one group on sled, with generations for atomic snapshot install.
 //!
 //! A group's applied state lives in the tree `g{group}/sm/{generation}`; the group's meta tree
-//! names the current generation and holds the latest snapshot. Applying a batch of entries is
-//! one atomic `sled::Batch` on the current tree that includes the `last_applied` row. Installing a
-//! snapshot writes a complete new generation, flushes it, then switches the generation pointer
-//! (one atomic write) and drops the old tree; a crash at any point leaves one whole generation.
+//! names the current generation and holds the latest snapshot.
+//!
+//! Applying a batch of entries is atomic, `last_applied` included, without a `sled::Batch` (see
+//! the storage module for why): the batch's whole write set is first stored as one row, the
+//! *redo record*, and then written row by row. sled recovers a prefix of its writes, so after a
+//! crash either the redo record is missing and so is every row of its batch, or it is there and
+//! [`StateMachineStore::open`] writes its rows again (they are absolute puts and deletes, so
+//! writing them twice is harmless).
+//!
+//! Installing a snapshot writes a complete new generation, flushes it, then switches the
+//! generation pointer (one insert) and drops the old tree; a crash at any point leaves one whole
+//! generation.
 
 use std::io::Cursor;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{
@@ -28,6 +36,8 @@ use crate::{meta, shard};
 /// Rows the storage layer keeps beside the state machine's own (whose keys never start with 0).
 const ROW_APPLIED: &[u8] = b"\x00last_applied";
 const ROW_MEMBERSHIP: &[u8] = b"\x00membership";
+/// The write set of the last applied batch (see the module comment).
+const ROW_REDO: &[u8] = b"\x00redo";
 /// Keys in the group's meta tree.
 const KEY_GENERATION: &[u8] = b"sm_generation";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
@@ -126,6 +136,30 @@ pub struct StateMachineStore {
     current: Arc<RwLock<sled::Tree>>,
     flusher: Flusher,
     actions: broadcast::Sender<Arc<Vec<Action>>>,
+    /// Serializes writes of the stored snapshot (a build may finish while an install runs).
+    snapshot_lock: Arc<Mutex<()>>,
+}
+
+/// A batch's write set: `Some(value)` puts, `None` deletes, in key order.
+type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// Writes `writes` row by row (the redo record is written before, by the caller).
+fn write_rows(tree: &sled::Tree, writes: Writes) -> Result<(), StorageError> {
+    for (key, value) in writes {
+        match value {
+            Some(v) => tree.insert(key, v),
+            None => tree.remove(key),
+        }
+        .map_err(|e| sm_write(any(e)))?;
+    }
+    Ok(())
+}
+
+fn lock(m: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 impl StateMachineStore {
@@ -149,6 +183,11 @@ impl StateMachineStore {
             }
         }
         let tree = db.open_tree(&keep).map_err(|e| sm_read(any(e)))?;
+        if let Some(bytes) = tree.get(ROW_REDO).map_err(|e| sm_read(any(e)))? {
+            // Finish the last batch: a crash may have cut it after its redo record.
+            let writes: Writes = codec::decode(&bytes).map_err(|e| sm_read(any(e)))?;
+            write_rows(&tree, writes)?;
+        }
         let (actions, _) = broadcast::channel(ACTIONS_CAPACITY);
         Ok(StateMachineStore {
             db,
@@ -159,6 +198,7 @@ impl StateMachineStore {
             current: Arc::new(RwLock::new(tree)),
             flusher,
             actions,
+            snapshot_lock: Arc::new(Mutex::new(())),
         })
     }
 
@@ -247,16 +287,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if last.is_some() {
             kv.put(ROW_APPLIED.to_vec(), encode_row(&last)?);
         }
-        // One atomic batch: the state changes of every entry and `last_applied` together. Not
-        // flushed: applied state is rebuilt from the (flushed) log after a crash.
-        let mut batch = sled::Batch::default();
-        for (key, value) in kv.into_writes() {
-            match value {
-                Some(v) => batch.insert(key, v),
-                None => batch.remove(key),
-            }
-        }
-        tree.apply_batch(batch).map_err(|e| sm_write(any(e)))?;
+        // Atomic through the redo record (module comment). Not flushed: applied state is rebuilt
+        // from the flushed log after a crash.
+        let writes: Writes = kv.into_writes().into_iter().collect();
+        tree.insert(ROW_REDO, encode_row(&writes)?).map_err(|e| sm_write(any(e)))?;
+        write_rows(&tree, writes)?;
         if !actions.is_empty() {
             // No receiver is fine: nobody leads here, or the consumer re-derives from state.
             let _ = self.actions.send(Arc::new(actions));
@@ -267,9 +302,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // Called by the state-machine worker between applies: the copy below is consistent.
         let tree = self.tree();
-        let rows: Result<Rows, sled::Error> =
-            tree.iter().map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec()))).collect();
-        SnapshotBuilder { rows, db: self.db.clone(), meta: self.meta.clone(), flusher: self.flusher.clone() }
+        let rows: Result<Rows, sled::Error> = tree
+            .iter()
+            .filter(|r| r.as_ref().map_or(true, |(k, _)| k.as_ref() != ROW_REDO))
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect();
+        SnapshotBuilder {
+            rows,
+            db: self.db.clone(),
+            meta: self.meta.clone(),
+            flusher: self.flusher.clone(),
+            snapshot_lock: self.snapshot_lock.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
@@ -293,19 +337,22 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let name = tree_name(self.group, next);
         self.db.drop_tree(&name).map_err(|e| snap_err(any(e)))?;
         let tree = self.db.open_tree(&name).map_err(|e| snap_err(any(e)))?;
-        let mut batch = sled::Batch::default();
         for (k, v) in rows.rows {
-            batch.insert(k, v);
+            tree.insert(k, v).map_err(|e| snap_err(any(e)))?;
         }
-        tree.apply_batch(batch).map_err(|e| snap_err(any(e)))?;
         self.flusher.flush().await.map_err(|e| snap_err(AnyError::error(e)))?;
 
-        // 2. Switch to it (and keep the snapshot for followers that need it) in one atomic write.
+        // 2. Switch to it with one insert, then keep the snapshot for followers that need it (a
+        //    crash between the two leaves an older stored snapshot, which is harmless).
+        let _guard = lock(&self.snapshot_lock);
+        self.meta
+            .insert(KEY_GENERATION, codec::encode(&next).map_err(|e| snap_err(any(e)))?)
+            .map_err(|e| snap_err(any(e)))?;
         let stored = StoredSnapshot { meta: meta.clone(), data };
-        let mut switch = sled::Batch::default();
-        switch.insert(KEY_GENERATION, codec::encode(&next).map_err(|e| snap_err(any(e)))?);
-        switch.insert(KEY_SNAPSHOT, codec::encode(&stored).map_err(|e| snap_err(any(e)))?);
-        self.meta.apply_batch(switch).map_err(|e| snap_err(any(e)))?;
+        self.meta
+            .insert(KEY_SNAPSHOT, codec::encode(&stored).map_err(|e| snap_err(any(e)))?)
+            .map_err(|e| snap_err(any(e)))?;
+        drop(_guard);
         self.flusher.flush().await.map_err(|e| snap_err(AnyError::error(e)))?;
 
         // 3. Serve reads from it and drop the old generation.
@@ -338,6 +385,7 @@ pub struct SnapshotBuilder {
     db: sled::Db,
     meta: sled::Tree,
     flusher: Flusher,
+    snapshot_lock: Arc<Mutex<()>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -354,11 +402,93 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let meta = Meta { last_log_id, last_membership, snapshot_id };
         let data = codec::encode(&SnapshotRows { rows }).map_err(|e| sm_write(any(e)))?;
         let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
-        self.meta
-            .insert(KEY_SNAPSHOT, codec::encode(&stored).map_err(|e| sm_write(any(e)))?)
-            .map_err(|e| sm_write(any(e)))?;
+        {
+            // Keep the newest: an install may have stored a later snapshot while this one was built.
+            let _guard = lock(&self.snapshot_lock);
+            let newer_stored = match self.meta.get(KEY_SNAPSHOT).map_err(|e| sm_read(any(e)))? {
+                Some(b) => {
+                    codec::decode::<StoredSnapshot>(&b).map_err(|e| sm_read(any(e)))?.meta.last_log_id
+                        > last_log_id
+                }
+                None => false,
+            };
+            if !newer_stored {
+                self.meta
+                    .insert(KEY_SNAPSHOT, codec::encode(&stored).map_err(|e| sm_write(any(e)))?)
+                    .map_err(|e| sm_write(any(e)))?;
+            }
+        }
         // Durable before openraft purges the log entries the snapshot replaces.
         self.flusher.flush().await.map_err(|e| sm_write(AnyError::error(e)))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Entry};
+
+    use super::*;
+    use crate::ids::ShardId;
+    use crate::shard::ShardCommand;
+    use crate::storage::Store;
+    use crate::types::Request;
+
+    fn entry(index: u64, command: ShardCommand) -> crate::types::Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+            payload: EntryPayload::Normal(Request { now_ms: 1, commands: vec![Command::Shard(command)] }),
+        }
+    }
+
+    /// A crash between the redo record and the rows of a batch: reopening finishes the batch.
+    #[tokio::test]
+    async fn reopen_finishes_a_batch_cut_after_its_redo_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = GroupId(1);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let (_log, mut sm) = store.group(group).unwrap();
+            let configure = ShardCommand::Configure { shard_id: ShardId(0), shard_count: 1 };
+            sm.apply([entry(1, configure)]).await.unwrap();
+            // The next batch got as far as its redo record: a new row and last_applied = 2.
+            let applied_2 = encode_row(&Some(LogId::new(CommittedLeaderId::new(1, 0), 2))).unwrap();
+            let writes: Writes =
+                vec![(ROW_APPLIED.to_vec(), Some(applied_2)), (b"Zrow".to_vec(), Some(b"v".to_vec()))];
+            sm.tree().insert(ROW_REDO, encode_row(&writes).unwrap()).unwrap();
+            store.db().flush().unwrap();
+        }
+        // The closed store's flusher thread releases sled's directory lock shortly after.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let store = loop {
+            match Store::open(dir.path()) {
+                Ok(store) => break store,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.to_string().contains("could not acquire lock"), "{e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("store did not reopen: {e}"),
+            }
+        };
+        let (_log, mut sm) = store.group(group).unwrap();
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(2), "last_applied of the cut batch");
+        assert_eq!(sm.reader().read(|kv| kv.get(b"Zrow")).unwrap(), Some(b"v".to_vec()));
+        // Rows of earlier batches are untouched.
+        assert!(sm.reader().read(|kv| crate::shard::shard_config(kv)).unwrap().is_some());
+    }
+
+    /// Snapshots carry the state rows and last_applied, never the redo record.
+    #[tokio::test]
+    async fn snapshot_excludes_the_redo_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_log, mut sm) = store.group(GroupId(1)).unwrap();
+        sm.apply([entry(1, ShardCommand::Configure { shard_id: ShardId(0), shard_count: 1 })]).await.unwrap();
+        let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let rows: SnapshotRows = codec::decode(snapshot.snapshot.get_ref()).unwrap();
+        assert!(rows.rows.iter().all(|(k, _)| k.as_slice() != ROW_REDO));
+        assert!(rows.rows.iter().any(|(k, _)| k.as_slice() == ROW_APPLIED));
+        assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(1));
     }
 }
