@@ -57,6 +57,12 @@ use hdrhistogram::Histogram;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+// The node processes allocate many small, short-lived buffers (sled nodes, codec records,
+// tonic frames); glibc's malloc spent ~20 % of the CPU on them. A node binary picks its
+// allocator; the bench uses mimalloc, as fetter's node binary will.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Shard groups of the production layout (groups 1..=12; group 0 is the metadata group).
 const SHARD_COUNT: u32 = 12;
 /// The cluster id every node of the bench shares.
