@@ -1,8 +1,8 @@
 //! The key-value view a state machine's `apply` reads and writes.
 //!
 //! `apply` is written against [`Kv`] so that the same pure function runs on an in-memory map in
-//! unit tests ([`MemKv`]) and on a sled tree in production ([`crate::storage`]'s overlay, which
-//! buffers one batch's writes and commits them atomically together with `last_applied`).
+//! unit tests ([`MemKv`]) and on a sled tree in production (an [`Overlay`] over the tree, whose
+//! write set the storage layer commits atomically together with `last_applied`).
 //! Implementations must give read-your-writes within one batch and keys in byte order.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -91,7 +91,7 @@ impl Kv for MemKv {
 /// Buffered writes over a read-only base: reads see the buffer first (read-your-writes), scans
 /// merge both in key order. `apply` runs every command against one, so a rejection found
 /// half-way through a command changes nothing; the storage layer runs each batch of entries
-/// against one, so the whole batch reaches sled as one atomic `sled::Batch`.
+/// against one, so the whole batch's write set is known before any of it reaches sled.
 pub struct Overlay<'a> {
     base: &'a dyn KvRead,
     /// `Some(value)`: put; `None`: delete.

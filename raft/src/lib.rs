@@ -15,7 +15,8 @@
 //!
 //! Invariants kept here:
 //! - a log append is acknowledged to openraft only after the sled flush that makes it durable;
-//! - one applied batch of entries is one atomic sled batch that includes `last_applied`;
+//! - one applied batch of entries is atomic, `last_applied` included (a redo record, see
+//!   [`storage`]);
 //! - `apply` reads no clock, randomness or environment; a rejected command changes nothing;
 //! - snapshots are built from a copy taken while apply is paused and installed atomically.
 
