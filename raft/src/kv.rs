@@ -24,7 +24,7 @@ pub enum KvError {
     },
 }
 
-/// Key-value pairs returned by [`Kv::scan`], in key order.
+/// Key-value pairs returned by [`KvRead::scan`], in key order.
 pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Reading an ordered key-value store.

@@ -2,7 +2,7 @@
 //!
 //! Per group `g{N}`: `g{N}/log` (entries by big-endian index), `g{N}/meta` (vote, committed,
 //! last purged, state generation, latest snapshot) and `g{N}/sm/{generation}` (applied state).
-//! One flusher thread per node makes writes durable for all groups at once ([`flusher`]).
+//! One flusher thread per node makes writes durable for all groups at once (`flusher`).
 //!
 //! No `sled::Batch` or transaction is used: sled 0.34 seals and writes its I/O buffer (through
 //! its thread pool) for every batch and switches every later operation of the process to a global
