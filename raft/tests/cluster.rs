@@ -12,7 +12,9 @@ use std::collections::BTreeSet;
 use fetter_raft::ids::{Epoch, GroupId, NodeId, ShardId};
 use fetter_raft::meta::{self, ClusterInfo, ClusterParams, Member, MetaCommand, MetaOutcome, ShardPlacement};
 use fetter_raft::shard::{self, EffectKind, Event, Rejection, ShardCommand, ShardOutcome};
-use fetter_raft::transport::proto::{raft_response, ErrorCode, RaftRequest, RpcKind};
+use fetter_raft::transport::proto::raft_transport_client::RaftTransportClient;
+use fetter_raft::transport::proto::{raft_response, ErrorCode, RaftBatch, RaftRequest, RpcKind};
+use fetter_raft::transport::MAX_BATCH_REQUESTS;
 use fetter_raft::types::{Command, Reply};
 use harness::{eventually, expect_ok, flow_on, Cluster};
 
@@ -340,20 +342,33 @@ async fn raft_service_refuses_bad_requests_and_keeps_serving() -> Result<()> {
         (ok_request(1, &cid, RpcKind::Unspecified, vec![]), ErrorCode::UnknownKind),
         (RaftRequest { kind: 42, ..ok_request(1, &cid, RpcKind::Vote, vec![]) }, ErrorCode::UnknownKind),
     ];
-    for (request, expected) in cases {
+    // One by one, and all together in one batch (answers in order, each refused on its own).
+    let mut raw = RaftTransportClient::new(me.peers().channel(&addr)?);
+    let batch = RaftBatch { requests: cases.iter().map(|(r, _)| r.clone()).collect() };
+    let batched = raw.call_batch(batch).await?.into_inner().responses;
+    ensure!(batched.len() == cases.len(), "one response per request");
+    for ((request, expected), batched) in cases.into_iter().zip(batched) {
         let desc = format!("group {} kind {} cluster {}", request.group, request.kind, request.cluster_id);
-        match me.peers().call(&addr, request, Duration::from_secs(5)).await? {
-            raft_response::Result::Error(e) => {
-                ensure!(
+        let single = me.peers().call(&addr, request, Duration::from_secs(5)).await?;
+        for (how, answer) in [("alone", Some(single)), ("in a batch", batched.result)] {
+            match answer {
+                Some(raft_response::Result::Error(e)) => ensure!(
                     e.code() == expected,
-                    "{desc}: expected {expected:?}, got {:?} ({})",
+                    "{desc} {how}: expected {expected:?}, got {:?} ({})",
                     e.code(),
                     e.message
-                )
+                ),
+                other => return Err(anyhow!("{desc} {how}: not refused: {other:?}")),
             }
-            raft_response::Result::Ok(_) => return Err(anyhow!("{desc}: accepted")),
         }
     }
+    let oversized =
+        RaftBatch { requests: vec![ok_request(1, &cid, RpcKind::Vote, vec![]); MAX_BATCH_REQUESTS + 1] };
+    let refused = raw.call_batch(oversized).await;
+    ensure!(
+        matches!(&refused, Err(s) if s.code() == tonic::Code::InvalidArgument),
+        "an oversized batch is refused: {refused:?}"
+    );
     // The node still serves: commits go on and reach it.
     for i in 0..10 {
         expect_ok(c.propose(g(0), message(i)).await?)?;

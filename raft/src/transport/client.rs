@@ -15,29 +15,68 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
 use super::proto::raft_response::Result as ProtoResult;
 use super::proto::raft_transport_client::RaftTransportClient;
-use super::proto::{RaftRequest, RpcKind};
-use super::{Identity, MAX_MESSAGE_BYTES};
+use super::proto::{RaftBatch, RaftRequest, RpcKind};
+use super::{Identity, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES};
 use crate::codec;
 use crate::ids::GroupId;
 use crate::types::TypeConfig;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Bound on requests waiting for one peer's batcher.
+const MUX_QUEUE: usize = 4096;
+/// Bound on batches in flight to one peer.
+const MUX_IN_FLIGHT: usize = 2;
+
+/// A request waiting to be sent in the next batch to its peer.
+struct Pending {
+    request: RaftRequest,
+    timeout: Duration,
+    reply: oneshot::Sender<Result<ProtoResult, CallError>>,
+}
+
 /// Lazily created channels to peers, shared by every group of this node.
 #[derive(Clone)]
 pub struct Peers {
     identity: Identity,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    batchers: Arc<Mutex<HashMap<String, mpsc::Sender<Pending>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn client(channel: Channel) -> RaftTransportClient<Channel> {
+    RaftTransportClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+fn status_error(status: tonic::Status) -> CallError {
+    match status.code() {
+        tonic::Code::Unavailable => CallError::Unreachable(status.to_string()),
+        tonic::Code::DeadlineExceeded => CallError::Timeout,
+        _ => CallError::Failed(status.to_string()),
+    }
 }
 
 impl Peers {
     /// No connections yet; they are made on first use.
     pub fn new(identity: Identity) -> Self {
-        Peers { identity, channels: Arc::new(Mutex::new(HashMap::new())) }
+        Peers {
+            identity,
+            channels: Arc::new(Mutex::new(HashMap::new())),
+            batchers: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
 
     /// Who this node is.
@@ -47,10 +86,7 @@ impl Peers {
 
     /// The channel to `addr` (`host:port`), created lazily and reused.
     pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        let mut channels = match self.channels.lock() {
-            Ok(c) => c,
-            Err(p) => p.into_inner(),
-        };
+        let mut channels = lock(&self.channels);
         if let Some(ch) = channels.get(addr) {
             return Ok(ch.clone());
         }
@@ -63,7 +99,7 @@ impl Peers {
         Ok(ch)
     }
 
-    /// Sends one raw request to `addr` (used by the network and by tests of the service).
+    /// Sends one raw request to `addr` in a call of its own (tests of the service use this).
     pub async fn call(
         &self,
         addr: &str,
@@ -71,21 +107,100 @@ impl Peers {
         timeout: Duration,
     ) -> Result<ProtoResult, CallError> {
         let channel = self.channel(addr).map_err(|e| CallError::Unreachable(e.to_string()))?;
-        let mut client = RaftTransportClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let response = match tokio::time::timeout(timeout, client.call(request)).await {
+        let response = match tokio::time::timeout(timeout, client(channel).call(request)).await {
             Err(_) => return Err(CallError::Timeout),
-            Ok(Err(status)) => {
-                return Err(match status.code() {
-                    tonic::Code::Unavailable => CallError::Unreachable(status.to_string()),
-                    tonic::Code::DeadlineExceeded => CallError::Timeout,
-                    _ => CallError::Failed(status.to_string()),
-                })
-            }
+            Ok(Err(status)) => return Err(status_error(status)),
             Ok(Ok(r)) => r.into_inner(),
         };
         response.result.ok_or_else(|| CallError::Failed("empty response".into()))
+    }
+
+    /// Sends `request` to `addr` in the next batch to that peer (what the Raft network uses).
+    pub async fn send(
+        &self,
+        addr: &str,
+        request: RaftRequest,
+        timeout: Duration,
+    ) -> Result<ProtoResult, CallError> {
+        let batcher = self.batcher(addr)?;
+        let (reply, rx) = oneshot::channel();
+        let pending = Pending { request, timeout, reply };
+        match tokio::time::timeout(timeout, async {
+            batcher.send(pending).await.map_err(|_| CallError::Failed("peer batcher stopped".into()))?;
+            rx.await.map_err(|_| CallError::Failed("peer batcher dropped the request".into()))?
+        })
+        .await
+        {
+            Err(_) => Err(CallError::Timeout),
+            Ok(result) => result,
+        }
+    }
+
+    fn batcher(&self, addr: &str) -> Result<mpsc::Sender<Pending>, CallError> {
+        let mut batchers = lock(&self.batchers);
+        if let Some(tx) = batchers.get(addr) {
+            if !tx.is_closed() {
+                return Ok(tx.clone());
+            }
+        }
+        let channel = self.channel(addr).map_err(|e| CallError::Unreachable(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(MUX_QUEUE);
+        tokio::spawn(run_batcher(client(channel), rx));
+        batchers.insert(addr.to_string(), tx.clone());
+        Ok(tx)
+    }
+}
+
+/// Sends what is waiting for one peer as batches, at most `MUX_IN_FLIGHT` at a time. While
+/// batches are in flight, new requests queue and leave together in the next one.
+async fn run_batcher(client: RaftTransportClient<Channel>, mut rx: mpsc::Receiver<Pending>) {
+    let in_flight = Arc::new(Semaphore::new(MUX_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_REQUESTS {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            // Waiters whose own timeout ran out have gone; the batch waits for the longest budget.
+            let timeout = batch.iter().map(|p| p.timeout).max().unwrap_or_default();
+            let (requests, waiters): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|p| (p.request, p.reply)).unzip();
+            let count = requests.len();
+            let outcome = tokio::time::timeout(timeout, client.call_batch(RaftBatch { requests })).await;
+            drop(permit);
+            match outcome {
+                Ok(Ok(response)) if response.get_ref().responses.len() == count => {
+                    for (waiter, r) in waiters.into_iter().zip(response.into_inner().responses) {
+                        let _ =
+                            waiter.send(r.result.ok_or_else(|| CallError::Failed("empty response".into())));
+                    }
+                }
+                Ok(Ok(response)) => {
+                    let got = response.get_ref().responses.len();
+                    for waiter in waiters {
+                        let _ = waiter
+                            .send(Err(CallError::Failed(format!("{got} responses for {count} requests"))));
+                    }
+                }
+                Ok(Err(status)) => {
+                    let message = status.to_string();
+                    let code = status.code();
+                    for waiter in waiters {
+                        let _ = waiter.send(Err(status_error(tonic::Status::new(code, message.clone()))));
+                    }
+                }
+                Err(_) => {
+                    for waiter in waiters {
+                        let _ = waiter.send(Err(CallError::Timeout));
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -155,7 +270,14 @@ impl Network {
             payload,
         };
         let ttl = option.hard_ttl();
-        match self.peers.call(&self.addr, request, ttl).await {
+        // Snapshot chunks go in calls of their own: a slow install must not hold back the
+        // heartbeats of every other group in the same batch.
+        let outcome = if kind == RpcKind::InstallSnapshot {
+            self.peers.call(&self.addr, request, ttl).await
+        } else {
+            self.peers.send(&self.addr, request, ttl).await
+        };
+        match outcome {
             Err(CallError::Unreachable(m)) => Err(RPCError::Unreachable(Unreachable::new(&Msg(m)))),
             Err(CallError::Timeout) => Err(RPCError::Timeout(Timeout {
                 action: match kind {

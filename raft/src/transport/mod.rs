@@ -3,8 +3,11 @@
 //! Each request names its group, the cluster id and the sender's node id and incarnation; the
 //! openraft message travels as codec bytes. A node refuses, with an error reply and never a
 //! panic, bytes it cannot decode, a group it does not host and a foreign cluster id.
-//! Connections are lazy and shared by all groups talking to the same peer; a peer that cannot be
-//! reached is reported to openraft as `Unreachable` so that it backs off.
+//! Connections are lazy and shared by all groups talking to the same peer, and so are calls: the
+//! requests of all groups waiting for the same peer leave together in one `CallBatch` (a few
+//! batches in flight per peer), which divides the per-RPC cost of HTTP/2, syscalls and wake-ups
+//! by the number of busy groups. A peer that cannot be reached is reported to openraft as
+//! `Unreachable` so that it backs off.
 
 mod client;
 mod server;
@@ -22,6 +25,9 @@ use crate::ids::{ClusterId, Incarnation, NodeId};
 
 /// Largest message the transport accepts or sends (snapshot chunks are far smaller).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Bound on the requests of one `CallBatch`.
+pub const MAX_BATCH_REQUESTS: usize = 64;
 
 /// Who is talking: carried in every request.
 #[derive(Debug, Clone)]

@@ -8,8 +8,10 @@ use tonic::{Request, Response, Status};
 
 use super::proto::raft_response::Result as ProtoResult;
 use super::proto::raft_transport_server::{RaftTransport, RaftTransportServer};
-use super::proto::{ErrorCode, RaftRequest, RaftResponse, RpcKind, TransportError};
-use super::{Identity, MAX_MESSAGE_BYTES};
+use super::proto::{
+    ErrorCode, RaftBatch, RaftBatchResponse, RaftRequest, RaftResponse, RpcKind, TransportError,
+};
+use super::{Identity, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES};
 use crate::codec;
 use crate::ids::GroupId;
 use crate::types::Raft;
@@ -95,22 +97,41 @@ fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, RaftRespo
 #[tonic::async_trait]
 impl RaftTransport for RaftService {
     async fn call(&self, request: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
-        let req = request.into_inner();
+        Ok(Response::new(self.handle(request.into_inner()).await))
+    }
+
+    async fn call_batch(&self, request: Request<RaftBatch>) -> Result<Response<RaftBatchResponse>, Status> {
+        let requests = request.into_inner().requests;
+        if requests.len() > MAX_BATCH_REQUESTS {
+            return Err(Status::invalid_argument(format!(
+                "batch of {} requests exceeds the limit of {MAX_BATCH_REQUESTS}",
+                requests.len()
+            )));
+        }
+        // Concurrently: requests of different groups must not wait for each other.
+        let responses = futures::future::join_all(requests.into_iter().map(|r| self.handle(r))).await;
+        Ok(Response::new(RaftBatchResponse { responses }))
+    }
+}
+
+impl RaftService {
+    /// Checks and dispatches one request; every refusal is a reply, never a panic.
+    async fn handle(&self, req: RaftRequest) -> RaftResponse {
         if req.cluster_id != self.identity.cluster_id.0 {
             tracing::warn!(from_node = req.from_node, cluster = %req.cluster_id, "refused RPC from a foreign cluster");
-            return Ok(Response::new(refuse(
+            return refuse(
                 ErrorCode::ForeignCluster,
                 format!("this node belongs to cluster {}, not {}", self.identity.cluster_id, req.cluster_id),
-            )));
+            );
         }
         let group = GroupId(req.group);
         let Some(raft) = self.groups.get(group) else {
-            return Ok(Response::new(refuse(
+            return refuse(
                 ErrorCode::UnknownGroup,
                 format!("node {} does not host group {}", self.identity.node_id, req.group),
-            )));
+            );
         };
-        let response = match RpcKind::try_from(req.kind) {
+        match RpcKind::try_from(req.kind) {
             Ok(RpcKind::AppendEntries) => match decode(&req.payload) {
                 Ok(rpc) => reply(&raft.append_entries(rpc).await),
                 Err(refusal) => refusal,
@@ -126,7 +147,6 @@ impl RaftTransport for RaftService {
             Ok(RpcKind::Unspecified) | Err(_) => {
                 refuse(ErrorCode::UnknownKind, format!("unknown RPC kind {}", req.kind))
             }
-        };
-        Ok(Response::new(response))
+        }
     }
 }
