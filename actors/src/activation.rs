@@ -1,0 +1,124 @@
+//! One activation of a flow: replay its code against its journal until it finishes, suspends or
+//! is fenced.
+//!
+//! The caller commits `Activate{epoch}` first (the shard actor does; [`activate`] does it for a
+//! single call). The driver then reads the flow and its recorded effects, runs the flow's future
+//! — catching panics, so a panicking flow fails alone — and races it against the activation's
+//! halt signal: a halted activation's future is dropped mid-step and never resumes.
+
+use std::panic::AssertUnwindSafe;
+
+use fetter_raft::handle::{self, GroupHandle};
+use fetter_raft::ids::{Epoch, FlowId};
+use fetter_raft::kv::KvError;
+use fetter_raft::shard::{self, FlowStatus, Rejection, ShardCommand, ShardOutcome};
+use futures::FutureExt;
+
+use crate::ctx::{Ctx, Halt};
+use crate::flow::{kind, FlowError};
+use crate::registry::Registry;
+
+/// How an activation ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The flow finished with an output (committed).
+    Succeeded,
+    /// The flow finished with an error (committed).
+    Failed(FlowError),
+    /// The activation lost the flow (newer epoch, refused or uncommitted step); nothing more was
+    /// committed by it.
+    Fenced(String),
+    /// The flow had already finished before this activation.
+    AlreadyFinished(FlowStatus),
+}
+
+/// Why an activation could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The journal could not be read or written.
+    #[error(transparent)]
+    Journal(#[from] handle::Error),
+    /// The shard's state could not be read.
+    #[error(transparent)]
+    State(#[from] KvError),
+    /// No such flow.
+    #[error("flow {0} not found")]
+    NotFound(FlowId),
+}
+
+/// Commits a new activation of `flow` (stored epoch + 1) and runs it.
+pub async fn activate(group: &GroupHandle, registry: &Registry, flow: &FlowId) -> Result<Outcome, Error> {
+    let record =
+        group.read(|kv| shard::get_flow(kv, flow)).await??.ok_or_else(|| Error::NotFound(flow.clone()))?;
+    if record.status.is_finished() {
+        return Ok(Outcome::AlreadyFinished(record.status));
+    }
+    let epoch = record.epoch.next();
+    match group.propose_shard(ShardCommand::Activate { flow: flow.clone(), epoch }).await? {
+        Ok(_) => run(group, registry, flow, epoch).await,
+        Err(Rejection::FlowFinished) => Ok(Outcome::AlreadyFinished(record.status)),
+        Err(r) => Ok(Outcome::Fenced(format!("activation refused: {r}"))),
+    }
+}
+
+/// Runs the activation `epoch` of `flow`, whose `Activate` is committed.
+pub async fn run(
+    group: &GroupHandle,
+    registry: &Registry,
+    flow: &FlowId,
+    epoch: Epoch,
+) -> Result<Outcome, Error> {
+    // The leader applied our `Activate` before replying, so its local state is current.
+    let (record, effects) = group.read_local(|kv| -> Result<_, KvError> {
+        Ok((shard::get_flow(kv, flow)?, shard::list_effects(kv, flow)?))
+    })?;
+    let record = record.ok_or_else(|| Error::NotFound(flow.clone()))?;
+    if record.epoch != epoch {
+        return Ok(Outcome::Fenced(format!("flow is at {} not {epoch}", record.epoch)));
+    }
+    let ctx = Ctx::new(flow.clone(), epoch, group.clone(), effects);
+    let result = match registry.get(&flow.flow_type) {
+        None => Err(FlowError::new(
+            kind::UNKNOWN_FLOW_TYPE,
+            format!("no flow type {:?} on this node", flow.flow_type),
+        )),
+        Some(code) => {
+            let running = AssertUnwindSafe(code.run(ctx.clone(), record.input.clone())).catch_unwind();
+            tokio::select! {
+                finished = running => match finished {
+                    Ok(result) => result,
+                    Err(panic) => Err(FlowError::new(kind::PANIC, panic_message(panic.as_ref()))),
+                },
+                halt = ctx.halted() => match halt {
+                    Halt::Fenced(reason) => return Ok(Outcome::Fenced(reason)),
+                    Halt::Fail(error) => Err(error),
+                },
+            }
+        }
+    };
+    let (command, outcome) = match result {
+        Ok(output) => (ShardCommand::Complete { flow: flow.clone(), epoch, output }, Outcome::Succeeded),
+        Err(error) => {
+            tracing::info!(flow = %flow, epoch = %epoch, error = %error, "flow failed");
+            (
+                ShardCommand::Fail { flow: flow.clone(), epoch, error: error.clone().into() },
+                Outcome::Failed(error),
+            )
+        }
+    };
+    match group.propose_shard(command).await {
+        Ok(Ok(ShardOutcome::Done)) | Ok(Ok(_)) => Ok(outcome),
+        Ok(Err(r)) => Ok(Outcome::Fenced(format!("finish refused: {r}"))),
+        Err(e) => Ok(Outcome::Fenced(format!("finish not committed: {e}"))),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "flow panicked".to_string()
+    }
+}

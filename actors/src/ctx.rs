@@ -1,0 +1,417 @@
+//! [`Ctx`]: everything a flow may do to the world, each step journaled and replay-safe.
+//!
+//! An activation starts with the flow's recorded effects (read after its `Activate` committed).
+//! A step whose id is recorded returns the recorded value without running anything; a new step
+//! runs and is committed (with the activation's epoch) before the flow continues. When the
+//! activation must end without returning into flow code — it was fenced by a newer epoch, a
+//! proposal failed, or an at-most-once effect's outcome is unknown — the step never completes
+//! and the driver drops the flow's future ([`crate::activation`]).
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fetter_raft::handle::GroupHandle;
+use fetter_raft::ids::{Epoch, FlowId};
+use fetter_raft::shard::{EffectKind, EffectRecord, EffectState, ShardCommand, ShardOutcome};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::flow::{kind, FlowError};
+
+/// Why an activation ends without returning into flow code.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Halt {
+    /// Another activation owns the flow now, or the journal refused or could not take a step:
+    /// stop quietly; whoever owns the flow replays it.
+    Fenced(String),
+    /// The flow must end `Failed` with this error (outcome unknown, replay drift).
+    Fail(FlowError),
+}
+
+/// The flow's handle on the world during one activation. Cheap to clone.
+#[derive(Clone)]
+pub struct Ctx {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    flow: FlowId,
+    epoch: Epoch,
+    group: GroupHandle,
+    effects: Mutex<HashMap<String, EffectRecord>>,
+    next_auto_id: AtomicU64,
+    halt: watch::Sender<Option<Halt>>,
+}
+
+impl Ctx {
+    pub(crate) fn new(
+        flow: FlowId,
+        epoch: Epoch,
+        group: GroupHandle,
+        effects: Vec<(String, EffectRecord)>,
+    ) -> Ctx {
+        let (halt, _) = watch::channel(None);
+        Ctx {
+            inner: Arc::new(Inner {
+                flow,
+                epoch,
+                group,
+                effects: Mutex::new(effects.into_iter().collect()),
+                next_auto_id: AtomicU64::new(0),
+                halt,
+            }),
+        }
+    }
+
+    /// The flow this activation runs.
+    pub fn flow(&self) -> &FlowId {
+        &self.inner.flow
+    }
+
+    /// The activation's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.inner.epoch
+    }
+
+    /// An implicit effect id: `auto-0`, `auto-1`, … in call order. Explicit ids are the
+    /// documented default because they survive code edits that reorder or insert steps.
+    pub fn auto_id(&self) -> String {
+        format!("auto-{}", self.inner.next_auto_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Runs `work` once and records its result (or error); a replay returns the record.
+    /// At-least-once by default: a crash before the result is committed runs `work` again. Call
+    /// [`Effect::at_most_once`] for work that must never run twice.
+    pub fn effect<T, E, F, Fut>(&self, id: impl Into<String>, work: F) -> Effect<'_, T, F>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<T, E>> + Send,
+        E: Into<FlowError>,
+        T: Serialize + DeserializeOwned + Send,
+    {
+        Effect { ctx: self, id: id.into(), work, at_most_once: false, _value: PhantomData }
+    }
+
+    /// A random UUID (v4), the same on every replay.
+    pub async fn uuid(&self, id: impl Into<String>) -> Result<uuid::Uuid, FlowError> {
+        self.generated(id.into(), EffectKind::Uuid, uuid::Uuid::new_v4).await
+    }
+
+    /// The wall-clock time, the same on every replay.
+    pub async fn now(&self, id: impl Into<String>) -> Result<SystemTime, FlowError> {
+        let ms = self.generated(id.into(), EffectKind::Now, now_ms).await?;
+        Ok(UNIX_EPOCH + Duration::from_millis(ms))
+    }
+
+    /// A random number, the same on every replay.
+    pub async fn random(&self, id: impl Into<String>) -> Result<u64, FlowError> {
+        self.generated(id.into(), EffectKind::Random, rand::random::<u64>).await
+    }
+
+    /// A state value stored under `id`, overwritten in place (constant space in loops).
+    pub fn state<T: Serialize + DeserializeOwned>(&self, id: impl Into<String>) -> State<'_, T> {
+        State { ctx: self, id: id.into(), _value: PhantomData }
+    }
+
+    /// Resolves once the activation must end (see [`Halt`]).
+    pub(crate) async fn halted(&self) -> Halt {
+        let mut rx = self.inner.halt.subscribe();
+        loop {
+            if let Some(h) = rx.borrow_and_update().clone() {
+                return h;
+            }
+            if rx.changed().await.is_err() {
+                return Halt::Fenced("activation dropped".into());
+            }
+        }
+    }
+
+    /// Ends the activation: never returns into flow code.
+    async fn halt<T>(&self, halt: Halt) -> T {
+        tracing::debug!(flow = %self.inner.flow, epoch = %self.inner.epoch, ?halt, "activation halts");
+        self.inner.halt.send_if_modified(|h| {
+            if h.is_none() {
+                *h = Some(halt);
+                true
+            } else {
+                false
+            }
+        });
+        std::future::pending().await
+    }
+
+    fn recorded(&self, id: &str) -> Option<EffectRecord> {
+        lock(&self.inner.effects).get(id).cloned()
+    }
+
+    fn remember(&self, id: &str, record: Option<EffectRecord>) {
+        let mut effects = lock(&self.inner.effects);
+        match record {
+            Some(r) => effects.insert(id.to_string(), r),
+            None => effects.remove(id),
+        };
+    }
+
+    /// Commits `command`; halts the activation if the journal refuses or cannot take it.
+    async fn commit(&self, command: ShardCommand) -> ShardOutcome {
+        match self.inner.group.propose_shard(command).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(rejection)) => {
+                self.halt(Halt::Fenced(format!("journal refused a step: {rejection}"))).await
+            }
+            Err(e) => self.halt(Halt::Fenced(format!("step not committed: {e}"))).await,
+        }
+    }
+
+    /// Fails the flow with `replay_drift` naming `id`.
+    async fn drift<T>(&self, id: &str, detail: String) -> T {
+        let message = format!("effect {id:?}: {detail}");
+        self.halt(Halt::Fail(FlowError::new(kind::REPLAY_DRIFT, message))).await
+    }
+
+    fn check_kind(record: &EffectRecord, wanted: EffectKind) -> Result<(), String> {
+        if record.kind == wanted {
+            Ok(())
+        } else {
+            Err(format!("recorded as {:?}, the code asks for {:?}", record.kind, wanted))
+        }
+    }
+
+    async fn decode<T: DeserializeOwned>(&self, id: &str, value: &[u8]) -> T {
+        match serde_json::from_slice(value) {
+            Ok(v) => v,
+            Err(e) => {
+                self.drift(id, format!("recorded value does not fit the type the code asks for: {e}")).await
+            }
+        }
+    }
+
+    /// uuid / now / random: recorded once, then replayed.
+    async fn generated<T: Serialize + DeserializeOwned>(
+        &self,
+        id: String,
+        kind: EffectKind,
+        make: impl FnOnce() -> T,
+    ) -> Result<T, FlowError> {
+        if let Some(record) = self.recorded(&id) {
+            if let Err(d) = Self::check_kind(&record, kind) {
+                return self.drift(&id, d).await;
+            }
+            return match &record.state {
+                EffectState::Completed(v) => Ok(self.decode(&id, v).await),
+                other => self.drift(&id, format!("recorded in state {other:?}")).await,
+            };
+        }
+        let value = make();
+        let bytes = serde_json::to_vec(&value).map_err(|e| FlowError::new(kind::ERROR, e.to_string()))?;
+        let type_name = std::any::type_name::<T>().to_string();
+        self.commit(ShardCommand::EffectCompleted {
+            flow: self.inner.flow.clone(),
+            epoch: self.inner.epoch,
+            effect_id: id.clone(),
+            kind,
+            type_name: type_name.clone(),
+            value: bytes.clone(),
+        })
+        .await;
+        self.remember(&id, Some(EffectRecord { kind, type_name, state: EffectState::Completed(bytes) }));
+        Ok(value)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A pending effect; `.await` it (after choosing [`Effect::at_most_once`] if needed).
+#[must_use = "an effect does nothing until awaited"]
+pub struct Effect<'c, T, F> {
+    ctx: &'c Ctx,
+    id: String,
+    work: F,
+    at_most_once: bool,
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<T, F> Effect<'_, T, F> {
+    /// Commit a `Started` marker before running the work. A replay that finds the marker without
+    /// an outcome never runs the work again and never returns into the flow: the flow ends
+    /// `Failed` with kind `effect_outcome_unknown` naming the effect, for an operator to repair.
+    pub fn at_most_once(mut self) -> Self {
+        self.at_most_once = true;
+        self
+    }
+}
+
+impl<'c, T, E, F, Fut> IntoFuture for Effect<'c, T, F>
+where
+    F: FnOnce() -> Fut + Send + 'c,
+    Fut: Future<Output = Result<T, E>> + Send + 'c,
+    E: Into<FlowError> + 'c,
+    T: Serialize + DeserializeOwned + Send + 'c,
+{
+    type Output = Result<T, FlowError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<T, FlowError>> + Send + 'c>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(run_effect(self))
+    }
+}
+
+async fn run_effect<T, E, F, Fut>(effect: Effect<'_, T, F>) -> Result<T, FlowError>
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = Result<T, E>> + Send,
+    E: Into<FlowError>,
+    T: Serialize + DeserializeOwned + Send,
+{
+    let Effect { ctx, id, work, at_most_once, .. } = effect;
+    let flow = ctx.inner.flow.clone();
+    let epoch = ctx.inner.epoch;
+    let type_name = std::any::type_name::<T>().to_string();
+    if let Some(record) = ctx.recorded(&id) {
+        if let Err(d) = Ctx::check_kind(&record, EffectKind::Effect) {
+            return ctx.drift(&id, d).await;
+        }
+        match &record.state {
+            EffectState::Completed(v) => return Ok(ctx.decode(&id, v).await),
+            EffectState::Failed(e) => return Err(FlowError::from_info(e.clone())),
+            EffectState::Started if at_most_once => {
+                let message = format!("effect {id:?} was started but its outcome was not recorded");
+                return ctx.halt(Halt::Fail(FlowError::new(kind::EFFECT_OUTCOME_UNKNOWN, message))).await;
+            }
+            // Started by an at-most-once version of the code; this version allows a re-run.
+            EffectState::Started => {}
+        }
+    } else if at_most_once {
+        ctx.commit(ShardCommand::EffectStarted {
+            flow: flow.clone(),
+            epoch,
+            effect_id: id.clone(),
+            kind: EffectKind::Effect,
+            type_name: type_name.clone(),
+        })
+        .await;
+        ctx.remember(
+            &id,
+            Some(EffectRecord {
+                kind: EffectKind::Effect,
+                type_name: type_name.clone(),
+                state: EffectState::Started,
+            }),
+        );
+    }
+    let result: Result<T, FlowError> = work().await.map_err(Into::into);
+    let (command, state) = match &result {
+        Ok(value) => {
+            let bytes = serde_json::to_vec(value).map_err(|e| FlowError::new(kind::ERROR, e.to_string()))?;
+            let command = ShardCommand::EffectCompleted {
+                flow,
+                epoch,
+                effect_id: id.clone(),
+                kind: EffectKind::Effect,
+                type_name: type_name.clone(),
+                value: bytes.clone(),
+            };
+            (command, EffectState::Completed(bytes))
+        }
+        Err(error) => {
+            let command = ShardCommand::EffectFailed {
+                flow,
+                epoch,
+                effect_id: id.clone(),
+                kind: EffectKind::Effect,
+                type_name: type_name.clone(),
+                error: error.clone().into(),
+            };
+            (command, EffectState::Failed(error.clone().into()))
+        }
+    };
+    ctx.commit(command).await;
+    ctx.remember(&id, Some(EffectRecord { kind: EffectKind::Effect, type_name, state }));
+    result
+}
+
+/// A state value of a flow; see [`Ctx::state`].
+pub struct State<'c, T> {
+    ctx: &'c Ctx,
+    id: String,
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<T: Serialize + DeserializeOwned> State<'_, T> {
+    /// The current value, if set.
+    pub async fn get(&self) -> Result<Option<T>, FlowError> {
+        match self.ctx.recorded(&self.id) {
+            None => Ok(None),
+            Some(record) => {
+                if let Err(d) = Ctx::check_kind(&record, EffectKind::State) {
+                    return self.ctx.drift(&self.id, d).await;
+                }
+                match &record.state {
+                    EffectState::Completed(v) => Ok(Some(self.ctx.decode(&self.id, v).await)),
+                    other => self.ctx.drift(&self.id, format!("state recorded as {other:?}")).await,
+                }
+            }
+        }
+    }
+
+    /// Sets the value (overwriting it in place).
+    pub async fn set(&self, value: &T) -> Result<(), FlowError> {
+        if let Some(record) = self.ctx.recorded(&self.id) {
+            if let Err(d) = Ctx::check_kind(&record, EffectKind::State) {
+                return self.ctx.drift(&self.id, d).await;
+            }
+        }
+        let bytes = serde_json::to_vec(value).map_err(|e| FlowError::new(kind::ERROR, e.to_string()))?;
+        let type_name = std::any::type_name::<T>().to_string();
+        self.ctx
+            .commit(ShardCommand::StateSet {
+                flow: self.ctx.inner.flow.clone(),
+                epoch: self.ctx.inner.epoch,
+                state_id: self.id.clone(),
+                type_name: type_name.clone(),
+                value: bytes.clone(),
+            })
+            .await;
+        self.ctx.remember(
+            &self.id,
+            Some(EffectRecord { kind: EffectKind::State, type_name, state: EffectState::Completed(bytes) }),
+        );
+        Ok(())
+    }
+
+    /// Removes the value.
+    pub async fn clear(&self) -> Result<(), FlowError> {
+        match self.ctx.recorded(&self.id) {
+            None => return Ok(()),
+            Some(record) => {
+                if let Err(d) = Ctx::check_kind(&record, EffectKind::State) {
+                    return self.ctx.drift(&self.id, d).await;
+                }
+            }
+        }
+        self.ctx
+            .commit(ShardCommand::StateClear {
+                flow: self.ctx.inner.flow.clone(),
+                epoch: self.ctx.inner.epoch,
+                state_id: self.id.clone(),
+            })
+            .await;
+        self.ctx.remember(&self.id, None);
+        Ok(())
+    }
+}

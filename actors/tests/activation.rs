@@ -1,0 +1,424 @@
+//! The programming model on a real single node: one openraft group on sled in a temp dir,
+//! served over tonic on loopback. A crash is an activation task aborted mid-step; the next
+//! activation replays the flow from its journal.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{anyhow, ensure, Result};
+use fetter_actors::activation::{self, Outcome};
+use fetter_actors::{kind, Ctx, Flow, FlowError, Registry};
+use fetter_raft::handle::GroupHandle;
+use fetter_raft::ids::{ClusterId, Epoch, FlowId, GroupId, NodeId, ShardId};
+use fetter_raft::node::{NodeConfig, RaftNode, Timing};
+use fetter_raft::shard::{self, AdminOp, EffectState, FlowStatus, ShardCommand};
+use tokio::sync::{mpsc, Semaphore};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Node {
+    _dir: tempfile::TempDir,
+    node: Arc<RaftNode>,
+    group: GroupHandle,
+}
+
+async fn single_node() -> Result<Node> {
+    let dir = tempfile::tempdir()?;
+    let mut config =
+        NodeConfig::new(NodeId(1), "127.0.0.1:0".parse()?, dir.path().join("n1"), ClusterId("t".into()));
+    config.timing = Timing::relaxed();
+    let node = RaftNode::start(config).await?;
+    let group = node.open_group(GroupId::of_shard(ShardId(0))).await?;
+    group.initialize(BTreeMap::from([(NodeId(1), node.addr().to_string())])).await?;
+    let mut status = group.status();
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.is_leader)).await??;
+    group
+        .propose_shard(ShardCommand::Configure { shard_id: ShardId(0), shard_count: 1 })
+        .await?
+        .map_err(|r| anyhow!("configure: {r}"))?;
+    Ok(Node { _dir: dir, node, group })
+}
+
+async fn start(group: &GroupHandle, flow: &FlowId, input: &str) -> Result<()> {
+    let cmd = ShardCommand::Start { flow: flow.clone(), input: input.as_bytes().to_vec(), parent: None };
+    group.propose_shard(cmd).await?.map_err(|r| anyhow!("start: {r}"))?;
+    Ok(())
+}
+
+async fn status(group: &GroupHandle, flow: &FlowId) -> Result<shard::FlowRecord> {
+    group.read(|kv| shard::get_flow(kv, flow)).await??.ok_or_else(|| anyhow!("flow {flow} missing"))
+}
+
+/// Counts calls of a fake external service, and can hold a call until released ("in flight").
+#[derive(Clone, Default)]
+struct Service {
+    calls: Arc<AtomicU32>,
+    hold: Option<Arc<Semaphore>>,
+    started: Option<mpsc::UnboundedSender<()>>,
+}
+
+impl Service {
+    fn holding() -> (Service, mpsc::UnboundedReceiver<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Service { calls: Arc::default(), hold: Some(Arc::new(Semaphore::new(0))), started: Some(tx) }, rx)
+    }
+
+    async fn call(&self) -> Result<u32, FlowError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(tx) = &self.started {
+            let _ = tx.send(());
+        }
+        if let Some(hold) = &self.hold {
+            let _permit = hold.acquire().await.map_err(|e| FlowError::new("closed", e.to_string()))?;
+        }
+        Ok(n)
+    }
+
+    /// Lets `n` held calls proceed.
+    fn release(&self, n: usize) {
+        if let Some(hold) = &self.hold {
+            hold.add_permits(n);
+        }
+    }
+
+    fn count(&self) -> u32 {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+/// reserve (at-least-once) → ship (at-most-once) → capture.
+struct Order {
+    reserve: Service,
+    ship: Service,
+    capture: Service,
+}
+
+impl Flow for Order {
+    const TYPE: &'static str = "order";
+    type Input = String;
+    type Output = String;
+
+    async fn run(&self, ctx: &Ctx, order: String) -> Result<String, FlowError> {
+        let tx = ctx.uuid("tx").await?;
+        ctx.effect("reserve", || self.reserve.call()).await?;
+        ctx.effect("ship", || self.ship.call()).at_most_once().await?;
+        ctx.effect("capture", || self.capture.call()).await?;
+        Ok(format!("{order}:{tx}"))
+    }
+}
+
+/// Runs an activation in a task, waits until `started` reports the held work began, then kills
+/// the task: the crash happens while that work is in flight.
+async fn crash_during(
+    group: &GroupHandle,
+    registry: &Registry,
+    flow: &FlowId,
+    started: &mut mpsc::UnboundedReceiver<()>,
+) -> Result<()> {
+    let task = tokio::spawn({
+        let (group, registry, flow) = (group.clone(), registry.clone(), flow.clone());
+        async move { activation::activate(&group, &registry, &flow).await }
+    });
+    tokio::time::timeout(WAIT, started.recv()).await?.ok_or_else(|| anyhow!("work never started"))?;
+    task.abort();
+    let _ = task.await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_runs_to_completion_and_a_replay_runs_nothing_again() -> Result<()> {
+    let n = single_node().await?;
+    let order = Order { reserve: Service::default(), ship: Service::default(), capture: Service::default() };
+    let (reserve, ship, capture) = (order.reserve.clone(), order.ship.clone(), order.capture.clone());
+    let registry = Registry::new().register(order)?;
+    let flow = FlowId::new("order", "o-1");
+    start(&n.group, &flow, "\"o-1\"").await?;
+    ensure!(activation::activate(&n.group, &registry, &flow).await? == Outcome::Succeeded);
+    let record = status(&n.group, &flow).await?;
+    ensure!(record.status == FlowStatus::Succeeded);
+    let output: String = serde_json::from_slice(record.output.as_deref().unwrap_or_default())?;
+    ensure!(output.starts_with("o-1:"), "{output}");
+    ensure!((reserve.count(), ship.count(), capture.count()) == (1, 1, 1));
+
+    // Restart keeping the effects: the replay returns every recorded value, runs nothing, and
+    // produces the same output (the uuid included).
+    let restart = ShardCommand::Admin {
+        flow: flow.clone(),
+        expected_epoch: None,
+        op: AdminOp::Restart { input: None, clear_effects: false },
+    };
+    n.group.propose_shard(restart).await?.map_err(|r| anyhow!("{r}"))?;
+    ensure!(activation::activate(&n.group, &registry, &flow).await? == Outcome::Succeeded);
+    let again: String =
+        serde_json::from_slice(status(&n.group, &flow).await?.output.as_deref().unwrap_or_default())?;
+    ensure!(again == output, "same output on replay: {again} vs {output}");
+    ensure!((reserve.count(), ship.count(), capture.count()) == (1, 1, 1), "nothing ran twice");
+    n.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_during_an_at_least_once_effect_runs_it_again_and_nothing_before_it() -> Result<()> {
+    let n = single_node().await?;
+    let (capture, mut capture_started) = Service::holding();
+    let order = Order { reserve: Service::default(), ship: Service::default(), capture: capture.clone() };
+    let (reserve, ship) = (order.reserve.clone(), order.ship.clone());
+    let registry = Registry::new().register(order)?;
+    let flow = FlowId::new("order", "o-2");
+    start(&n.group, &flow, "\"o-2\"").await?;
+    crash_during(&n.group, &registry, &flow, &mut capture_started).await?;
+    ensure!(capture.count() == 1 && status(&n.group, &flow).await?.status == FlowStatus::Running);
+    // The next activation: reserve and ship are recorded, capture runs again.
+    capture.release(1);
+    ensure!(activation::activate(&n.group, &registry, &flow).await? == Outcome::Succeeded);
+    ensure!((reserve.count(), ship.count(), capture.count()) == (1, 1, 2));
+    n.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_during_an_at_most_once_effect_fails_the_flow_with_outcome_unknown() -> Result<()> {
+    let n = single_node().await?;
+    let (ship, mut ship_started) = Service::holding();
+    let order = Order { reserve: Service::default(), ship: ship.clone(), capture: Service::default() };
+    let capture = order.capture.clone();
+    let registry = Registry::new().register(order)?;
+    let flow = FlowId::new("order", "o-3");
+    start(&n.group, &flow, "\"o-3\"").await?;
+    crash_during(&n.group, &registry, &flow, &mut ship_started).await?;
+    ship.release(10);
+    let outcome = activation::activate(&n.group, &registry, &flow).await?;
+    let Outcome::Failed(error) = outcome else { return Err(anyhow!("expected a failure, got {outcome:?}")) };
+    ensure!(error.kind == kind::EFFECT_OUTCOME_UNKNOWN && error.message.contains("\"ship\""), "{error}");
+    ensure!(ship.count() == 1, "ship ran once, never again");
+    ensure!(capture.count() == 0, "the flow never continued past ship");
+    let record = status(&n.group, &flow).await?;
+    ensure!(record.status == FlowStatus::Failed);
+    ensure!(record.error.map(|e| e.kind) == Some(kind::EFFECT_OUTCOME_UNKNOWN.to_string()));
+    n.node.shutdown().await;
+    Ok(())
+}
+
+/// Records an error from its first effect, then waits in a second one.
+struct Erring {
+    failing: Service,
+    then: Service,
+}
+
+impl Flow for Erring {
+    const TYPE: &'static str = "erring";
+    type Input = ();
+    type Output = String;
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<String, FlowError> {
+        let first = ctx
+            .effect("lookup", || async {
+                self.failing.call().await?;
+                Err::<u32, _>(FlowError::new("not_found", "no such customer"))
+            })
+            .await;
+        ctx.effect("then", || self.then.call()).await?;
+        Ok(format!("{first:?}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_error_is_recorded_and_replayed_without_running_again() -> Result<()> {
+    let n = single_node().await?;
+    let (then, mut then_started) = Service::holding();
+    let failing = Service::default();
+    let registry = Registry::new().register(Erring { failing: failing.clone(), then: then.clone() })?;
+    let flow = FlowId::new("erring", "e-1");
+    start(&n.group, &flow, "null").await?;
+    crash_during(&n.group, &registry, &flow, &mut then_started).await?;
+    then.release(1);
+    ensure!(activation::activate(&n.group, &registry, &flow).await? == Outcome::Succeeded);
+    ensure!(failing.count() == 1, "the failing work ran once");
+    let output: String =
+        serde_json::from_slice(status(&n.group, &flow).await?.output.as_deref().unwrap_or_default())?;
+    ensure!(output.contains("not_found: no such customer"), "the replay saw the recorded error: {output}");
+    let recorded = n.group.read(|kv| shard::get_effect(kv, &flow, "lookup")).await??;
+    ensure!(matches!(recorded.map(|r| r.state), Some(EffectState::Failed(e)) if e.kind == "not_found"));
+    n.node.shutdown().await;
+    Ok(())
+}
+
+/// uuid / now / random, then a loop that keeps its position in a state value (the newsletter
+/// pattern); step 2 is held so a crash can happen inside it.
+struct Helpers {
+    steps: Service,
+    hold: Service,
+}
+
+impl Flow for Helpers {
+    const TYPE: &'static str = "helpers";
+    type Input = ();
+    type Output = (String, u64, u64, u32);
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<Self::Output, FlowError> {
+        let id = ctx.uuid("id").await?;
+        let now = ctx.now("now").await?;
+        let dice = ctx.random("dice").await?;
+        let position = ctx.state::<u32>("position");
+        let mut i = position.get().await?.unwrap_or(0);
+        while i < 4 {
+            let service = if i == 2 { &self.hold } else { &self.steps };
+            ctx.effect(format!("step-{i}"), || service.call()).await?;
+            i += 1;
+            position.set(&i).await?;
+        }
+        let ms =
+            now.duration_since(SystemTime::UNIX_EPOCH).map_err(|e| FlowError::new("clock", e.to_string()))?;
+        Ok((id.to_string(), ms.as_millis() as u64, dice, i))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn determinism_helpers_and_state_are_the_same_on_replay() -> Result<()> {
+    let n = single_node().await?;
+    let (hold, mut hold_started) = Service::holding();
+    let steps = Service::default();
+    let registry = Registry::new().register(Helpers { steps: steps.clone(), hold: hold.clone() })?;
+    let flow = FlowId::new("helpers", "h-1");
+    start(&n.group, &flow, "null").await?;
+    crash_during(&n.group, &registry, &flow, &mut hold_started).await?;
+    let recorded = |id: &'static str| {
+        let (group, flow) = (n.group.clone(), flow.clone());
+        async move {
+            match group.read(move |kv| shard::get_effect(kv, &flow, id)).await??.map(|r| r.state) {
+                Some(EffectState::Completed(v)) => Ok::<_, anyhow::Error>(v),
+                other => Err(anyhow!("{id} recorded as {other:?}")),
+            }
+        }
+    };
+    let (first_id, first_now, first_dice) =
+        (recorded("id").await?, recorded("now").await?, recorded("dice").await?);
+    ensure!(serde_json::from_slice::<u32>(&recorded("position").await?)? == 2, "position 2 at the crash");
+    hold.release(1);
+    ensure!(activation::activate(&n.group, &registry, &flow).await? == Outcome::Succeeded);
+    let (id, now, dice, position): (String, u64, u64, u32) =
+        serde_json::from_slice(status(&n.group, &flow).await?.output.as_deref().unwrap_or_default())?;
+    ensure!(serde_json::from_slice::<String>(&first_id)? == id, "the uuid of the first run");
+    ensure!(serde_json::from_slice::<u64>(&first_now)? == now, "the time of the first run");
+    ensure!(serde_json::from_slice::<u64>(&first_dice)? == dice, "the random number of the first run");
+    ensure!(position == 4);
+    // Steps 0, 1 and 3 ran once; step 2 (in flight at the crash) ran again.
+    ensure!((steps.count(), hold.count()) == (3, 2), "{} {}", steps.count(), hold.count());
+    let rows = n.group.read(|kv| shard::list_effects(kv, &flow)).await??;
+    ensure!(rows.iter().filter(|(id, _)| id == "position").count() == 1, "one row for the state");
+    n.node.shutdown().await;
+    Ok(())
+}
+
+struct Panicky;
+
+impl Flow for Panicky {
+    const TYPE: &'static str = "panicky";
+    type Input = ();
+    type Output = ();
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<(), FlowError> {
+        ctx.uuid("before").await?;
+        panic!("boom in flow code");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_flow_fails_alone() -> Result<()> {
+    let n = single_node().await?;
+    let order = Order { reserve: Service::default(), ship: Service::default(), capture: Service::default() };
+    let registry = Registry::new().register(Panicky)?.register(order)?;
+    let bad = FlowId::new("panicky", "p-1");
+    let good = FlowId::new("order", "o-9");
+    start(&n.group, &bad, "null").await?;
+    start(&n.group, &good, "\"o-9\"").await?;
+    let outcome = activation::activate(&n.group, &registry, &bad).await?;
+    ensure!(
+        matches!(&outcome, Outcome::Failed(e) if e.kind == kind::PANIC && e.message == "boom in flow code"),
+        "{outcome:?}"
+    );
+    ensure!(activation::activate(&n.group, &registry, &good).await? == Outcome::Succeeded);
+    ensure!(status(&n.group, &bad).await?.status == FlowStatus::Failed);
+    n.node.shutdown().await;
+    Ok(())
+}
+
+/// Version 1 records "x" as an effect; version 2 asks for a state "x".
+struct DriftV1 {
+    hold: Service,
+}
+struct DriftV2;
+
+impl Flow for DriftV1 {
+    const TYPE: &'static str = "drift";
+    type Input = ();
+    type Output = ();
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<(), FlowError> {
+        ctx.effect("x", || async { Ok::<_, FlowError>(1u32) }).await?;
+        ctx.effect("hold", || self.hold.call()).await?;
+        Ok(())
+    }
+}
+
+impl Flow for DriftV2 {
+    const TYPE: &'static str = "drift";
+    type Input = ();
+    type Output = ();
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<(), FlowError> {
+        ctx.state::<u32>("x").get().await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_drift_fails_the_flow_naming_the_effect() -> Result<()> {
+    let n = single_node().await?;
+    let (hold, mut hold_started) = Service::holding();
+    let v1 = Registry::new().register(DriftV1 { hold })?;
+    let flow = FlowId::new("drift", "d-1");
+    start(&n.group, &flow, "null").await?;
+    crash_during(&n.group, &v1, &flow, &mut hold_started).await?;
+    // Redeployed with changed code.
+    let v2 = Registry::new().register(DriftV2)?;
+    let outcome = activation::activate(&n.group, &v2, &flow).await?;
+    ensure!(
+        matches!(&outcome, Outcome::Failed(e) if e.kind == kind::REPLAY_DRIFT && e.message.contains("\"x\"")),
+        "{outcome:?}"
+    );
+    n.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_activation_commits_nothing_more() -> Result<()> {
+    let n = single_node().await?;
+    let (reserve, mut reserve_started) = Service::holding();
+    let order = Order { reserve: reserve.clone(), ship: Service::default(), capture: Service::default() };
+    let ship = order.ship.clone();
+    let registry = Registry::new().register(order)?;
+    let flow = FlowId::new("order", "o-4");
+    start(&n.group, &flow, "\"o-4\"").await?;
+    let old = tokio::spawn({
+        let (group, registry, flow) = (n.group.clone(), registry.clone(), flow.clone());
+        async move { activation::activate(&group, &registry, &flow).await }
+    });
+    tokio::time::timeout(WAIT, reserve_started.recv())
+        .await?
+        .ok_or_else(|| anyhow!("reserve never started"))?;
+    // A newer activation takes the flow while the old one is inside `reserve`.
+    let newer = ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(2) };
+    n.group.propose_shard(newer).await?.map_err(|r| anyhow!("{r}"))?;
+    reserve.release(1);
+    let outcome = tokio::time::timeout(WAIT, old).await???;
+    ensure!(matches!(outcome, Outcome::Fenced(_)), "{outcome:?}");
+    ensure!(ship.count() == 0, "the fenced activation went no further");
+    let reserve_record = n.group.read(|kv| shard::get_effect(kv, &flow, "reserve")).await??;
+    ensure!(reserve_record.is_none(), "its result was refused");
+    ensure!(status(&n.group, &flow).await?.epoch == Epoch(2));
+    n.node.shutdown().await;
+    Ok(())
+}
