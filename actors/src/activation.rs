@@ -28,6 +28,8 @@ pub enum Outcome {
     /// The activation lost the flow (newer epoch, refused or uncommitted step); nothing more was
     /// committed by it.
     Fenced(String),
+    /// The flow waits for an event (committed `Suspend`); an event or a timer wakes it.
+    Suspended,
     /// The flow had already finished before this activation.
     AlreadyFinished(FlowStatus),
 }
@@ -69,14 +71,18 @@ pub async fn run(
     epoch: Epoch,
 ) -> Result<Outcome, Error> {
     // The leader applied our `Activate` before replying, so its local state is current.
-    let (record, effects) = group.read_local(|kv| -> Result<_, KvError> {
-        Ok((shard::get_flow(kv, flow)?, shard::list_effects(kv, flow)?))
+    let (record, effects, events) = group.read_local(|kv| -> Result<_, KvError> {
+        Ok((
+            shard::get_flow(kv, flow)?,
+            shard::list_effects(kv, flow)?,
+            shard::events(kv, flow, 0, usize::MAX)?,
+        ))
     })?;
     let record = record.ok_or_else(|| Error::NotFound(flow.clone()))?;
     if record.epoch != epoch {
         return Ok(Outcome::Fenced(format!("flow is at {} not {epoch}", record.epoch)));
     }
-    let ctx = Ctx::new(flow.clone(), epoch, group.clone(), effects);
+    let ctx = Ctx::new(flow.clone(), epoch, group.clone(), effects, events);
     let result = match registry.get(&flow.flow_type) {
         None => Err(FlowError::new(
             kind::UNKNOWN_FLOW_TYPE,
@@ -91,6 +97,7 @@ pub async fn run(
                 },
                 halt = ctx.halted() => match halt {
                     Halt::Fenced(reason) => return Ok(Outcome::Fenced(reason)),
+                    Halt::Suspended => return Ok(Outcome::Suspended),
                     Halt::Fail(error) => Err(error),
                 },
             }

@@ -2,91 +2,16 @@
 //! served over tonic on loopback. A crash is an activation task aborted mid-step; the next
 //! activation replays the flow from its journal.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+mod common;
+
+use std::time::SystemTime;
 
 use anyhow::{anyhow, ensure, Result};
+use common::{crash_during, single_node, start, status, Service, WAIT};
 use fetter_actors::activation::{self, Outcome};
 use fetter_actors::{kind, Ctx, Flow, FlowError, Registry};
-use fetter_raft::handle::GroupHandle;
-use fetter_raft::ids::{ClusterId, Epoch, FlowId, GroupId, NodeId, ShardId};
-use fetter_raft::node::{NodeConfig, RaftNode, Timing};
+use fetter_raft::ids::{Epoch, FlowId};
 use fetter_raft::shard::{self, AdminOp, EffectState, FlowStatus, ShardCommand};
-use tokio::sync::{mpsc, Semaphore};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-struct Node {
-    _dir: tempfile::TempDir,
-    node: Arc<RaftNode>,
-    group: GroupHandle,
-}
-
-async fn single_node() -> Result<Node> {
-    let dir = tempfile::tempdir()?;
-    let mut config =
-        NodeConfig::new(NodeId(1), "127.0.0.1:0".parse()?, dir.path().join("n1"), ClusterId("t".into()));
-    config.timing = Timing::relaxed();
-    let node = RaftNode::start(config).await?;
-    let group = node.open_group(GroupId::of_shard(ShardId(0))).await?;
-    group.initialize(BTreeMap::from([(NodeId(1), node.addr().to_string())])).await?;
-    let mut status = group.status();
-    tokio::time::timeout(WAIT, status.wait_for(|s| s.is_leader)).await??;
-    group
-        .propose_shard(ShardCommand::Configure { shard_id: ShardId(0), shard_count: 1 })
-        .await?
-        .map_err(|r| anyhow!("configure: {r}"))?;
-    Ok(Node { _dir: dir, node, group })
-}
-
-async fn start(group: &GroupHandle, flow: &FlowId, input: &str) -> Result<()> {
-    let cmd = ShardCommand::Start { flow: flow.clone(), input: input.as_bytes().to_vec(), parent: None };
-    group.propose_shard(cmd).await?.map_err(|r| anyhow!("start: {r}"))?;
-    Ok(())
-}
-
-async fn status(group: &GroupHandle, flow: &FlowId) -> Result<shard::FlowRecord> {
-    group.read(|kv| shard::get_flow(kv, flow)).await??.ok_or_else(|| anyhow!("flow {flow} missing"))
-}
-
-/// Counts calls of a fake external service, and can hold a call until released ("in flight").
-#[derive(Clone, Default)]
-struct Service {
-    calls: Arc<AtomicU32>,
-    hold: Option<Arc<Semaphore>>,
-    started: Option<mpsc::UnboundedSender<()>>,
-}
-
-impl Service {
-    fn holding() -> (Service, mpsc::UnboundedReceiver<()>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Service { calls: Arc::default(), hold: Some(Arc::new(Semaphore::new(0))), started: Some(tx) }, rx)
-    }
-
-    async fn call(&self) -> Result<u32, FlowError> {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(tx) = &self.started {
-            let _ = tx.send(());
-        }
-        if let Some(hold) = &self.hold {
-            let _permit = hold.acquire().await.map_err(|e| FlowError::new("closed", e.to_string()))?;
-        }
-        Ok(n)
-    }
-
-    /// Lets `n` held calls proceed.
-    fn release(&self, n: usize) {
-        if let Some(hold) = &self.hold {
-            hold.add_permits(n);
-        }
-    }
-
-    fn count(&self) -> u32 {
-        self.calls.load(Ordering::SeqCst)
-    }
-}
 
 /// reserve (at-least-once) → ship (at-most-once) → capture.
 struct Order {
@@ -107,24 +32,6 @@ impl Flow for Order {
         ctx.effect("capture", || self.capture.call()).await?;
         Ok(format!("{order}:{tx}"))
     }
-}
-
-/// Runs an activation in a task, waits until `started` reports the held work began, then kills
-/// the task: the crash happens while that work is in flight.
-async fn crash_during(
-    group: &GroupHandle,
-    registry: &Registry,
-    flow: &FlowId,
-    started: &mut mpsc::UnboundedReceiver<()>,
-) -> Result<()> {
-    let task = tokio::spawn({
-        let (group, registry, flow) = (group.clone(), registry.clone(), flow.clone());
-        async move { activation::activate(&group, &registry, &flow).await }
-    });
-    tokio::time::timeout(WAIT, started.recv()).await?.ok_or_else(|| anyhow!("work never started"))?;
-    task.abort();
-    let _ = task.await;
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,12 +17,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{Epoch, FlowId};
-use fetter_raft::shard::{EffectKind, EffectRecord, EffectState, ShardCommand, ShardOutcome};
+use fetter_raft::shard::{EffectKind, EffectRecord, EffectState, Event, ShardCommand, ShardOutcome};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::flow::{kind, FlowError};
+
+mod wait;
+
+pub use wait::Message;
 
 /// Why an activation ends without returning into flow code.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +36,9 @@ pub(crate) enum Halt {
     Fenced(String),
     /// The flow must end `Failed` with this error (outcome unknown, replay drift).
     Fail(FlowError),
+    /// The flow waits for an event not yet in its log and is suspended: the activation ends and
+    /// the flow costs only disk until an event or a timer wakes it.
+    Suspended,
 }
 
 /// The flow's handle on the world during one activation. Cheap to clone.
@@ -45,6 +52,7 @@ struct Inner {
     epoch: Epoch,
     group: GroupHandle,
     effects: Mutex<HashMap<String, EffectRecord>>,
+    events: Mutex<wait::EventView>,
     next_auto_id: AtomicU64,
     halt: watch::Sender<Option<Halt>>,
 }
@@ -55,6 +63,7 @@ impl Ctx {
         epoch: Epoch,
         group: GroupHandle,
         effects: Vec<(String, EffectRecord)>,
+        events: Vec<(u64, Event)>,
     ) -> Ctx {
         let (halt, _) = watch::channel(None);
         Ctx {
@@ -63,6 +72,7 @@ impl Ctx {
                 epoch,
                 group,
                 effects: Mutex::new(effects.into_iter().collect()),
+                events: Mutex::new(wait::EventView::new(events)),
                 next_auto_id: AtomicU64::new(0),
                 halt,
             }),
