@@ -22,6 +22,7 @@ pub mod activation;
 mod ctx;
 mod flow;
 mod registry;
+pub mod shard_actor;
 
 pub use ctx::{Ctx, Effect, Message, State};
 pub use flow::{kind, Flow, FlowError};

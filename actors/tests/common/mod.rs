@@ -19,26 +19,61 @@ use tokio::sync::{mpsc, Semaphore};
 pub const WAIT: Duration = Duration::from_secs(30);
 
 pub struct Node {
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
     pub node: Arc<RaftNode>,
     pub group: GroupHandle,
 }
 
-pub async fn single_node() -> Result<Node> {
-    let dir = tempfile::tempdir()?;
-    let mut config =
-        NodeConfig::new(NodeId(1), "127.0.0.1:0".parse()?, dir.path().join("n1"), ClusterId("t".into()));
+async fn boot(dir: &std::path::Path, listen: std::net::SocketAddr) -> Result<(Arc<RaftNode>, GroupHandle)> {
+    let mut config = NodeConfig::new(NodeId(1), listen, dir.join("n1"), ClusterId("t".into()));
     config.timing = Timing::relaxed();
-    let node = RaftNode::start(config).await?;
+    // The stopped node's background tasks release sled's directory lock shortly after shutdown.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let node = loop {
+        match RaftNode::start(config.clone()).await {
+            Ok(node) => break node,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let group = node.open_group(GroupId::of_shard(ShardId(0))).await?;
+    Ok((node, group))
+}
+
+async fn lead(node: &RaftNode, group: &GroupHandle) -> Result<()> {
     group.initialize(BTreeMap::from([(NodeId(1), node.addr().to_string())])).await?;
     let mut status = group.status();
     tokio::time::timeout(WAIT, status.wait_for(|s| s.is_leader)).await??;
+    Ok(())
+}
+
+pub async fn single_node() -> Result<Node> {
+    let dir = tempfile::tempdir()?;
+    let (node, group) = boot(dir.path(), "127.0.0.1:0".parse()?).await?;
+    lead(&node, &group).await?;
     group
         .propose_shard(ShardCommand::Configure { shard_id: ShardId(0), shard_count: 1 })
         .await?
         .map_err(|r| anyhow!("configure: {r}"))?;
-    Ok(Node { _dir: dir, node, group })
+    Ok(Node { dir, node, group })
+}
+
+impl Node {
+    /// Stops the node and starts it again from its directory, on the same address.
+    pub async fn restart(self) -> Result<Node> {
+        let addr = self.node.addr();
+        self.node.shutdown().await;
+        drop(self.group);
+        drop(self.node);
+        let (node, group) = boot(self.dir.path(), addr).await?;
+        lead(&node, &group).await?;
+        Ok(Node { dir: self.dir, node, group })
+    }
 }
 
 pub async fn start(group: &GroupHandle, flow: &FlowId, input: &str) -> Result<()> {

@@ -1,0 +1,154 @@
+//! The shard actor on a real single node: flows run, wait, wake and finish by themselves;
+//! waiting flows have no live actor; timers fire after a restart of the node.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Result};
+use common::{single_node, start, Service, WAIT};
+use fetter_actors::shard_actor::{ShardActor, ShardArgs, ShardMsg, ShardStats};
+use fetter_actors::{Ctx, Flow, FlowError, Message, Registry};
+use fetter_raft::handle::GroupHandle;
+use fetter_raft::ids::FlowId;
+use fetter_raft::shard::{self, Event, FlowStatus, ShardCommand};
+use ractor::ActorRef;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct Go {
+    n: u32,
+}
+
+impl Message for Go {
+    const NAME: &'static str = "Go";
+}
+
+/// Waits for `Go`, then does one effect.
+struct Waiter {
+    work: Service,
+}
+
+impl Flow for Waiter {
+    const TYPE: &'static str = "waiter";
+    type Input = ();
+    type Output = u32;
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<u32, FlowError> {
+        let go: Go = ctx.message().await?;
+        ctx.effect("work", || self.work.call()).await?;
+        Ok(go.n)
+    }
+}
+
+/// Sleeps, then does one effect.
+struct Napper {
+    work: Service,
+}
+
+impl Flow for Napper {
+    const TYPE: &'static str = "napper";
+    type Input = u64;
+    type Output = ();
+
+    async fn run(&self, ctx: &Ctx, ms: u64) -> Result<(), FlowError> {
+        ctx.sleep("nap", Duration::from_millis(ms)).await?;
+        ctx.effect("work", || self.work.call()).await?;
+        Ok(())
+    }
+}
+
+async fn run_actor(group: &GroupHandle, registry: Registry) -> Result<(ActorRef<ShardMsg>, ShardStats)> {
+    let args = ShardArgs { group: group.clone(), registry, election_timeout: Duration::from_secs(2) };
+    Ok(ShardActor::start(args).await?)
+}
+
+async fn send_go(group: &GroupHandle, flow: &FlowId, n: u32) -> Result<()> {
+    let event = Event::Message {
+        type_name: "Go".into(),
+        payload: serde_json::to_vec(&Go { n })?,
+        idempotency_key: None,
+    };
+    group
+        .propose_shard(ShardCommand::AppendEvent { flow: flow.clone(), event })
+        .await?
+        .map_err(|r| anyhow!("{r}"))?;
+    Ok(())
+}
+
+/// Waits until every flow in `flows` has `status` (bounded).
+async fn all_reach(group: &GroupHandle, flows: &[FlowId], status: FlowStatus) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut behind = 0;
+        for flow in flows {
+            let record = group.read_local(|kv| shard::get_flow(kv, flow))?;
+            if record.map(|r| r.status) != Some(status.clone()) {
+                behind += 1;
+            }
+        }
+        if behind == 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(anyhow!(
+                "{behind} of {} flows did not reach {status:?} within {WAIT:?}",
+                flows.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_flows_have_no_live_actor_and_finish_when_their_message_arrives() -> Result<()> {
+    let n = single_node().await?;
+    let work = Service::default();
+    let registry = Registry::new().register(Waiter { work: work.clone() })?;
+    let (actor, stats) = run_actor(&n.group, registry).await?;
+    let flows: Vec<FlowId> = (0..1_000).map(|i| FlowId::new("waiter", format!("w-{i}"))).collect();
+    for flow in &flows {
+        start(&n.group, flow, "null").await?;
+    }
+    all_reach(&n.group, &flows, FlowStatus::Suspended).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stats.live_flows() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ensure!(stats.live_flows() == 0, "{} live flow actors for 1,000 waiting flows", stats.live_flows());
+    for (i, flow) in flows.iter().enumerate() {
+        send_go(&n.group, flow, i as u32).await?;
+    }
+    all_reach(&n.group, &flows, FlowStatus::Succeeded).await?;
+    ensure!(work.count() == 1_000, "each flow's effect ran once: {}", work.count());
+    actor.stop(None);
+    n.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_fires_after_the_node_restarts() -> Result<()> {
+    let n = single_node().await?;
+    let work = Service::default();
+    let registry = Registry::new().register(Napper { work: work.clone() })?;
+    let (actor, _) = run_actor(&n.group, registry.clone()).await?;
+    let flow = FlowId::new("napper", "n-1");
+    start(&n.group, &flow, "1500").await?;
+    all_reach(&n.group, std::slice::from_ref(&flow), FlowStatus::Suspended).await?;
+    // The node goes down while the flow sleeps; its in-memory timer is gone with it.
+    actor.stop(None);
+    let n = n.restart().await?;
+    ensure!(work.count() == 0);
+    let (actor, _) = run_actor(&n.group, registry).await?;
+    all_reach(&n.group, std::slice::from_ref(&flow), FlowStatus::Succeeded).await?;
+    ensure!(work.count() == 1);
+    let record = n.group.read_local(|kv| shard::get_flow(kv, &flow))?.ok_or_else(|| anyhow!("flow"))?;
+    let deadline =
+        n.group.read_local(|kv| shard::get_effect(kv, &flow, "nap"))?.ok_or_else(|| anyhow!("nap"))?;
+    let shard::EffectState::Completed(deadline) = deadline.state else { return Err(anyhow!("nap state")) };
+    let deadline_ms: u64 = serde_json::from_slice(&deadline)?;
+    ensure!(record.finished_ms.is_some_and(|f| f >= deadline_ms), "finished at or after the deadline");
+    actor.stop(None);
+    n.node.shutdown().await;
+    Ok(())
+}
