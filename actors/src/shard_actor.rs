@@ -8,7 +8,13 @@
 //! so a frozen-then-woken leader must fence itself). A flow that waits is suspended and has no
 //! actor: waiting costs only disk.
 //!
-//! Not here yet: outbox delivery (sends and child flows), retries, postpone.
+//! It also delivers the shard's outbox (messages to other flows, child starts and results): in
+//! order per target shard, one delivery in flight per target, each entry acknowledged with
+//! `OutboxAck` only after the target applied it — a new leader resends what is unacknowledged
+//! and the target skips what it has seen. Targets are reached through a [`Router`] (groups on
+//! this node today; forwarding to other nodes comes with the cluster).
+//!
+//! Not here yet: retries, postpone.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fetter_raft::handle::GroupHandle;
-use fetter_raft::ids::FlowId;
+use fetter_raft::ids::{FlowId, ShardId};
 use fetter_raft::shard::{self, Action, Rejection, ShardCommand};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::broadcast::error::RecvError;
@@ -25,6 +31,8 @@ use tokio::task::JoinHandle;
 use crate::activation::{self, Outcome};
 use crate::registry::Registry;
 
+/// Bound on the outbox entries delivered in one command.
+const DELIVERY_BATCH: usize = 256;
 /// Bound on the flows activated and timers armed per re-derivation pass.
 const DERIVE_LIMIT: usize = 10_000;
 /// How often leadership and quorum are checked.
@@ -55,12 +63,33 @@ pub enum ShardMsg {
     },
     /// Check leadership and quorum.
     Tick,
+    /// A delivery run to `target` ended.
+    Delivered {
+        /// The target shard.
+        target: ShardId,
+    },
+}
+
+/// Finds the group of a shard, to deliver outbox entries to it.
+pub trait Router: Send + Sync + 'static {
+    /// A handle that proposes to `shard`'s group, if reachable from here.
+    fn group(&self, shard: ShardId) -> Option<GroupHandle>;
+}
+
+impl Router for HashMap<ShardId, GroupHandle> {
+    fn group(&self, shard: ShardId) -> Option<GroupHandle> {
+        self.get(&shard).cloned()
+    }
 }
 
 /// Configuration of a shard actor.
 pub struct ShardArgs {
+    /// The shard.
+    pub shard: ShardId,
     /// The shard's group on this node.
     pub group: GroupHandle,
+    /// How to reach other shards' groups.
+    pub router: Arc<dyn Router>,
     /// The flows this node runs.
     pub registry: Registry,
     /// After this long without a quorum acknowledgement a leader stops its flows.
@@ -135,6 +164,8 @@ pub struct ShardState {
     active: HashMap<FlowId, (JoinHandle<()>, bool)>,
     /// Armed in-memory timers.
     timers: HashMap<(FlowId, String), JoinHandle<()>>,
+    /// Delivery runs in flight per target, and whether another run is wanted after them.
+    delivering: HashMap<ShardId, (JoinHandle<()>, bool)>,
 }
 
 impl Actor for ShardActor {
@@ -148,7 +179,13 @@ impl Actor for ShardActor {
         args: ShardArgs,
     ) -> Result<ShardState, ActorProcessingErr> {
         let _ = myself.send_message(ShardMsg::Tick);
-        Ok(ShardState { args, leading: false, active: HashMap::new(), timers: HashMap::new() })
+        Ok(ShardState {
+            args,
+            leading: false,
+            active: HashMap::new(),
+            timers: HashMap::new(),
+            delivering: HashMap::new(),
+        })
     }
 
     async fn post_stop(
@@ -207,6 +244,12 @@ impl Actor for ShardActor {
                     _ => {}
                 }
             }
+            ShardMsg::Delivered { target } => {
+                let again = state.delivering.remove(&target).is_some_and(|(_, again)| again);
+                if again && state.leading {
+                    self.deliver(&myself, state, target);
+                }
+            }
             ShardMsg::TimerDue { flow, timer_id } => {
                 state.timers.remove(&(flow.clone(), timer_id.clone()));
                 if state.leading {
@@ -240,6 +283,9 @@ impl ShardActor {
         for (_, task) in state.timers.drain() {
             task.abort();
         }
+        for (_, (task, _)) in state.delivering.drain() {
+            task.abort();
+        }
         self.stats.live_flows.store(0, Ordering::SeqCst);
     }
 
@@ -263,9 +309,7 @@ impl ShardActor {
             }
             // Running activations read new events themselves (and `Suspend` answers `Resume`).
             Action::EventAppended { .. } | Action::Finished { .. } => {}
-            Action::DeliverOutbox { target } => {
-                tracing::debug!(target = %target, "outbox delivery is not implemented yet");
-            }
+            Action::DeliverOutbox { target } => self.deliver(myself, state, target),
         }
     }
 
@@ -342,6 +386,56 @@ impl ShardActor {
             }
         });
         state.timers.insert(key, task);
+    }
+}
+
+impl ShardActor {
+    fn deliver(&self, myself: &ActorRef<ShardMsg>, state: &mut ShardState, target: ShardId) {
+        if let Some((_, again)) = state.delivering.get_mut(&target) {
+            *again = true;
+            return;
+        }
+        let (me, group, router, source) =
+            (myself.clone(), state.args.group.clone(), state.args.router.clone(), state.args.shard);
+        let task = tokio::spawn(async move {
+            if let Err(e) = deliver_outbox(&group, router.as_ref(), source, target).await {
+                tracing::warn!(source = %source, target = %target, error = e, "outbox delivery stopped; retrying");
+                tokio::time::sleep(RETRY_AFTER).await;
+                let _ = me.send_message(ShardMsg::Actions(Arc::new(vec![Action::DeliverOutbox { target }])));
+            }
+            let _ = me.send_message(ShardMsg::Delivered { target });
+        });
+        state.delivering.insert(target, (task, false));
+    }
+}
+
+/// Delivers everything pending in `source`'s outbox to `target`, in order, acknowledging what
+/// the target applied.
+async fn deliver_outbox(
+    group: &GroupHandle,
+    router: &dyn Router,
+    source: ShardId,
+    target: ShardId,
+) -> Result<(), String> {
+    let target_group = router.group(target).ok_or_else(|| format!("no route to shard {target}"))?;
+    loop {
+        let pending = group
+            .read_local(|kv| shard::outbox_pending(kv, target, DELIVERY_BATCH))
+            .map_err(|e| e.to_string())?;
+        let (Some(&(first_seq, _)), Some(&(last_seq, _))) = (pending.first(), pending.last()) else {
+            return Ok(());
+        };
+        let entries = pending.into_iter().map(|(_, e)| e).collect();
+        let deliver = ShardCommand::OutboxDeliver { source, first_seq, entries };
+        // Entries the target already applied (a run cut off before its acknowledgement) are
+        // skipped there; a gap cannot happen as long as only applied entries are acknowledged.
+        target_group
+            .propose_shard(deliver)
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|r| format!("target refused delivery: {r}"))?;
+        let ack = ShardCommand::OutboxAck { target, upto_seq: last_seq };
+        group.propose_shard(ack).await.map_err(|e| e.to_string())?.map_err(|r| r.to_string())?;
     }
 }
 

@@ -3,14 +3,16 @@
 
 mod common;
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
-use common::{single_node, start, Service, WAIT};
-use fetter_actors::shard_actor::{ShardActor, ShardArgs, ShardMsg, ShardStats};
+use common::{flow_on, node_with_shards, single_node, start, Service, WAIT};
+use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg, ShardStats};
 use fetter_actors::{Ctx, Flow, FlowError, Message, Registry};
 use fetter_raft::handle::GroupHandle;
-use fetter_raft::ids::FlowId;
+use fetter_raft::ids::{FlowId, ShardId};
 use fetter_raft::shard::{self, Event, FlowStatus, ShardCommand};
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
@@ -59,7 +61,18 @@ impl Flow for Napper {
 }
 
 async fn run_actor(group: &GroupHandle, registry: Registry) -> Result<(ActorRef<ShardMsg>, ShardStats)> {
-    let args = ShardArgs { group: group.clone(), registry, election_timeout: Duration::from_secs(2) };
+    let router: HashMap<ShardId, GroupHandle> = HashMap::from([(ShardId(0), group.clone())]);
+    run_shard(ShardId(0), group, registry, Arc::new(router)).await
+}
+
+async fn run_shard(
+    shard: ShardId,
+    group: &GroupHandle,
+    registry: Registry,
+    router: Arc<dyn Router>,
+) -> Result<(ActorRef<ShardMsg>, ShardStats)> {
+    let args =
+        ShardArgs { shard, group: group.clone(), router, registry, election_timeout: Duration::from_secs(2) };
     Ok(ShardActor::start(args).await?)
 }
 
@@ -150,5 +163,90 @@ async fn a_timer_fires_after_the_node_restarts() -> Result<()> {
     ensure!(record.finished_ms.is_some_and(|f| f >= deadline_ms), "finished at or after the deadline");
     actor.stop(None);
     n.node.shutdown().await;
+    Ok(())
+}
+
+/// Starts a child on the other shard and a message to a waiter there; returns the child's
+/// output times ten.
+struct Parent {
+    child: FlowId,
+    waiter: FlowId,
+}
+
+impl Flow for Parent {
+    const TYPE: &'static str = "parent";
+    type Input = u32;
+    type Output = u32;
+
+    async fn run(&self, ctx: &Ctx, n: u32) -> Result<u32, FlowError> {
+        ctx.start_child("child", &self.child, &n).await?;
+        ctx.send("poke", &self.waiter, &Go { n }).await?;
+        let out: u32 = ctx.child_result(&self.child).await?;
+        Ok(out * 10)
+    }
+}
+
+struct Child;
+
+impl Flow for Child {
+    const TYPE: &'static str = "child";
+    type Input = u32;
+    type Output = u32;
+
+    async fn run(&self, _: &Ctx, n: u32) -> Result<u32, FlowError> {
+        Ok(n + 1)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_on_another_shard_runs_once_and_its_result_reaches_the_parent() -> Result<()> {
+    let node = node_with_shards(2).await?;
+    let parent = flow_on("parent", 0, 2, "p");
+    let child = flow_on("child", 1, 2, "c");
+    let waiter = flow_on("waiter", 1, 2, "w");
+    let work = Service::default();
+    let registry = Registry::new()
+        .register(Parent { child: child.clone(), waiter: waiter.clone() })?
+        .register(Child)?
+        .register(Waiter { work: work.clone() })?;
+    let router: Arc<dyn Router> =
+        Arc::new(HashMap::from([(ShardId(0), node.groups[0].clone()), (ShardId(1), node.groups[1].clone())]));
+    let mut actors = Vec::new();
+    for (s, group) in node.groups.iter().enumerate() {
+        actors.push(run_shard(ShardId(s as u32), group, registry.clone(), router.clone()).await?.0);
+    }
+    start(&node.groups[1], &waiter, "null").await?;
+    start(&node.groups[0], &parent, "4").await?;
+    all_reach(&node.groups[0], std::slice::from_ref(&parent), FlowStatus::Succeeded).await?;
+    all_reach(&node.groups[1], &[child.clone(), waiter.clone()], FlowStatus::Succeeded).await?;
+    let out: u32 = serde_json::from_slice(
+        node.groups[0]
+            .read_local(|kv| shard::get_flow(kv, &parent))?
+            .and_then(|r| r.output)
+            .as_deref()
+            .unwrap_or_default(),
+    )?;
+    ensure!(out == 50, "child output 5, times ten: {out}");
+    let child_record =
+        node.groups[1].read_local(|kv| shard::get_flow(kv, &child))?.ok_or_else(|| anyhow!("child"))?;
+    ensure!(child_record.parent.as_ref() == Some(&parent), "the child knows its parent");
+    ensure!(work.count() == 1, "the message arrived once");
+    // Every outbox entry was delivered and acknowledged.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut pending = 0;
+        for group in &node.groups {
+            pending += group.read_local(|kv| shard::outbox_targets(kv))?.len();
+        }
+        if pending == 0 {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "outboxes still hold entries for {pending} targets");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for actor in actors {
+        actor.stop(None);
+    }
+    node.node.shutdown().await;
     Ok(())
 }

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::flow::{kind, FlowError};
 
+mod flows;
 mod wait;
 
 pub use wait::Message;

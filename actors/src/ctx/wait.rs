@@ -54,7 +54,7 @@ impl EventView {
 }
 
 /// What a wait yields.
-enum Woken<T> {
+pub(super) enum Woken<T> {
     Message(T),
     Timer,
 }
@@ -154,7 +154,7 @@ impl Ctx {
 
     /// Takes the earliest untaken event that `pick` accepts or that is `timer`'s firing; fetches
     /// newer events, and suspends the flow when there are none.
-    async fn wait_for<T>(
+    pub(super) async fn wait_for<T>(
         &self,
         pick: impl Fn(&Event) -> Option<T>,
         timer: Option<&str>,

@@ -63,6 +63,38 @@ pub async fn single_node() -> Result<Node> {
     Ok(Node { dir, node, group })
 }
 
+/// One node hosting `shards` shard groups (all led here), each configured.
+pub struct Shards {
+    pub dir: tempfile::TempDir,
+    pub node: Arc<RaftNode>,
+    pub groups: Vec<GroupHandle>,
+}
+
+pub async fn node_with_shards(shards: u32) -> Result<Shards> {
+    let dir = tempfile::tempdir()?;
+    let (node, first) = boot(dir.path(), "127.0.0.1:0".parse()?).await?;
+    let mut groups = vec![first];
+    for s in 1..shards {
+        groups.push(node.open_group(GroupId::of_shard(ShardId(s))).await?);
+    }
+    for (s, group) in groups.iter().enumerate() {
+        lead(&node, group).await?;
+        group
+            .propose_shard(ShardCommand::Configure { shard_id: ShardId(s as u32), shard_count: shards })
+            .await?
+            .map_err(|r| anyhow!("configure: {r}"))?;
+    }
+    Ok(Shards { dir, node, groups })
+}
+
+/// A flow id of `flow_type` whose instance hashes to `shard` among `shards`.
+pub fn flow_on(flow_type: &str, shard: u32, shards: u32, name: &str) -> FlowId {
+    (0..)
+        .map(|i| FlowId::new(flow_type, format!("{name}-{i}")))
+        .find(|f| fetter_raft::placement::shard_of(f, shards) == ShardId(shard))
+        .expect("some id hashes to every shard")
+}
+
 impl Node {
     /// Stops the node and starts it again from its directory, on the same address.
     pub async fn restart(self) -> Result<Node> {
