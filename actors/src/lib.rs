@@ -19,6 +19,7 @@
 //! leader.
 
 pub mod activation;
+pub mod control;
 mod ctx;
 mod flow;
 mod registry;

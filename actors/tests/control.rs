@@ -1,0 +1,188 @@
+//! The control panel against a real node with two shard groups and their shard actors.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use common::{node_with_shards, Service, Shards, WAIT};
+use fetter_actors::control::{ControlPanel, Error, ListQuery, Started};
+use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg};
+use fetter_actors::{Ctx, Flow, FlowError, Message, Registry};
+use fetter_raft::handle::GroupHandle;
+use fetter_raft::ids::{FlowId, ShardId};
+use fetter_raft::shard::{EffectKind, EffectRecord, EffectState, Event, FlowStatus};
+use ractor::ActorRef;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct Go {
+    n: u32,
+}
+
+impl Message for Go {
+    const NAME: &'static str = "Go";
+}
+
+/// Does one effect, then waits for `Go`; outputs its input plus the message.
+struct Waiter {
+    work: Service,
+}
+
+impl Flow for Waiter {
+    const TYPE: &'static str = "waiter";
+    type Input = u32;
+    type Output = u32;
+
+    async fn run(&self, ctx: &Ctx, base: u32) -> Result<u32, FlowError> {
+        ctx.effect("work", || self.work.call()).await?;
+        let go: Go = ctx.message().await?;
+        Ok(base + go.n)
+    }
+}
+
+async fn setup(work: &Service) -> Result<(Shards, ControlPanel, Vec<ActorRef<ShardMsg>>)> {
+    let node = node_with_shards(2).await?;
+    let routes: HashMap<ShardId, GroupHandle> =
+        node.groups.iter().enumerate().map(|(s, g)| (ShardId(s as u32), g.clone())).collect();
+    let router: Arc<dyn Router> = Arc::new(routes);
+    let registry = Registry::new().register(Waiter { work: work.clone() })?;
+    let mut actors = Vec::new();
+    for (s, group) in node.groups.iter().enumerate() {
+        let args = ShardArgs {
+            shard: ShardId(s as u32),
+            group: group.clone(),
+            router: router.clone(),
+            registry: registry.clone(),
+            election_timeout: Duration::from_secs(2),
+        };
+        actors.push(ShardActor::start(args).await?.0);
+    }
+    Ok((node, ControlPanel::new(router, 2), actors))
+}
+
+async fn wait_status(panel: &ControlPanel, flow: &FlowId, status: FlowStatus) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = panel.get(flow).await?.record.status;
+        if now == status {
+            return Ok(());
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "{flow} is {now:?}, not {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_get_and_message_with_idempotency() -> Result<()> {
+    let work = Service::default();
+    let (node, panel, actors) = setup(&work).await?;
+    let flow = FlowId::new("waiter", "a");
+    ensure!(panel.start(&flow, b"5".to_vec()).await? == Started::New);
+    ensure!(panel.start(&flow, b"5".to_vec()).await? != Started::New, "idempotent start");
+    ensure!(matches!(panel.start(&flow, b"6".to_vec()).await, Err(Error::InputMismatch(_))));
+    ensure!(matches!(
+        panel.start(&FlowId::new("waiter", "b"), b"{oops".to_vec()).await,
+        Err(Error::BadJson { .. })
+    ));
+    ensure!(
+        matches!(panel.get(&FlowId::new("waiter", "b")).await, Err(Error::NotFound(_))),
+        "bad input stored nothing"
+    );
+    wait_status(&panel, &flow, FlowStatus::Suspended).await?;
+    let view = panel.get(&flow).await?;
+    ensure!(view.effects.iter().any(|(id, r)| id == "work" && r.kind == EffectKind::Effect));
+    let first = panel.send_message(&flow, "Go", br#"{"n":2}"#.to_vec(), Some("k-1".into())).await?;
+    let again = panel.send_message(&flow, "Go", br#"{"n":2}"#.to_vec(), Some("k-1".into())).await?;
+    ensure!(first == again, "a repeated idempotency key is stored once");
+    wait_status(&panel, &flow, FlowStatus::Succeeded).await?;
+    let view = panel.get(&flow).await?;
+    ensure!(view.record.output.as_deref() == Some(b"7".as_slice()));
+    ensure!(view.events.iter().filter(|(_, e)| matches!(e, Event::Message { .. })).count() == 1);
+    ensure!(work.count() == 1);
+    for a in actors {
+        a.stop(None);
+    }
+    node.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_over_all_shards_by_type_and_status() -> Result<()> {
+    let work = Service::default();
+    let (node, panel, actors) = setup(&work).await?;
+    let flows: Vec<FlowId> = (0..25).map(|i| FlowId::new("waiter", format!("f-{i:02}"))).collect();
+    for f in &flows {
+        panel.start(f, b"0".to_vec()).await?;
+    }
+    for f in &flows[..5] {
+        panel.cancel(f, None).await?;
+    }
+    let mut seen = Vec::new();
+    let mut query = ListQuery { flow_type: Some("waiter".into()), limit: 7, ..ListQuery::default() };
+    loop {
+        let page = panel.list(&query).await?;
+        if page.is_empty() {
+            break;
+        }
+        query.after = page.last().map(|r| r.id.clone());
+        seen.extend(page.into_iter().map(|r| r.id));
+    }
+    ensure!(seen == flows, "every flow once, in order, across shards and pages");
+    let cancelled =
+        ListQuery { status: Some(vec![FlowStatus::Cancelled]), limit: 100, ..ListQuery::default() };
+    ensure!(panel.list(&cancelled).await?.len() == 5);
+    for a in actors {
+        a.stop(None);
+    }
+    node.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repairs_fence_the_running_activation_and_check_the_callers_epoch() -> Result<()> {
+    let work = Service::default();
+    let (node, panel, actors) = setup(&work).await?;
+    let flow = FlowId::new("waiter", "r");
+    panel.start(&flow, b"1".to_vec()).await?;
+    wait_status(&panel, &flow, FlowStatus::Suspended).await?;
+    let read = panel.get(&flow).await?.record.epoch;
+    // Someone else restarts it with an edited input: the epoch moves on.
+    panel.restart(&flow, Some(b"100".to_vec()), false, Some(read)).await?;
+    let stale = panel.restart(&flow, None, false, Some(read)).await;
+    ensure!(matches!(stale, Err(Error::ConcurrentModification { .. })), "{stale:?}");
+    wait_status(&panel, &flow, FlowStatus::Suspended).await?;
+    ensure!(work.count() == 1, "the restart replayed the recorded effect");
+    // Repair: remove the effect, then restart; the removed effect runs again.
+    panel.remove_effect(&flow, "work", None).await?;
+    panel.restart(&flow, None, false, None).await?;
+    wait_status(&panel, &flow, FlowStatus::Suspended).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while work.count() < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(work.count() == 2, "a removed effect runs again");
+    panel.send_message(&flow, "Go", br#"{"n":1}"#.to_vec(), None).await?;
+    wait_status(&panel, &flow, FlowStatus::Succeeded).await?;
+    ensure!(panel.get(&flow).await?.record.output.as_deref() == Some(b"101".as_slice()), "the edited input");
+    // Set an effect by hand, mark failed, delete: the id is free again.
+    let record = EffectRecord {
+        kind: EffectKind::Effect,
+        type_name: "u32".into(),
+        state: EffectState::Completed(b"9".to_vec()),
+    };
+    panel.set_effect(&flow, "work", record, None).await?;
+    panel.delete(&flow, None).await?;
+    ensure!(matches!(panel.get(&flow).await, Err(Error::NotFound(_))));
+    ensure!(panel.start(&flow, b"3".to_vec()).await? == Started::New, "a deleted id is free");
+    ensure!(matches!(panel.cancel(&FlowId::new("waiter", "nobody"), None).await, Err(Error::NotFound(_))));
+    let bad = panel.succeed(&flow, b"not json".to_vec(), None).await;
+    ensure!(matches!(bad, Err(Error::BadJson { .. })), "{bad:?}");
+    for a in actors {
+        a.stop(None);
+    }
+    node.node.shutdown().await;
+    Ok(())
+}
