@@ -31,6 +31,8 @@ use tokio::task::JoinHandle;
 use crate::activation::{self, Outcome};
 use crate::registry::Registry;
 
+/// Bound on the flows one GC command deletes.
+const GC_BATCH: u32 = 1_000;
 /// Bound on the outbox entries delivered in one command.
 const DELIVERY_BATCH: usize = 256;
 /// Bound on the flows activated and timers armed per re-derivation pass.
@@ -94,6 +96,31 @@ pub struct ShardArgs {
     pub registry: Registry,
     /// After this long without a quorum acknowledgement a leader stops its flows.
     pub election_timeout: Duration,
+    /// Finished flows are deleted this long after they finished (a cluster parameter).
+    pub retention: Duration,
+    /// How often the leader proposes retention garbage collection.
+    pub gc_every: Duration,
+}
+
+impl ShardArgs {
+    /// Arguments with the default retention (7 days, collected every minute).
+    pub fn new(
+        shard: ShardId,
+        group: GroupHandle,
+        router: Arc<dyn Router>,
+        registry: Registry,
+        election_timeout: Duration,
+    ) -> Self {
+        ShardArgs {
+            shard,
+            group,
+            router,
+            registry,
+            election_timeout,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            gc_every: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Observable counters of a running shard actor.
@@ -166,6 +193,10 @@ pub struct ShardState {
     timers: HashMap<(FlowId, String), JoinHandle<()>>,
     /// Delivery runs in flight per target, and whether another run is wanted after them.
     delivering: HashMap<ShardId, (JoinHandle<()>, bool)>,
+    /// When retention GC last ran (or leadership began).
+    last_gc: tokio::time::Instant,
+    /// A GC command is in flight.
+    collecting: Option<JoinHandle<()>>,
 }
 
 impl Actor for ShardActor {
@@ -185,6 +216,8 @@ impl Actor for ShardActor {
             active: HashMap::new(),
             timers: HashMap::new(),
             delivering: HashMap::new(),
+            last_gc: tokio::time::Instant::now(),
+            collecting: None,
         })
     }
 
@@ -204,7 +237,10 @@ impl Actor for ShardActor {
         state: &mut ShardState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ShardMsg::Tick => self.check_leadership(&myself, state),
+            ShardMsg::Tick => {
+                self.check_leadership(&myself, state);
+                self.maybe_collect(state);
+            }
             ShardMsg::Rederive => {
                 self.check_leadership(&myself, state);
                 if state.leading {
@@ -390,6 +426,28 @@ impl ShardActor {
 }
 
 impl ShardActor {
+    /// Proposes retention GC when it is due: finished flows older than the retention period are
+    /// deleted. The cutoff is computed here and travels in the command (`apply` reads no clock).
+    fn maybe_collect(&self, state: &mut ShardState) {
+        if !state.leading
+            || state.last_gc.elapsed() < state.args.gc_every
+            || state.collecting.as_ref().is_some_and(|t| !t.is_finished())
+        {
+            return;
+        }
+        state.last_gc = tokio::time::Instant::now();
+        let cutoff_ms = now_ms().saturating_sub(state.args.retention.as_millis() as u64);
+        let group = state.args.group.clone();
+        state.collecting = Some(tokio::spawn(async move {
+            let gc = ShardCommand::Gc { cutoff_ms, max_flows: GC_BATCH };
+            match group.propose_shard(gc).await {
+                Ok(Ok(outcome)) => tracing::debug!(group = %group.group(), ?outcome, "retention GC"),
+                Ok(Err(r)) => tracing::warn!(group = %group.group(), rejection = %r, "retention GC refused"),
+                Err(e) => tracing::debug!(group = %group.group(), error = %e, "retention GC not committed"),
+            }
+        }));
+    }
+
     fn deliver(&self, myself: &ActorRef<ShardMsg>, state: &mut ShardState, target: ShardId) {
         if let Some((_, again)) = state.delivering.get_mut(&target) {
             *again = true;
@@ -439,8 +497,11 @@ async fn deliver_outbox(
     }
 }
 
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// Time left until `deadline_ms` (wall clock), zero if past.
 fn until(deadline_ms: u64) -> Duration {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    Duration::from_millis(deadline_ms.saturating_sub(now))
+    Duration::from_millis(deadline_ms.saturating_sub(now_ms()))
 }

@@ -51,13 +51,13 @@ async fn setup(work: &Service) -> Result<(Shards, ControlPanel, Vec<ActorRef<Sha
     let registry = Registry::new().register(Waiter { work: work.clone() })?;
     let mut actors = Vec::new();
     for (s, group) in node.groups.iter().enumerate() {
-        let args = ShardArgs {
-            shard: ShardId(s as u32),
-            group: group.clone(),
-            router: router.clone(),
-            registry: registry.clone(),
-            election_timeout: Duration::from_secs(2),
-        };
+        let args = ShardArgs::new(
+            ShardId(s as u32),
+            group.clone(),
+            router.clone(),
+            registry.clone(),
+            Duration::from_secs(2),
+        );
         actors.push(ShardActor::start(args).await?.0);
     }
     Ok((node, ControlPanel::new(router, 2), actors))

@@ -71,8 +71,7 @@ async fn run_shard(
     registry: Registry,
     router: Arc<dyn Router>,
 ) -> Result<(ActorRef<ShardMsg>, ShardStats)> {
-    let args =
-        ShardArgs { shard, group: group.clone(), router, registry, election_timeout: Duration::from_secs(2) };
+    let args = ShardArgs::new(shard, group.clone(), router, registry, Duration::from_secs(2));
     Ok(ShardActor::start(args).await?)
 }
 
@@ -248,5 +247,34 @@ async fn a_child_on_another_shard_runs_once_and_its_result_reaches_the_parent() 
         actor.stop(None);
     }
     node.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_flows_are_collected_after_the_retention_period() -> Result<()> {
+    let n = single_node().await?;
+    let work = Service::default();
+    let registry = Registry::new().register(Waiter { work: work.clone() })?;
+    let router: Arc<dyn Router> = Arc::new(HashMap::from([(ShardId(0), n.group.clone())]));
+    let mut args = ShardArgs::new(ShardId(0), n.group.clone(), router, registry, Duration::from_secs(2));
+    args.retention = Duration::from_millis(300);
+    args.gc_every = Duration::from_millis(100);
+    let (actor, _) = ShardActor::start(args).await?;
+    let done = FlowId::new("waiter", "done");
+    let waiting = FlowId::new("waiter", "waiting");
+    start(&n.group, &done, "null").await?;
+    start(&n.group, &waiting, "null").await?;
+    all_reach(&n.group, &[done.clone(), waiting.clone()], FlowStatus::Suspended).await?;
+    send_go(&n.group, &done, 1).await?;
+    all_reach(&n.group, std::slice::from_ref(&done), FlowStatus::Succeeded).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while n.group.read_local(|kv| shard::get_flow(kv, &done))?.is_some() {
+        ensure!(tokio::time::Instant::now() < deadline, "the finished flow was never collected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kept = n.group.read_local(|kv| shard::get_flow(kv, &waiting))?;
+    ensure!(kept.map(|r| r.status) == Some(FlowStatus::Suspended), "an unfinished flow is kept");
+    actor.stop(None);
+    n.node.shutdown().await;
     Ok(())
 }
