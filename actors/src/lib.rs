@@ -25,6 +25,6 @@ mod flow;
 mod registry;
 pub mod shard_actor;
 
-pub use ctx::{Ctx, Effect, Message, State};
+pub use ctx::{Ctx, Effect, Message, RetryOn, RetryPolicy, State};
 pub use flow::{kind, Flow, FlowError};
 pub use registry::{Registry, RegistryError};

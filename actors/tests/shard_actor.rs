@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Result};
 use common::{flow_on, node_with_shards, single_node, start, Service, WAIT};
 use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg, ShardStats};
-use fetter_actors::{Ctx, Flow, FlowError, Message, Registry};
+use fetter_actors::{Ctx, Flow, FlowError, Message, Registry, RetryPolicy};
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{FlowId, ShardId};
 use fetter_raft::shard::{self, Event, FlowStatus, ShardCommand};
@@ -274,6 +274,95 @@ async fn finished_flows_are_collected_after_the_retention_period() -> Result<()>
     }
     let kept = n.group.read_local(|kv| shard::get_flow(kv, &waiting))?;
     ensure!(kept.map(|r| r.status) == Some(FlowStatus::Suspended), "an unfinished flow is kept");
+    actor.stop(None);
+    n.node.shutdown().await;
+    Ok(())
+}
+
+/// Fails with kind "transient" `failures` times, then succeeds; or fails with kind "fatal".
+#[derive(Clone)]
+struct Flaky {
+    calls: Arc<std::sync::atomic::AtomicU32>,
+    failures: u32,
+    kind: &'static str,
+}
+
+impl Flaky {
+    async fn call(&self) -> Result<u32, FlowError> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if n <= self.failures {
+            Err(FlowError::new(self.kind, format!("attempt {n} failed")))
+        } else {
+            Ok(n)
+        }
+    }
+}
+
+struct Retrying {
+    flaky: Flaky,
+    policy: RetryPolicy,
+}
+
+impl Flow for Retrying {
+    const TYPE: &'static str = "retrying";
+    type Input = ();
+    type Output = u32;
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<u32, FlowError> {
+        ctx.effect("call", || self.flaky.call()).retry(self.policy.clone()).await
+    }
+}
+
+async fn run_retrying(flaky: Flaky, policy: RetryPolicy, expect: FlowStatus) -> Result<(ShardStats, u32)> {
+    let n = single_node().await?;
+    let registry = Registry::new().register(Retrying { flaky: flaky.clone(), policy })?;
+    let (actor, stats) = run_actor(&n.group, registry).await?;
+    let flow = FlowId::new("retrying", "r-1");
+    start(&n.group, &flow, "null").await?;
+    all_reach(&n.group, std::slice::from_ref(&flow), expect).await?;
+    actor.stop(None);
+    n.node.shutdown().await;
+    Ok((stats, flaky.calls.load(std::sync::atomic::Ordering::SeqCst)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_policy() -> Result<()> {
+    let transient = Flaky { calls: Arc::default(), failures: 2, kind: "transient" };
+    let policy = RetryPolicy::exponential(5, Duration::from_millis(10)).only(["transient"]);
+    let (_, calls) = run_retrying(transient, policy.clone(), FlowStatus::Succeeded).await?;
+    ensure!(calls == 3, "two failures then success: {calls} calls");
+
+    let fatal = Flaky { calls: Arc::default(), failures: 10, kind: "fatal" };
+    let (_, calls) = run_retrying(fatal, policy.clone(), FlowStatus::Failed).await?;
+    ensure!(calls == 1, "a kind the policy does not retry fails at once: {calls} calls");
+
+    let stubborn = Flaky { calls: Arc::default(), failures: 10, kind: "transient" };
+    let (_, calls) = run_retrying(stubborn, policy, FlowStatus::Failed).await?;
+    ensure!(calls == 5, "max attempts: {calls} calls");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_backoff_suspends_the_flow_on_a_durable_timer() -> Result<()> {
+    let n = single_node().await?;
+    let flaky = Flaky { calls: Arc::default(), failures: 1, kind: "transient" };
+    let mut policy = RetryPolicy::exponential(3, Duration::from_millis(400));
+    policy.suspend_after = Duration::from_millis(50);
+    let registry = Registry::new().register(Retrying { flaky: flaky.clone(), policy })?;
+    let (actor, stats) = run_actor(&n.group, registry).await?;
+    let flow = FlowId::new("retrying", "r-2");
+    start(&n.group, &flow, "null").await?;
+    // After the first failure the flow waits on its backoff timer, suspended, with no activation.
+    all_reach(&n.group, std::slice::from_ref(&flow), FlowStatus::Suspended).await?;
+    let timers = n.group.read_local(|kv| shard::timers_of(kv, &flow))?;
+    ensure!(timers.iter().any(|(id, _)| id == "call#backoff-1"), "a durable backoff timer: {timers:?}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stats.live_flows() > 0 {
+        ensure!(tokio::time::Instant::now() < deadline, "activation still live while suspended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    all_reach(&n.group, std::slice::from_ref(&flow), FlowStatus::Succeeded).await?;
+    ensure!(flaky.calls.load(std::sync::atomic::Ordering::SeqCst) == 2);
     actor.stop(None);
     n.node.shutdown().await;
     Ok(())

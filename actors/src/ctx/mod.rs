@@ -101,12 +101,12 @@ impl Ctx {
     /// [`Effect::at_most_once`] for work that must never run twice.
     pub fn effect<T, E, F, Fut>(&self, id: impl Into<String>, work: F) -> Effect<'_, T, F>
     where
-        F: FnOnce() -> Fut + Send,
+        F: FnMut() -> Fut + Send,
         Fut: Future<Output = Result<T, E>> + Send,
         E: Into<FlowError>,
         T: Serialize + DeserializeOwned + Send,
     {
-        Effect { ctx: self, id: id.into(), work, at_most_once: false, _value: PhantomData }
+        Effect { ctx: self, id: id.into(), work, at_most_once: false, retry: None, _value: PhantomData }
     }
 
     /// A random UUID (v4), the same on every replay.
@@ -254,6 +254,7 @@ pub struct Effect<'c, T, F> {
     id: String,
     work: F,
     at_most_once: bool,
+    retry: Option<RetryPolicy>,
     _value: PhantomData<fn() -> T>,
 }
 
@@ -265,11 +266,81 @@ impl<T, F> Effect<'_, T, F> {
         self.at_most_once = true;
         self
     }
+
+    /// Retry failed attempts under `policy`. The number of failed attempts is recorded (state
+    /// `"<id>#attempts"`), so a replay continues the count; a backoff longer than
+    /// `policy.suspend_after` is a durable timer (`"<id>#backoff-<n>"`) that suspends the flow
+    /// instead of sleeping in memory. Only the last attempt's outcome is recorded as the effect.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+}
+
+/// Which errors a [`RetryPolicy`] retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryOn {
+    /// Every error.
+    Any,
+    /// Errors of these kinds only.
+    Kinds(Vec<String>),
+}
+
+/// How an effect's failed attempts are retried: exponential backoff, bounded attempts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// Wait before the second attempt.
+    pub initial_backoff: Duration,
+    /// Upper bound of any wait.
+    pub max_backoff: Duration,
+    /// Each wait is the previous one times this.
+    pub multiplier: u32,
+    /// Which errors are retried.
+    pub retry_on: RetryOn,
+    /// Waits longer than this suspend the flow on a durable timer (default 5 s).
+    pub suspend_after: Duration,
+}
+
+impl RetryPolicy {
+    /// `max_attempts` attempts, waiting `initial_backoff`, doubling up to 5 minutes, retrying
+    /// every error.
+    pub fn exponential(max_attempts: u32, initial_backoff: Duration) -> Self {
+        RetryPolicy {
+            max_attempts,
+            initial_backoff,
+            max_backoff: Duration::from_secs(300),
+            multiplier: 2,
+            retry_on: RetryOn::Any,
+            suspend_after: Duration::from_secs(5),
+        }
+    }
+
+    /// Retry only errors of these kinds.
+    pub fn only(mut self, kinds: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.retry_on = RetryOn::Kinds(kinds.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The wait after `failed` failed attempts (1-based).
+    pub fn backoff(&self, failed: u32) -> Duration {
+        let factor = u64::from(self.multiplier.max(1)).saturating_pow(failed.saturating_sub(1));
+        let ms = (self.initial_backoff.as_millis() as u64).saturating_mul(factor);
+        Duration::from_millis(ms).min(self.max_backoff)
+    }
+
+    fn retries(&self, error: &FlowError) -> bool {
+        match &self.retry_on {
+            RetryOn::Any => true,
+            RetryOn::Kinds(kinds) => kinds.iter().any(|k| *k == error.kind),
+        }
+    }
 }
 
 impl<'c, T, E, F, Fut> IntoFuture for Effect<'c, T, F>
 where
-    F: FnOnce() -> Fut + Send + 'c,
+    F: FnMut() -> Fut + Send + 'c,
     Fut: Future<Output = Result<T, E>> + Send + 'c,
     E: Into<FlowError> + 'c,
     T: Serialize + DeserializeOwned + Send + 'c,
@@ -284,12 +355,12 @@ where
 
 async fn run_effect<T, E, F, Fut>(effect: Effect<'_, T, F>) -> Result<T, FlowError>
 where
-    F: FnOnce() -> Fut + Send,
+    F: FnMut() -> Fut + Send,
     Fut: Future<Output = Result<T, E>> + Send,
     E: Into<FlowError>,
     T: Serialize + DeserializeOwned + Send,
 {
-    let Effect { ctx, id, work, at_most_once, .. } = effect;
+    let Effect { ctx, id, mut work, at_most_once, retry, .. } = effect;
     let flow = ctx.inner.flow.clone();
     let epoch = ctx.inner.epoch;
     let type_name = std::any::type_name::<T>().to_string();
@@ -325,7 +396,33 @@ where
             }),
         );
     }
-    let result: Result<T, FlowError> = work().await.map_err(Into::into);
+    let result: Result<T, FlowError> = match &retry {
+        None => work().await.map_err(Into::into),
+        Some(policy) => {
+            let attempts = ctx.state::<u32>(format!("{id}#attempts"));
+            let mut failed = attempts.get().await?.unwrap_or(0);
+            loop {
+                // A long wait is a durable timer: it suspends the flow, and a replay (for
+                // whatever reason it runs) waits for the same timer before the next attempt.
+                let wait = policy.backoff(failed);
+                if failed > 0 && wait > policy.suspend_after {
+                    ctx.sleep(format!("{id}#backoff-{failed}"), wait).await?;
+                }
+                match work().await.map_err(Into::into) {
+                    Err(e) if policy.retries(&e) && failed + 1 < policy.max_attempts => {
+                        failed += 1;
+                        attempts.set(&failed).await?;
+                        let wait = policy.backoff(failed);
+                        tracing::debug!(flow = %flow, effect = id, attempt = failed, ?wait, error = %e, "retrying");
+                        if wait <= policy.suspend_after {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                    other => break other,
+                }
+            }
+        }
+    };
     let (command, state) = match &result {
         Ok(value) => {
             let bytes = serde_json::to_vec(value).map_err(|e| FlowError::new(kind::ERROR, e.to_string()))?;
