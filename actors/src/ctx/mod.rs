@@ -333,7 +333,7 @@ impl RetryPolicy {
     fn retries(&self, error: &FlowError) -> bool {
         match &self.retry_on {
             RetryOn::Any => true,
-            RetryOn::Kinds(kinds) => kinds.iter().any(|k| *k == error.kind),
+            RetryOn::Kinds(kinds) => kinds.contains(&error.kind),
         }
     }
 }
