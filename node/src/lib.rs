@@ -1,8 +1,21 @@
-//! # fetter — the node process
+//! # fetter — durable workflows-as-code
 //!
-//! Will own the process: configuration, wiring of `fetter-raft` and `fetter-actors`, the public
-//! gRPC API and request forwarding, cluster bootstrap and the membership reconciler, the CLI,
-//! the typed Rust client, tracing setup and graceful shutdown; and it will re-export the user API
-//! as `fetter::prelude`.
+//! The process side of fetter: wiring the replicated journal (`fetter-raft`) and the flow
+//! runtime (`fetter-actors`) into a node, and the user API ([`prelude`]).
 //!
-//! Nothing is implemented here yet: it grows with the runtime and cluster issues.
+//! Today it provides [`Engine`], one node in-process that hosts every shard of its own cluster
+//! (what `shop run-batch`, the examples and their tests use). The multi-node cluster — the
+//! public gRPC API, forwarding, bootstrap, the membership reconciler, the CLI and the typed
+//! client — comes with the cluster issue.
+
+mod engine;
+
+pub use engine::{Engine, EngineConfig, Error};
+
+/// What a flow author needs.
+pub mod prelude {
+    pub use fetter_actors::control::{ControlPanel, Error as ControlError, FlowView, ListQuery, Started};
+    pub use fetter_actors::{kind, Ctx, Flow, FlowError, Message, Registry, RetryOn, RetryPolicy};
+    pub use fetter_raft::ids::FlowId;
+    pub use fetter_raft::shard::FlowStatus;
+}

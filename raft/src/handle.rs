@@ -213,6 +213,10 @@ impl GroupHandle {
     /// Creates the group with `members` as its first voters. Only one node calls this, once;
     /// calling it on a group that already has state is a no-op.
     pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), Error> {
+        // A restarted group already has its membership (openraft would log an error).
+        if self.inner.raft.is_initialized().await.map_err(|_| Error::ShuttingDown(self.inner.group))? {
+            return Ok(());
+        }
         let nodes: BTreeMap<u64, BasicNode> =
             members.into_iter().map(|(id, addr)| (id.0, BasicNode { addr })).collect();
         match self.inner.raft.initialize(nodes).await {

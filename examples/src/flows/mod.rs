@@ -1,0 +1,3 @@
+//! The seed exercises as flows.
+
+pub mod order;

@@ -1,0 +1,152 @@
+//! [`Engine`]: one node in-process, hosting every shard of a cluster of its own.
+//!
+//! Each shard is a single-voter Raft group on the node's sled directory; a [`ShardActor`] runs
+//! on each. Restarting an engine on the same directory resumes every flow where its journal
+//! says it is.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fetter_actors::control::ControlPanel;
+use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg, ShardStats};
+use fetter_actors::Registry;
+use fetter_raft::handle::{self, GroupHandle};
+use fetter_raft::ids::{ClusterId, GroupId, NodeId, ShardId};
+use fetter_raft::node::{self, NodeConfig, RaftNode, Timing};
+use fetter_raft::shard::{Rejection, ShardCommand};
+use ractor::ActorRef;
+
+/// How to run an embedded engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The sled directory (created if missing; reused on restart).
+    pub data_dir: PathBuf,
+    /// Shards (fixed when the directory is first used).
+    pub shards: u32,
+    /// Where the node listens for Raft RPCs (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Raft timing.
+    pub timing: Timing,
+    /// Finished flows are kept this long.
+    pub retention: Duration,
+}
+
+impl EngineConfig {
+    /// 12 shards, loopback on a free port, production timing, 7 days of retention.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            shards: 12,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            timing: Timing::production(),
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Why an engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The node could not start (directory, identity, listener).
+    #[error(transparent)]
+    Node(#[from] node::Error),
+    /// A shard group did not become ready.
+    #[error(transparent)]
+    Journal(#[from] handle::Error),
+    /// A shard refused its configuration (e.g. another shard count than the directory's).
+    #[error("shard {shard} refused its configuration: {rejection}")]
+    Configure {
+        /// The shard.
+        shard: ShardId,
+        /// Why.
+        rejection: Rejection,
+    },
+    /// A shard group did not elect this node within the bound.
+    #[error("shard {0} did not become ready within {1:?}")]
+    NotReady(ShardId, Duration),
+    /// A shard actor could not be spawned.
+    #[error("cannot spawn the actor of shard {0}: {1}")]
+    Spawn(ShardId, String),
+}
+
+/// An embedded single-node engine.
+pub struct Engine {
+    node: Arc<RaftNode>,
+    groups: Vec<GroupHandle>,
+    actors: Vec<(ActorRef<ShardMsg>, ShardStats)>,
+    panel: ControlPanel,
+}
+
+const READY_WAIT: Duration = Duration::from_secs(30);
+
+impl Engine {
+    /// Opens (or creates) the engine in `config.data_dir` and starts running `registry`'s flows.
+    pub async fn start(config: EngineConfig, registry: Registry) -> Result<Engine, Error> {
+        let mut node_config =
+            NodeConfig::new(NodeId(1), config.listen, config.data_dir.clone(), ClusterId("embedded".into()));
+        node_config.timing = config.timing.clone();
+        let node = RaftNode::start(node_config).await?;
+        let members = BTreeMap::from([(NodeId(1), node.addr().to_string())]);
+        let mut groups = Vec::new();
+        for s in 0..config.shards {
+            let shard = ShardId(s);
+            let group = node.open_group(GroupId::of_shard(shard)).await?;
+            group.initialize(members.clone()).await?;
+            let mut status = group.status();
+            tokio::time::timeout(READY_WAIT, status.wait_for(|st| st.is_leader))
+                .await
+                .map_err(|_| Error::NotReady(shard, READY_WAIT))?
+                .map_err(|_| Error::NotReady(shard, READY_WAIT))?;
+            group
+                .propose_shard(ShardCommand::Configure { shard_id: shard, shard_count: config.shards })
+                .await?
+                .map_err(|rejection| Error::Configure { shard, rejection })?;
+            groups.push(group);
+        }
+        let routes: HashMap<ShardId, GroupHandle> =
+            groups.iter().enumerate().map(|(s, g)| (ShardId(s as u32), g.clone())).collect();
+        let router: Arc<dyn Router> = Arc::new(routes);
+        let election_timeout = Duration::from_millis(config.timing.election_timeout_max_ms);
+        let mut actors = Vec::new();
+        for (s, group) in groups.iter().enumerate() {
+            let shard = ShardId(s as u32);
+            let mut args =
+                ShardArgs::new(shard, group.clone(), router.clone(), registry.clone(), election_timeout);
+            args.retention = config.retention;
+            let spawned = ShardActor::start(args).await.map_err(|e| Error::Spawn(shard, e.to_string()))?;
+            actors.push(spawned);
+        }
+        Ok(Engine { node, groups, actors, panel: ControlPanel::new(router, config.shards) })
+    }
+
+    /// The control panel: start, read, list and repair flows.
+    pub fn panel(&self) -> &ControlPanel {
+        &self.panel
+    }
+
+    /// Flow activations alive now, over all shards (waiting flows have none).
+    pub fn live_flows(&self) -> usize {
+        self.actors.iter().map(|(_, stats)| stats.live_flows()).sum()
+    }
+
+    /// The node's store (fsync counter, disk).
+    pub fn node(&self) -> &RaftNode {
+        &self.node
+    }
+
+    /// The shard groups (for tests and tools).
+    pub fn groups(&self) -> &[GroupHandle] {
+        &self.groups
+    }
+
+    /// Stops the actors and the node; every flow resumes when an engine opens the directory again.
+    pub async fn shutdown(self) {
+        for (actor, _) in &self.actors {
+            actor.stop(None);
+        }
+        self.node.shutdown().await;
+    }
+}
