@@ -1,0 +1,80 @@
+//! The `order` flow end to end on an embedded engine: the happy path, and logistics saying "no"
+//! (the reservation is refunded once and the flow fails with logistics' answer).
+
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Result};
+use fetter::prelude::*;
+use fetter::{Engine, EngineConfig};
+use fetter_examples::fakes::{Email, Logistics, Payments};
+use fetter_examples::flows::order::OrderFlow;
+use fetter_examples::ledger::{count, Ledger};
+
+async fn engine(dir: &std::path::Path) -> Result<(Engine, std::path::PathBuf)> {
+    let ledger_path = dir.join("ledger.jsonl");
+    let ledger = Ledger::open(&ledger_path)?;
+    let flow = OrderFlow::new(
+        Payments::new(Some(ledger.clone()), 1),
+        Logistics::new(Some(ledger.clone()), 1),
+        Email::new(Some(ledger), 1),
+        Duration::ZERO,
+    );
+    let config = EngineConfig { shards: 4, ..EngineConfig::new(dir.join("data")) };
+    Ok((Engine::start(config, Registry::new().register(flow)?).await?, ledger_path))
+}
+
+async fn finished(panel: &ControlPanel, flow: &FlowId) -> Result<FlowView> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = panel.get(flow).await?;
+        if view.record.status.is_finished() {
+            return Ok(view);
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "{flow} still {:?}", view.record.status);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_is_reserved_shipped_captured_and_confirmed_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (engine, ledger) = engine(dir.path()).await?;
+    let flow = FlowId::new("order", "o-1");
+    let input = br#"{"order_id":"o-1","customer_id":"c-1","total_cents":4200,"products":["p-1","p-2"]}"#;
+    engine.panel().start(&flow, input.to_vec()).await?;
+    let view = finished(engine.panel(), &flow).await?;
+    ensure!(view.record.status == FlowStatus::Succeeded, "{:?}", view.record);
+    ensure!(view.record.output.as_deref() == Some(br#"{"tracking_id":"tt-o-1"}"#.as_slice()));
+    let entries = Ledger::read_all(&ledger)?;
+    for (service, op) in [("payments", "reserve"), ("logistics", "ship"), ("payments", "capture")] {
+        ensure!(count(&entries, service, op, "order/o-1") == 1, "{service}/{op} once");
+    }
+    ensure!(count(&entries, "email", "order-confirmation", "order/o-1") == 1);
+    ensure!(count(&entries, "payments", "cancel", "order/o-1") == 0, "no refund");
+    engine.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_shipment_refunds_once_and_fails_with_the_answer() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (engine, ledger) = engine(dir.path()).await?;
+    let flow = FlowId::new("order", "o-2");
+    let input = br#"{"order_id":"o-2","customer_id":"c-1","total_cents":100,"products":["fail-ship-9"]}"#;
+    engine.panel().start(&flow, input.to_vec()).await?;
+    let view = finished(engine.panel(), &flow).await?;
+    ensure!(view.record.status == FlowStatus::Failed);
+    let error = view.record.error.ok_or_else(|| anyhow!("an error is recorded"))?;
+    ensure!(error.message.contains("logistics"), "logistics' answer: {error:?}");
+    let entries = Ledger::read_all(&ledger)?;
+    ensure!(count(&entries, "payments", "reserve", "order/o-2") == 1);
+    ensure!(count(&entries, "logistics", "ship", "order/o-2") == 1);
+    ensure!(count(&entries, "payments", "cancel", "order/o-2") == 1, "refunded once");
+    ensure!(count(&entries, "payments", "capture", "order/o-2") == 0, "never captured");
+    // Bad input is refused before anything is stored.
+    let bad = engine.panel().start(&FlowId::new("order", "o-3"), b"{not json".to_vec()).await;
+    ensure!(bad.is_err());
+    ensure!(engine.panel().get(&FlowId::new("order", "o-3")).await.is_err());
+    engine.shutdown().await;
+    Ok(())
+}
