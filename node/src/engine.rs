@@ -14,9 +14,10 @@ use fetter_actors::control::ControlPanel;
 use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg, ShardStats};
 use fetter_actors::Registry;
 use fetter_raft::handle::{self, GroupHandle};
+use fetter_raft::ids::FlowId;
 use fetter_raft::ids::{ClusterId, GroupId, NodeId, ShardId};
 use fetter_raft::node::{self, NodeConfig, RaftNode, Timing};
-use fetter_raft::shard::{Rejection, ShardCommand};
+use fetter_raft::shard::{Action, FlowStatus, Rejection, ShardCommand};
 use ractor::ActorRef;
 
 /// How to run an embedded engine.
@@ -32,6 +33,8 @@ pub struct EngineConfig {
     pub timing: Timing,
     /// Finished flows are kept this long.
     pub retention: Duration,
+    /// sled's page cache.
+    pub cache_bytes: u64,
 }
 
 impl EngineConfig {
@@ -43,6 +46,7 @@ impl EngineConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             timing: Timing::production(),
             retention: Duration::from_secs(7 * 24 * 3600),
+            cache_bytes: fetter_raft::storage::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -81,6 +85,8 @@ pub struct Engine {
 }
 
 const READY_WAIT: Duration = Duration::from_secs(30);
+/// Bound on queued finished-flow notifications per subscriber.
+const FINISHED_CAPACITY: usize = 65_536;
 
 impl Engine {
     /// Opens (or creates) the engine in `config.data_dir` and starts running `registry`'s flows.
@@ -88,6 +94,7 @@ impl Engine {
         let mut node_config =
             NodeConfig::new(NodeId(1), config.listen, config.data_dir.clone(), ClusterId("embedded".into()));
         node_config.timing = config.timing.clone();
+        node_config.cache_bytes = config.cache_bytes;
         let node = RaftNode::start(node_config).await?;
         let members = BTreeMap::from([(NodeId(1), node.addr().to_string())]);
         let mut groups = Vec::new();
@@ -125,6 +132,37 @@ impl Engine {
     /// The control panel: start, read, list and repair flows.
     pub fn panel(&self) -> &ControlPanel {
         &self.panel
+    }
+
+    /// Flows as they finish (any shard), from now on: a bounded channel fed by every shard's
+    /// applied actions. A receiver that falls behind misses notifications (`Lagged`); read the
+    /// flows' status then.
+    pub fn finished(&self) -> tokio::sync::broadcast::Receiver<(FlowId, FlowStatus)> {
+        let (tx, rx) = tokio::sync::broadcast::channel(FINISHED_CAPACITY);
+        for group in &self.groups {
+            let mut actions = group.subscribe_actions();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    match actions.recv().await {
+                        Ok(batch) => {
+                            for action in batch.iter() {
+                                if let Action::Finished { flow, status } = action {
+                                    if tx.send((flow.clone(), status.clone())).is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(missed = n, "finished-flow notifications lagged");
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            });
+        }
+        rx
     }
 
     /// Flow activations alive now, over all shards (waiting flows have none).

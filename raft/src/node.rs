@@ -69,6 +69,8 @@ pub struct NodeConfig {
     pub snapshot_after_entries: u64,
     /// Entries kept in the log behind a snapshot (for slow followers).
     pub entries_kept_after_snapshot: u64,
+    /// sled's page cache.
+    pub cache_bytes: u64,
 }
 
 impl NodeConfig {
@@ -82,6 +84,7 @@ impl NodeConfig {
             timing: Timing::production(),
             snapshot_after_entries: 10_000,
             entries_kept_after_snapshot: 1_000,
+            cache_bytes: storage::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -147,7 +150,7 @@ pub struct RaftNode {
 impl RaftNode {
     /// Opens the store, checks the directory's identity and starts serving Raft RPCs.
     pub async fn start(config: NodeConfig) -> Result<Arc<RaftNode>, Error> {
-        let store = Store::open(&config.data_dir)?;
+        let store = Store::open_with_cache(&config.data_dir, config.cache_bytes)?;
         let identity = load_identity(&store, &config).await?;
         let raft_config = openraft::Config {
             cluster_name: config.cluster_id.0.clone(),

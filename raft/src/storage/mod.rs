@@ -48,6 +48,9 @@ pub enum Error {
     Group(#[from] StorageError),
 }
 
+/// sled's page cache per node unless configured otherwise.
+pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
 /// A node's sled database and its flusher. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -56,11 +59,17 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir` with sled's default page cache of this crate
+    /// ([`DEFAULT_CACHE_BYTES`]).
     pub fn open(dir: &Path) -> Result<Store, Error> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store in `dir` with a page cache of `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store, Error> {
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(256 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .open()
             .map_err(|source| Error::Open { path: dir.display().to_string(), source })?;
         let flusher = flusher::Flusher::start(db.clone())?;

@@ -1,9 +1,13 @@
 //! `shop`: a fetter node with the example flows.
 //!
+//! `shop bench --flows 10000 --concurrency 256` measures the runtime (see `bench.rs`).
+//!
 //! `shop run-batch --orders <N> --data-dir <dir> [--ledger <file>]` runs one node in-process,
 //! idempotently starts orders `o-1..o-N` and exits 0 once every one has finished, printing how
 //! many succeeded and failed. Killed and started again on the same directory, it resumes: the
 //! orders already started are not started again, and every flow continues from its journal.
+
+mod bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +51,19 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         concurrency: u32,
     },
+    /// Measure the runtime on one embedded node (release build): flows/s, effects/s, latency,
+    /// RSS, and live activations with many suspended flows.
+    Bench {
+        /// RPC orders to run.
+        #[arg(long, default_value_t = 10_000)]
+        flows: u64,
+        /// Orders in flight.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Waiting flows to start afterwards (0 skips that part).
+        #[arg(long, default_value_t = 100_000)]
+        suspended: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,6 +96,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::RunBatch { orders, data_dir, ledger, service_latency_ms, shards, concurrency } => {
             let latency = Duration::from_millis(service_latency_ms);
             run_batch(orders, data_dir, ledger, latency, shards, concurrency.max(1)).await
+        }
+        Command::Bench { flows, concurrency, suspended } => {
+            bench::bench(flows, concurrency.max(1), suspended).await
         }
     }
 }
