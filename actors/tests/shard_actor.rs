@@ -113,12 +113,13 @@ async fn all_reach(group: &GroupHandle, flows: &[FlowId], status: FlowStatus) ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiting_flows_have_no_live_actor_and_finish_when_their_message_arrives() -> Result<()> {
+async fn ten_thousand_waiting_flows_have_no_live_activation_and_finish_when_their_message_arrives(
+) -> Result<()> {
     let n = single_node().await?;
     let work = Service::default();
     let registry = Registry::new().register(Waiter { work: work.clone() })?;
     let (actor, stats) = run_actor(&n.group, registry).await?;
-    let flows: Vec<FlowId> = (0..1_000).map(|i| FlowId::new("waiter", format!("w-{i}"))).collect();
+    let flows: Vec<FlowId> = (0..10_000).map(|i| FlowId::new("waiter", format!("w-{i}"))).collect();
     for flow in &flows {
         start(&n.group, flow, "null").await?;
     }
@@ -127,12 +128,12 @@ async fn waiting_flows_have_no_live_actor_and_finish_when_their_message_arrives(
     while stats.live_flows() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    ensure!(stats.live_flows() == 0, "{} live flow actors for 1,000 waiting flows", stats.live_flows());
+    ensure!(stats.live_flows() == 0, "{} live activations for 10,000 waiting flows", stats.live_flows());
     for (i, flow) in flows.iter().enumerate() {
         send_go(&n.group, flow, i as u32).await?;
     }
     all_reach(&n.group, &flows, FlowStatus::Succeeded).await?;
-    ensure!(work.count() == 1_000, "each flow's effect ran once: {}", work.count());
+    ensure!(work.count() == 10_000, "each flow's effect ran once: {}", work.count());
     actor.stop(None);
     n.node.shutdown().await;
     Ok(())
