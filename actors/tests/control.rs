@@ -7,24 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use common::{node_with_shards, Service, Shards, WAIT};
+use common::{node_with_shards, Go, Service, Shards, WAIT};
 use fetter_actors::control::{ControlPanel, Error, ListQuery, Started};
 use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg};
-use fetter_actors::{Ctx, Flow, FlowError, Message, Registry};
+use fetter_actors::{Ctx, Flow, FlowError, Registry};
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{FlowId, ShardId};
 use fetter_raft::shard::{EffectKind, EffectRecord, EffectState, Event, FlowStatus};
 use ractor::ActorRef;
-use serde::{Deserialize, Serialize};
-
-#[derive(Serialize, Deserialize)]
-struct Go {
-    n: u32,
-}
-
-impl Message for Go {
-    const NAME: &'static str = "Go";
-}
 
 /// Does one effect, then waits for `Go`; outputs its input plus the message.
 struct Waiter {

@@ -8,23 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
-use common::{flow_on, node_with_shards, single_node, start, Service, WAIT};
+use common::{flow_on, node_with_shards, single_node, start, Go, Service, WAIT};
 use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg, ShardStats};
-use fetter_actors::{Ctx, Flow, FlowError, Message, Registry, RetryPolicy};
+use fetter_actors::{Ctx, Flow, FlowError, Registry, RetryPolicy};
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{FlowId, ShardId};
 use fetter_raft::shard::{self, Event, FlowStatus, ShardCommand};
 use ractor::ActorRef;
-use serde::{Deserialize, Serialize};
-
-#[derive(Serialize, Deserialize)]
-struct Go {
-    n: u32,
-}
-
-impl Message for Go {
-    const NAME: &'static str = "Go";
-}
 
 /// Waits for `Go`, then does one effect.
 struct Waiter {

@@ -9,12 +9,24 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use fetter_actors::activation;
+use fetter_actors::Message;
 use fetter_actors::{FlowError, Registry};
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{ClusterId, FlowId, GroupId, NodeId, ShardId};
 use fetter_raft::node::{NodeConfig, RaftNode, Timing};
 use fetter_raft::shard::{self, ShardCommand};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
+
+/// The message the test flows wait for.
+#[derive(Serialize, Deserialize)]
+pub struct Go {
+    pub n: u32,
+}
+
+impl Message for Go {
+    const NAME: &'static str = "Go";
+}
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
