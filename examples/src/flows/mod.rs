@@ -1,3 +1,7 @@
 //! The seed exercises as flows.
 
+pub mod loan;
+pub mod newsletter;
 pub mod order;
+pub mod order_messaging;
+pub mod signup;

@@ -1,0 +1,444 @@
+//! The message-driven example flows end to end on an embedded engine: `order-messaging`,
+//! `newsletter`, `signup` and `loan`, each on its happy path and its failure path, counted in
+//! the ledger of the fake services. The tests play the services that answer with messages
+//! (payments, logistics, the customer, the credit bureaus) through `ControlPanel::send_message`.
+//!
+//! Every wait is bounded: a condition is polled until [`WAIT`] runs out.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, ensure, Result};
+use fetter::prelude::*;
+use fetter::{Engine, EngineConfig};
+use fetter_examples::fakes::{Email, Logistics, Payments};
+use fetter_examples::flows::loan::{LoanDecision, LoanFlow};
+use fetter_examples::flows::newsletter::NewsletterFlow;
+use fetter_examples::flows::order_messaging::OrderMessagingFlow;
+use fetter_examples::flows::signup::{SignupFlow, SignupOutcome};
+use fetter_examples::ledger::{count, Ledger, LedgerEntry};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+/// The bound of every wait.
+const WAIT: Duration = Duration::from_secs(30);
+/// How often a condition is polled.
+const POLL: Duration = Duration::from_millis(5);
+
+/// A ledger in `dir`, and its path.
+fn ledger(dir: &Path) -> Result<(Ledger, PathBuf)> {
+    let path = dir.join("ledger.jsonl");
+    Ok((Ledger::open(&path)?, path))
+}
+
+/// An engine on `dir/data` running `registry`'s flows.
+async fn engine(dir: &Path, registry: Registry) -> Result<Engine> {
+    let config = EngineConfig { shards: 4, ..EngineConfig::new(dir.join("data")) };
+    Ok(Engine::start(config, registry).await?)
+}
+
+async fn start(panel: &ControlPanel, flow: &FlowId, input: serde_json::Value) -> Result<()> {
+    panel.start(flow, serde_json::to_vec(&input)?).await?;
+    Ok(())
+}
+
+/// The flow once it has finished.
+async fn finished(panel: &ControlPanel, flow: &FlowId) -> Result<FlowView> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let view = panel.get(flow).await?;
+        if view.record.status.is_finished() {
+            return Ok(view);
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "{flow} still {:?}", view.record.status);
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until `flow` has recorded `step` and is suspended (waiting for a message).
+async fn waiting_after(panel: &ControlPanel, flow: &FlowId, step: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let view = panel.get(flow).await?;
+        let recorded = view.effects.iter().any(|(id, _)| id == step);
+        if recorded && view.record.status == FlowStatus::Suspended {
+            return Ok(());
+        }
+        ensure!(!view.record.status.is_finished(), "{flow} finished before waiting after {step}: {view:?}");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{flow} not waiting after {step}: {:?}",
+            view.record.status
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until the ledger holds `n` calls of `service`'s `op` by `flow`; returns its entries.
+async fn ledger_shows(
+    path: &Path,
+    service: &str,
+    op: &str,
+    flow: &FlowId,
+    n: usize,
+) -> Result<Vec<LedgerEntry>> {
+    let flow = flow.to_string();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let entries = Ledger::read_all(path)?;
+        let seen = count(&entries, service, op, &flow);
+        if seen >= n {
+            return Ok(entries);
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "{flow}: {seen} of {n} {service}/{op} calls");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Sends the message `type_name` with `payload` to `flow`, once per `key`.
+async fn send(
+    panel: &ControlPanel,
+    flow: &FlowId,
+    type_name: &str,
+    payload: serde_json::Value,
+    key: &str,
+) -> Result<u64> {
+    Ok(panel.send_message(flow, type_name, serde_json::to_vec(&payload)?, Some(key.to_owned())).await?)
+}
+
+fn output<T: DeserializeOwned>(view: &FlowView) -> Result<T> {
+    ensure!(
+        view.record.status == FlowStatus::Succeeded,
+        "{} ended {:?}: {:?}",
+        view.record.id,
+        view.record.status,
+        view.record.error
+    );
+    let bytes = view.record.output.as_deref().ok_or_else(|| anyhow!("{} has no output", view.record.id))?;
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+/// The error kind and message of a failed flow.
+fn failure(view: &FlowView) -> Result<(String, String)> {
+    ensure!(view.record.status == FlowStatus::Failed, "{} ended {:?}", view.record.id, view.record.status);
+    let error =
+        view.record.error.clone().ok_or_else(|| anyhow!("{} failed without an error", view.record.id))?;
+    Ok((error.kind, error.message))
+}
+
+// --- order-messaging ---
+
+fn order_registry(ledger: &Ledger, shipping_deadline: Duration) -> Result<Registry> {
+    let flow = OrderMessagingFlow::new(
+        Payments::new(Some(ledger.clone()), 1),
+        Logistics::new(Some(ledger.clone()), 1),
+        Email::new(Some(ledger.clone()), 1),
+        shipping_deadline,
+    );
+    Ok(Registry::new().register(flow)?)
+}
+
+fn order(id: &str) -> serde_json::Value {
+    json!({"order_id": id, "customer_id": "c-1", "total_cents": 4200, "products": ["p-1", "p-2"]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_messaging_waits_for_each_reply_and_ships_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ledger, path) = ledger(dir.path())?;
+    let engine = engine(dir.path(), order_registry(&ledger, WAIT)?).await?;
+    let panel = engine.panel();
+    let flow = FlowId::new("order-messaging", "o-1");
+    start(panel, &flow, order("o-1")).await?;
+
+    // Payments, logistics and payments again answer each request once the flow waits for it.
+    waiting_after(panel, &flow, "request-reserve").await?;
+    let first = send(panel, &flow, "FundsReserved", json!({}), "reserved-o-1").await?;
+    // A repeated delivery of the same reply is acknowledged, not stored again.
+    ensure!(send(panel, &flow, "FundsReserved", json!({}), "reserved-o-1").await? == first);
+    waiting_after(panel, &flow, "request-ship").await?;
+    send(panel, &flow, "ProductsShipped", json!({"tracking_id": "parcel-77"}), "shipped-o-1").await?;
+    waiting_after(panel, &flow, "request-capture").await?;
+    send(panel, &flow, "FundsCaptured", json!({}), "captured-o-1").await?;
+
+    let view = finished(panel, &flow).await?;
+    let track: serde_json::Value = output(&view)?;
+    ensure!(track == json!({"tracking_id": "parcel-77"}), "the tracking id of the reply: {track}");
+    ensure!(view.events.len() == 3, "three replies in the log: {:?}", view.events);
+    let entries = Ledger::read_all(&path)?;
+    let name = flow.to_string();
+    for (service, op) in [("payments", "reserve"), ("logistics", "ship"), ("payments", "capture")] {
+        ensure!(count(&entries, service, op, &name) == 1, "{service}/{op} once");
+    }
+    ensure!(count(&entries, "email", "order-confirmation", &name) == 1, "confirmed once");
+    ensure!(count(&entries, "payments", "cancel", &name) == 0, "no refund");
+    engine.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_messaging_refunds_once_when_the_shipment_fails_or_never_comes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ledger, path) = ledger(dir.path())?;
+    let engine = engine(dir.path(), order_registry(&ledger, Duration::from_millis(800))?).await?;
+    let panel = engine.panel();
+    let failed = FlowId::new("order-messaging", "o-2");
+    let silent = FlowId::new("order-messaging", "o-3");
+    start(panel, &failed, order("o-2")).await?;
+    start(panel, &silent, order("o-3")).await?;
+    for flow in [&failed, &silent] {
+        waiting_after(panel, flow, "request-reserve").await?;
+        send(panel, flow, "FundsReserved", json!({}), "reserved").await?;
+        waiting_after(panel, flow, "request-ship").await?;
+    }
+    // Logistics reports o-2 failed; o-3 never hears back.
+    send(panel, &failed, "ShipmentFailed", json!({"reason": "out of stock"}), "ship-failed").await?;
+
+    let (kind, message) = failure(&finished(panel, &failed).await?)?;
+    ensure!(kind == "shipment_failed" && message == "out of stock", "{kind}: {message}");
+    let (kind, _) = failure(&finished(panel, &silent).await?)?;
+    ensure!(kind == "shipment_timeout", "{kind}");
+    let entries = Ledger::read_all(&path)?;
+    for flow in [&failed, &silent] {
+        let name = flow.to_string();
+        ensure!(count(&entries, "payments", "reserve", &name) == 1, "{name} reserved once");
+        ensure!(count(&entries, "logistics", "ship", &name) == 1, "{name} requested shipping once");
+        ensure!(count(&entries, "payments", "cancel", &name) == 1, "{name} refunded once");
+        ensure!(count(&entries, "payments", "capture", &name) == 0, "{name} never captured");
+        ensure!(count(&entries, "email", "order-confirmation", &name) == 0, "{name} never confirmed");
+    }
+    engine.shutdown().await;
+    Ok(())
+}
+
+// --- newsletter ---
+
+fn recipients(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("reader-{i}@example.com")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newsletter_mails_every_recipient_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ledger, path) = ledger(dir.path())?;
+    let registry = Registry::new().register(NewsletterFlow::new(Email::new(Some(ledger), 1)))?;
+    let engine = engine(dir.path(), registry).await?;
+    let flow = FlowId::new("newsletter", "2024-06");
+    let to = recipients(50);
+    start(engine.panel(), &flow, json!({"issue": "2024-06", "recipients": to})).await?;
+
+    let view = finished(engine.panel(), &flow).await?;
+    ensure!(output::<u64>(&view)? == 50, "50 sent");
+    let entries = Ledger::read_all(&path)?;
+    ensure!(count(&entries, "email", "newsletter", &flow.to_string()) == 50, "50 mails in all");
+    for address in &to {
+        let mails = entries.iter().filter(|e| e.op == "newsletter" && &e.key == address).count();
+        ensure!(mails == 1, "{address} got {mails} mails");
+    }
+    engine.shutdown().await;
+    Ok(())
+}
+
+/// What the journal stores for `flow` besides its input (the caller's data, stored as given):
+/// the recorded effects and states, and the event log.
+async fn journal_bytes(panel: &ControlPanel, flow: &FlowId) -> Result<usize> {
+    let view = panel.get(flow).await?;
+    ensure!(view.effects.len() == 1, "{flow}: one record, the position: {:?}", view.effects);
+    Ok(serde_json::to_vec(&view.effects)?.len() + serde_json::to_vec(&view.events)?.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newsletter_journal_does_not_grow_with_the_recipients() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A checkpoint after every 50 mails keeps the 10,000 to 200 journal commits; the space
+    // does not depend on it.
+    let flow = NewsletterFlow::new(Email::new(None, 1)).checkpoint_every(50);
+    let engine = engine(dir.path(), Registry::new().register(flow)?).await?;
+    let panel = engine.panel();
+    let small = FlowId::new("newsletter", "small");
+    let large = FlowId::new("newsletter", "large");
+    start(panel, &small, json!({"issue": "small", "recipients": recipients(10)})).await?;
+    start(panel, &large, json!({"issue": "large", "recipients": recipients(10_000)})).await?;
+    ensure!(output::<u64>(&finished(panel, &small).await?)? == 10);
+    let before = std::time::Instant::now();
+    ensure!(output::<u64>(&finished(panel, &large).await?)? == 10_000);
+    println!("10,000 recipients done {:?} after the 10", before.elapsed());
+
+    let (small_bytes, large_bytes) =
+        (journal_bytes(panel, &small).await?, journal_bytes(panel, &large).await?);
+    println!("journal bytes: 10 recipients {small_bytes}, 10,000 recipients {large_bytes}");
+    ensure!(large_bytes <= 2 * small_bytes, "{large_bytes} bytes for 10,000 vs {small_bytes} for 10");
+    engine.shutdown().await;
+    Ok(())
+}
+
+// --- signup ---
+
+fn signup_registry(ledger: &Ledger) -> Result<Registry> {
+    Ok(Registry::new().register(SignupFlow::new(Email::new(Some(ledger.clone()), 1)))?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signup_verified_after_one_reminder_is_welcomed() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ledger, path) = ledger(dir.path())?;
+    let engine = engine(dir.path(), signup_registry(&ledger)?).await?;
+    let panel = engine.panel();
+    let flow = FlowId::new("signup", "c-1");
+    let input = json!({"customer_id": "c-1", "email": "c1@example.com", "reminder_interval_ms": 200});
+    start(panel, &flow, input).await?;
+
+    // The customer clicks the link once the first reminder went out.
+    ledger_shows(&path, "email", "reminder", &flow, 1).await?;
+    send(panel, &flow, "EmailVerified", json!({}), "verified").await?;
+
+    let view = finished(panel, &flow).await?;
+    let outcome: SignupOutcome = output(&view)?;
+    ensure!(outcome == SignupOutcome { customer_id: "c-1".into(), reminders: 1 }, "{outcome:?}");
+    let entries = Ledger::read_all(&path)?;
+    let name = flow.to_string();
+    for (template, n) in [("activation", 1), ("reminder", 1), ("welcome", 1)] {
+        let sent = count(&entries, "email", template, &name);
+        ensure!(sent == n, "{template}: {sent} mails, {n} expected");
+    }
+    engine.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signup_never_verified_fails_after_three_reminders() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ledger, path) = ledger(dir.path())?;
+    let engine = engine(dir.path(), signup_registry(&ledger)?).await?;
+    let panel = engine.panel();
+    let flow = FlowId::new("signup", "c-2");
+    let input = json!({"customer_id": "c-2", "email": "c2@example.com", "reminder_interval_ms": 100});
+    start(panel, &flow, input).await?;
+
+    let view = finished(panel, &flow).await?;
+    let (kind, _) = failure(&view)?;
+    ensure!(kind == "not_verified", "{kind}");
+    for timer in ["verify-0", "verify-1", "verify-2", "verify-3"] {
+        ensure!(view.effects.iter().any(|(id, _)| id == timer), "a wait {timer}: {:?}", view.effects);
+    }
+    let entries = Ledger::read_all(&path)?;
+    let name = flow.to_string();
+    for (template, n) in [("activation", 1), ("reminder", 3), ("welcome", 0)] {
+        let sent = count(&entries, "email", template, &name);
+        ensure!(sent == n, "{template}: {sent} mails, {n} expected");
+    }
+    engine.shutdown().await;
+    Ok(())
+}
+
+// --- loan ---
+
+fn loan_registry(ledger: &Ledger) -> Result<Registry> {
+    Ok(Registry::new().register(LoanFlow::with_standard_bureaus(Some(ledger.clone()), 1))?)
+}
+
+fn application(id: &str, window_ms: u64) -> serde_json::Value {
+    json!({"application_id": id, "customer_id": "c-1", "amount_cents": 1_000_000, "reply_window_ms": window_ms})
+}
+
+/// Waits until `flow` asked every bureau and waits for their replies.
+async fn asked_all_bureaus(panel: &ControlPanel, flow: &FlowId) -> Result<()> {
+    waiting_after(panel, flow, "request-bureau-c").await
+}
+
+async fn reply(panel: &ControlPanel, flow: &FlowId, bureau: &str, approved: bool) -> Result<u64> {
+    send(panel, flow, "CreditCheckOutcome", json!({"bureau": bureau, "approved": approved}), bureau).await
+}
+
+fn check_requests(path: &Path, flow: &FlowId) -> Result<()> {
+    let entries = Ledger::read_all(path)?;
+    for bureau in ["bureau-a", "bureau-b", "bureau-c"] {
+        let asked = count(&entries, &format!("credit-bureau:{bureau}"), "request-check", &flow.to_string());
+        ensure!(asked == 1, "{flow} asked {bureau} {asked} times");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loan_with_two_approvals_in_the_window_is_approved() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ledger, path) = ledger(dir.path())?;
+    let engine = engine(dir.path(), loan_registry(&ledger)?).await?;
+    let panel = engine.panel();
+    let approved = FlowId::new("loan", "l-1");
+    let vetoed = FlowId::new("loan", "l-2");
+    start(panel, &approved, application("l-1", 1_000)).await?;
+    start(panel, &vetoed, application("l-2", 1_000)).await?;
+    asked_all_bureaus(panel, &approved).await?;
+    asked_all_bureaus(panel, &vetoed).await?;
+    reply(panel, &approved, "bureau-a", true).await?;
+    reply(panel, &approved, "bureau-c", true).await?;
+    reply(panel, &vetoed, "bureau-a", true).await?;
+    reply(panel, &vetoed, "bureau-b", false).await?;
+
+    let decision: LoanDecision = output(&finished(panel, &approved).await?)?;
+    ensure!(decision == LoanDecision { approved: true, replies: 2, reason: None }, "{decision:?}");
+    let decision: LoanDecision = output(&finished(panel, &vetoed).await?)?;
+    let expected = LoanDecision { approved: false, replies: 2, reason: Some("rejected by bureau-b".into()) };
+    ensure!(decision == expected, "{decision:?}");
+    check_requests(&path, &approved)?;
+    check_requests(&path, &vetoed)?;
+    engine.shutdown().await;
+    Ok(())
+}
+
+/// The sequence number of the firing of `flow`'s timer `timer_id` in its event log.
+async fn timer_fired_at(panel: &ControlPanel, flow: &FlowId, timer_id: &str) -> Result<u64> {
+    let events = serde_json::to_value(&panel.get(flow).await?.events)?;
+    let events = events.as_array().ok_or_else(|| anyhow!("events are a list"))?;
+    for event in events {
+        if event[1]["TimerFired"]["timer_id"] == timer_id {
+            return event[0].as_u64().ok_or_else(|| anyhow!("a sequence number: {event}"));
+        }
+    }
+    bail!("{flow}: timer {timer_id} never fired: {events:?}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loan_with_one_reply_is_rejected_and_a_late_reply_never_counts() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ledger, path) = ledger(dir.path())?;
+    let engine = engine(dir.path(), loan_registry(&ledger)?).await?;
+    let panel = engine.panel();
+    let flow = FlowId::new("loan", "l-3");
+    start(panel, &flow, application("l-3", 500)).await?;
+    asked_all_bureaus(panel, &flow).await?;
+    reply(panel, &flow, "bureau-a", true).await?;
+
+    let decision: LoanDecision = output(&finished(panel, &flow).await?)?;
+    let expected = LoanDecision {
+        approved: false,
+        replies: 1,
+        reason: Some("only 1 of 3 bureaus replied in time".into()),
+    };
+    ensure!(decision == expected, "{decision:?}");
+    let closed = timer_fired_at(panel, &flow, "replies").await?;
+
+    // A finished flow takes no messages: restart it (keeping its journal) and deliver the late
+    // approval while it runs again; it may finish first, then try again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let late = loop {
+        panel.restart(&flow, None, false, None).await?;
+        match reply(panel, &flow, "bureau-b", true).await {
+            Ok(seq) => break seq,
+            Err(e) if tokio::time::Instant::now() < deadline => println!("late reply not delivered yet: {e}"),
+            Err(e) => return Err(e),
+        }
+    };
+    ensure!(late > closed, "the late reply ({late}) comes after the window closed ({closed})");
+    // Replayed with the late reply in its log, the flow decides the same.
+    finished(panel, &flow).await?;
+    panel.restart(&flow, None, false, None).await?;
+    let view = finished(panel, &flow).await?;
+    let again: LoanDecision = output(&view)?;
+    ensure!(again == expected, "after the late reply: {again:?}");
+    ensure!(view.events.len() as u64 > late, "the late reply is in the log: {:?}", view.events);
+    check_requests(&path, &flow)?;
+    engine.shutdown().await;
+    Ok(())
+}
