@@ -22,6 +22,7 @@ pub mod activation;
 pub mod control;
 mod ctx;
 mod flow;
+mod flow_actor;
 mod registry;
 pub mod shard_actor;
 

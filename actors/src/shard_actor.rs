@@ -24,11 +24,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{FlowId, ShardId};
 use fetter_raft::shard::{self, Action, Rejection, ShardCommand};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
-use crate::activation::{self, Outcome};
+use crate::activation::Outcome;
+use crate::flow_actor::{FlowActor, FlowArgs};
 use crate::registry::Registry;
 
 /// Bound on the flows one GC command deletes.
@@ -187,8 +188,8 @@ async fn feed(group: GroupHandle, actor: ActorRef<ShardMsg>) {
 pub struct ShardState {
     args: ShardArgs,
     leading: bool,
-    /// Flows with a live activation, and whether they must be activated again when it ends.
-    active: HashMap<FlowId, (JoinHandle<()>, bool)>,
+    /// Flows with a live `FlowActor`, and whether they must be activated again when it ends.
+    active: HashMap<FlowId, (ActorRef<()>, bool)>,
     /// Armed in-memory timers.
     timers: HashMap<(FlowId, String), JoinHandle<()>>,
     /// Delivery runs in flight per target, and whether another run is wanted after them.
@@ -219,6 +220,24 @@ impl Actor for ShardActor {
             last_gc: tokio::time::Instant::now(),
             collecting: None,
         })
+    }
+
+    /// Flow actors are linked to this actor. One that ends normally has already reported
+    /// `Ended`; one that failed (a bug outside flow code: flow panics are caught) is forgotten
+    /// and its flow re-derived from state. Neither stops the shard actor (ractor's default).
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<ShardMsg>,
+        event: SupervisionEvent,
+        state: &mut ShardState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(who, reason) = event {
+            tracing::error!(group = %state.args.group.group(), %reason, "a flow actor failed");
+            state.active.retain(|_, (flow_actor, _)| flow_actor.get_id() != who.get_id());
+            self.stats.live_flows.store(state.active.len(), Ordering::SeqCst);
+            let _ = myself.send_message(ShardMsg::Rederive);
+        }
+        Ok(())
     }
 
     async fn post_stop(
@@ -313,8 +332,8 @@ impl ShardActor {
     }
 
     fn stop_all(&self, state: &mut ShardState) {
-        for (_, (task, _)) in state.active.drain() {
-            task.abort();
+        for (_, (flow_actor, _)) in state.active.drain() {
+            flow_actor.stop(None);
         }
         for (_, task) in state.timers.drain() {
             task.abort();
@@ -331,8 +350,8 @@ impl ShardActor {
             Action::Fence { flow } => {
                 // The running activation's steps are refused from now on; stop it early and run
                 // the flow again if it is still runnable (restart, effect repair).
-                if let Some((task, again)) = state.active.get_mut(&flow) {
-                    task.abort();
+                if let Some((flow_actor, again)) = state.active.get_mut(&flow) {
+                    flow_actor.stop(None);
                     *again = true;
                     let _ = myself.send_message(ShardMsg::Ended {
                         flow,
@@ -354,14 +373,22 @@ impl ShardActor {
             *again = true;
             return;
         }
-        let (group, registry, me, f) =
-            (state.args.group.clone(), state.args.registry.clone(), myself.clone(), flow.clone());
-        let task = tokio::spawn(async move {
-            let outcome = activation::activate(&group, &registry, &f).await.map_err(|e| e.to_string());
-            let _ = me.send_message(ShardMsg::Ended { flow: f, outcome });
-        });
-        state.active.insert(flow, (task, false));
-        self.stats.live_flows.store(state.active.len(), Ordering::SeqCst);
+        let args = FlowArgs {
+            group: state.args.group.clone(),
+            registry: state.args.registry.clone(),
+            flow: flow.clone(),
+            shard: myself.clone(),
+        };
+        match ractor::ActorRuntime::spawn_linked_instant(None, FlowActor, args, myself.get_cell()) {
+            Ok((flow_actor, _)) => {
+                state.active.insert(flow, (flow_actor, false));
+                self.stats.live_flows.store(state.active.len(), Ordering::SeqCst);
+            }
+            Err(e) => {
+                tracing::error!(flow = %flow, error = %e, "cannot spawn a flow actor; will retry");
+                self.retry_later(myself, state, flow);
+            }
+        }
     }
 
     fn retry_later(&self, myself: &ActorRef<ShardMsg>, state: &ShardState, flow: FlowId) {

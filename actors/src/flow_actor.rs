@@ -1,0 +1,49 @@
+//! The `FlowActor`: one per active flow instance on a shard leader. It drives one activation —
+//! replaying the flow from its journal and running new steps with its epoch — and reports to
+//! the shard actor how it ended. Stopping it (leadership lost, fenced) drops the flow's future
+//! mid-step; it never resumes. A flow that waits has no actor.
+
+use fetter_raft::handle::GroupHandle;
+use fetter_raft::ids::FlowId;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::task::JoinHandle;
+
+use crate::activation;
+use crate::registry::Registry;
+use crate::shard_actor::ShardMsg;
+
+/// What a flow actor runs.
+pub(crate) struct FlowArgs {
+    pub(crate) group: GroupHandle,
+    pub(crate) registry: Registry,
+    pub(crate) flow: FlowId,
+    pub(crate) shard: ActorRef<ShardMsg>,
+}
+
+/// The actor of one flow's activation. It takes no messages: it runs until its activation ends
+/// (then stops itself) or it is stopped.
+pub(crate) struct FlowActor;
+
+impl Actor for FlowActor {
+    type Msg = ();
+    type State = JoinHandle<()>;
+    type Arguments = FlowArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<()>,
+        args: FlowArgs,
+    ) -> Result<JoinHandle<()>, ActorProcessingErr> {
+        Ok(tokio::spawn(async move {
+            let FlowArgs { group, registry, flow, shard } = args;
+            let outcome = activation::activate(&group, &registry, &flow).await.map_err(|e| e.to_string());
+            let _ = shard.send_message(ShardMsg::Ended { flow, outcome });
+            myself.stop(None);
+        }))
+    }
+
+    async fn post_stop(&self, _: ActorRef<()>, task: &mut JoinHandle<()>) -> Result<(), ActorProcessingErr> {
+        task.abort();
+        Ok(())
+    }
+}
