@@ -358,3 +358,47 @@ async fn a_long_backoff_suspends_the_flow_on_a_durable_timer() -> Result<()> {
     n.node.shutdown().await;
     Ok(())
 }
+
+/// Postpones itself once, then does one effect.
+struct Later {
+    work: Service,
+}
+
+impl Flow for Later {
+    const TYPE: &'static str = "later";
+    type Input = u64;
+    type Output = ();
+
+    async fn run(&self, ctx: &Ctx, ms: u64) -> Result<(), FlowError> {
+        ctx.postpone("not-before", Duration::from_millis(ms)).await?;
+        ctx.effect("work", || self.work.call()).await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postponed_flow_runs_again_once_its_time_has_come() -> Result<()> {
+    let n = single_node().await?;
+    let work = Service::default();
+    let registry = Registry::new().register(Later { work: work.clone() })?;
+    let (actor, _) = run_actor(&n.group, registry).await?;
+    let flow = FlowId::new("later", "l-1");
+    start(&n.group, &flow, "400").await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let until_ms = loop {
+        let record = n.group.read_local(|kv| shard::get_flow(kv, &flow))?.ok_or_else(|| anyhow!("flow"))?;
+        if let FlowStatus::Postponed { until_ms } = record.status {
+            break until_ms;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "never postponed: {:?}", record.status);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    ensure!(work.count() == 0, "nothing after the postpone ran yet");
+    all_reach(&n.group, std::slice::from_ref(&flow), FlowStatus::Succeeded).await?;
+    let record = n.group.read_local(|kv| shard::get_flow(kv, &flow))?.ok_or_else(|| anyhow!("flow"))?;
+    ensure!(record.finished_ms.is_some_and(|f| f >= until_ms), "ran again at or after its time");
+    ensure!(work.count() == 1);
+    actor.stop(None);
+    n.node.shutdown().await;
+    Ok(())
+}

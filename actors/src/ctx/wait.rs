@@ -123,6 +123,66 @@ impl Ctx {
         self.wait_for(|_| None::<()>, Some(&id)).await.map(|_| ())
     }
 
+    /// Postpones the whole flow for `duration` (from the first run): it ends this activation with
+    /// status `Postponed` and runs again from the top once the time has come; a replay then
+    /// passes this point. Recorded under `id`.
+    pub async fn postpone(&self, id: impl Into<String>, duration: Duration) -> Result<(), FlowError> {
+        self.postpone_to(id.into(), now_ms().saturating_add(duration.as_millis() as u64)).await
+    }
+
+    /// Postpones the whole flow until `until` (see [`Ctx::postpone`]).
+    pub async fn postpone_until(&self, id: impl Into<String>, until: SystemTime) -> Result<(), FlowError> {
+        let ms = until.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.postpone_to(id.into(), ms).await
+    }
+
+    async fn postpone_to(&self, id: String, until_ms: u64) -> Result<(), FlowError> {
+        // The deadline is recorded first, so every replay postpones to the same moment.
+        let deadline: u64 = match self.recorded(&id) {
+            Some(record) => {
+                if let Err(d) = Ctx::check_kind(&record, EffectKind::Sleep) {
+                    return self.drift(&id, d).await;
+                }
+                match &record.state {
+                    EffectState::Completed(v) => self.decode(&id, v).await,
+                    other => return self.drift(&id, format!("recorded in state {other:?}")).await,
+                }
+            }
+            None => {
+                let value =
+                    serde_json::to_vec(&until_ms).map_err(|e| FlowError::new(kind::ERROR, e.to_string()))?;
+                self.commit(ShardCommand::EffectCompleted {
+                    flow: self.inner.flow.clone(),
+                    epoch: self.inner.epoch,
+                    effect_id: id.clone(),
+                    kind: EffectKind::Sleep,
+                    type_name: shard::SLEEP_TYPE_NAME.into(),
+                    value: value.clone(),
+                })
+                .await;
+                self.remember(
+                    &id,
+                    Some(EffectRecord {
+                        kind: EffectKind::Sleep,
+                        type_name: shard::SLEEP_TYPE_NAME.into(),
+                        state: EffectState::Completed(value),
+                    }),
+                );
+                until_ms
+            }
+        };
+        if now_ms() >= deadline {
+            return Ok(());
+        }
+        let postpone = ShardCommand::Postpone {
+            flow: self.inner.flow.clone(),
+            epoch: self.inner.epoch,
+            until_ms: deadline,
+        };
+        self.commit(postpone).await;
+        self.halt(Halt::Suspended).await
+    }
+
     /// Arms timer `id` for `deadline_ms` unless this flow already recorded it (then the recorded
     /// deadline stands).
     async fn arm(&self, id: &str, deadline_ms: u64) -> Result<(), FlowError> {
