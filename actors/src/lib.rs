@@ -23,6 +23,8 @@ pub mod control;
 mod ctx;
 mod flow;
 mod flow_actor;
+#[cfg(feature = "test-hooks")]
+pub mod hooks;
 mod registry;
 pub mod shard_actor;
 

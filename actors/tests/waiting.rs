@@ -199,3 +199,28 @@ async fn a_sleep_and_a_message_timeout_fire_at_or_after_their_deadline() -> Resu
     n.node.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_committed_between_the_read_and_the_suspend_resumes_the_flow() -> Result<()> {
+    let n = single_node().await?;
+    let registry = Registry::new().register(Greeter)?;
+    let flow = FlowId::new("greeter", "race");
+    start(&n.group, &flow, "null").await?;
+    // Stop the activation right after it looked at the log and found nothing, before `Suspend`.
+    let (reached, release) = fetter_actors::hooks::pause_before_suspend(flow.clone());
+    let activation = tokio::spawn({
+        let (group, registry, flow) = (n.group.clone(), registry.clone(), flow.clone());
+        async move { activation::activate(&group, &registry, &flow).await }
+    });
+    tokio::time::timeout(WAIT, reached.notified()).await?;
+    // The message lands exactly in the window.
+    let appended = send(&n.group, &flow, &Hello { name: "in-between".into() }).await?;
+    ensure!(appended == ShardOutcome::Appended { seq: 0 });
+    release.notify_one();
+    // `Suspend{events_seen: 0}` is answered `Resume`: the same activation takes the message.
+    let outcome = tokio::time::timeout(WAIT, activation).await???;
+    ensure!(outcome == Outcome::Succeeded, "the activation continued: {outcome:?}");
+    ensure!(output::<String>(&n.group, &flow).await? == "hello, in-between");
+    n.node.shutdown().await;
+    Ok(())
+}

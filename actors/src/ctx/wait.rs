@@ -244,6 +244,8 @@ impl Ctx {
                 Ok(_) => {}
                 Err(e) => return self.halt(Halt::Fenced(format!("cannot read the event log: {e}"))).await,
             }
+            #[cfg(feature = "test-hooks")]
+            crate::hooks::before_suspend(&self.inner.flow).await;
             let suspend = ShardCommand::Suspend {
                 flow: self.inner.flow.clone(),
                 epoch: self.inner.epoch,
