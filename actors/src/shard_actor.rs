@@ -14,7 +14,7 @@
 //! and the target skips what it has seen. Targets are reached through a [`Router`] (groups on
 //! this node today; forwarding to other nodes comes with the cluster).
 //!
-//! Not here yet: retries, postpone.
+//! Postpone timers are ordinary timers here: firing one makes the flow `Running` again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
