@@ -1,0 +1,212 @@
+//! The runtime on a 3-node group in one process (real sled, openraft, tonic on loopback): the
+//! leader of the child's shard (often the parent's too) is stopped, then a parent on shard 0
+//! starts a child on shard 1; the new leaders' shard actors take over activations and outbox
+//! delivery, and every step happens exactly once.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Result};
+use common::{flow_on, Service, WAIT};
+use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg};
+use fetter_actors::{Ctx, Flow, FlowError, Registry};
+use fetter_raft::handle::GroupHandle;
+use fetter_raft::ids::{ClusterId, FlowId, GroupId, NodeId, ShardId};
+use fetter_raft::node::{NodeConfig, RaftNode, Timing};
+use fetter_raft::shard::{self, FlowStatus, ShardCommand};
+use ractor::ActorRef;
+use std::sync::Mutex;
+
+const SHARDS: u32 = 2;
+
+/// Routes to whichever running node currently leads a shard (in-process stand-in for the
+/// cluster's forwarding).
+#[derive(Default)]
+struct LeaderRouter {
+    nodes: Mutex<BTreeMap<u64, Arc<RaftNode>>>,
+}
+
+impl Router for LeaderRouter {
+    fn group(&self, shard: ShardId) -> Option<GroupHandle> {
+        let nodes = self.nodes.lock().ok()?;
+        nodes
+            .values()
+            .filter_map(|n| n.group(GroupId::of_shard(shard)))
+            .find(|g| g.status().borrow().is_leader)
+    }
+}
+
+struct Parent {
+    child: FlowId,
+    work: Service,
+}
+
+impl Flow for Parent {
+    const TYPE: &'static str = "parent";
+    type Input = u32;
+    type Output = u32;
+
+    async fn run(&self, ctx: &Ctx, n: u32) -> Result<u32, FlowError> {
+        ctx.effect("before", || self.work.call()).await?;
+        ctx.start_child("child", &self.child, &n).await?;
+        let out: u32 = ctx.child_result(&self.child).await?;
+        Ok(out * 10)
+    }
+}
+
+struct Child {
+    work: Service,
+}
+
+impl Flow for Child {
+    const TYPE: &'static str = "child";
+    type Input = u32;
+    type Output = u32;
+
+    async fn run(&self, ctx: &Ctx, n: u32) -> Result<u32, FlowError> {
+        ctx.effect("work", || self.work.call()).await?;
+        Ok(n + 1)
+    }
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    router: Arc<LeaderRouter>,
+    actors: BTreeMap<u64, Vec<ActorRef<ShardMsg>>>,
+}
+
+impl Cluster {
+    async fn leader_of(&self, shard: u32) -> Result<GroupHandle> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(g) = self.router.group(ShardId(shard)) {
+                return Ok(g);
+            }
+            ensure!(tokio::time::Instant::now() < deadline, "no leader of shard {shard}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The node that leads `shard` now.
+    fn leader_node(&self, shard: u32) -> Option<u64> {
+        let nodes = self.router.nodes.lock().ok()?;
+        nodes.iter().find_map(|(id, n)| {
+            n.group(GroupId::of_shard(ShardId(shard))).filter(|g| g.status().borrow().is_leader).map(|_| *id)
+        })
+    }
+
+    async fn stop(&mut self, id: u64) -> Result<()> {
+        for a in self.actors.remove(&id).unwrap_or_default() {
+            a.stop(None);
+        }
+        let node = self.router.nodes.lock().map_err(|_| anyhow!("poisoned"))?.remove(&id);
+        if let Some(node) = node {
+            node.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+async fn cluster(registry: Registry) -> Result<Cluster> {
+    let dir = tempfile::tempdir()?;
+    let router = Arc::new(LeaderRouter::default());
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3u64 {
+        let mut config = NodeConfig::new(
+            NodeId(id),
+            "127.0.0.1:0".parse()?,
+            dir.path().join(format!("n{id}")),
+            ClusterId("failover".into()),
+        );
+        config.timing = Timing::relaxed();
+        let node = RaftNode::start(config).await?;
+        for s in 0..SHARDS {
+            node.open_group(GroupId::of_shard(ShardId(s))).await?;
+        }
+        nodes.insert(id, node);
+    }
+    let members: BTreeMap<NodeId, String> =
+        nodes.iter().map(|(id, n)| (NodeId(*id), n.addr().to_string())).collect();
+    for s in 0..SHARDS {
+        let group = nodes[&1].group(GroupId::of_shard(ShardId(s))).ok_or_else(|| anyhow!("group"))?;
+        group.initialize(members.clone()).await?;
+    }
+    *router.nodes.lock().map_err(|_| anyhow!("poisoned"))? = nodes.clone();
+    let mut c = Cluster { _dir: dir, router: router.clone(), actors: BTreeMap::new() };
+    for s in 0..SHARDS {
+        let leader = c.leader_of(s).await?;
+        leader
+            .propose_shard(ShardCommand::Configure { shard_id: ShardId(s), shard_count: SHARDS })
+            .await?
+            .map_err(|r| anyhow!("configure: {r}"))?;
+    }
+    // A shard actor for every group on every node; only the leaders' act.
+    let dyn_router: Arc<dyn Router> = router.clone();
+    for (id, node) in &nodes {
+        let mut actors = Vec::new();
+        for s in 0..SHARDS {
+            let group = node.group(GroupId::of_shard(ShardId(s))).ok_or_else(|| anyhow!("group"))?;
+            let args = ShardArgs::new(
+                ShardId(s),
+                group,
+                dyn_router.clone(),
+                registry.clone(),
+                Duration::from_secs(3),
+            );
+            actors.push(ShardActor::start(args).await?.0);
+        }
+        c.actors.insert(*id, actors);
+    }
+    Ok(c)
+}
+
+async fn status_of(c: &Cluster, shard: u32, flow: &FlowId) -> Result<Option<shard::FlowRecord>> {
+    let leader = c.leader_of(shard).await?;
+    Ok(leader.read(|kv| shard::get_flow(kv, flow)).await??)
+}
+
+async fn wait_finished(c: &Cluster, shard: u32, flow: &FlowId) -> Result<shard::FlowRecord> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut last: Option<String>;
+    loop {
+        match status_of(c, shard, flow).await {
+            Ok(Some(record)) if record.status.is_finished() => return Ok(record),
+            other => last = Some(format!("{other:?}")),
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "{flow} did not finish; last seen: {last:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_start_and_result_cross_shards_once_while_leaders_are_stopped() -> Result<()> {
+    let parent = flow_on("parent", 0, SHARDS, "p");
+    let child = flow_on("child", 1, SHARDS, "c");
+    let (parent_work, child_work) = (Service::default(), Service::default());
+    let registry = Registry::new()
+        .register(Parent { child: child.clone(), work: parent_work.clone() })?
+        .register(Child { work: child_work.clone() })?;
+    let mut c = cluster(registry).await?;
+    // Stop the target shard's leader first, then start the parent: its child start must wait in
+    // the outbox until shard 1 has a new leader, then be delivered once.
+    let target_leader = c.leader_node(1).ok_or_else(|| anyhow!("shard 1 leader"))?;
+    c.stop(target_leader).await?;
+    let start = ShardCommand::Start { flow: parent.clone(), input: b"4".to_vec(), parent: None };
+    c.leader_of(0).await?.propose_shard(start).await?.map_err(|r| anyhow!("{r}"))?;
+    let record = wait_finished(&c, 0, &parent).await?;
+    ensure!(record.status == FlowStatus::Succeeded, "{record:?}");
+    ensure!(record.output.as_deref() == Some(b"50".as_slice()), "the child's result reached the parent");
+    ensure!(parent_work.count() == 1 && child_work.count() == 1, "each step once");
+    let child_record = wait_finished(&c, 1, &child).await?;
+    ensure!(child_record.status == FlowStatus::Succeeded);
+    ensure!(child_record.parent.as_ref() == Some(&parent));
+    let remaining: Vec<u64> =
+        c.router.nodes.lock().map_err(|_| anyhow!("poisoned"))?.keys().copied().collect();
+    for id in remaining {
+        c.stop(id).await?;
+    }
+    Ok(())
+}
