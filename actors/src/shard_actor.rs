@@ -19,11 +19,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{FlowId, ShardId};
 use fetter_raft::shard::{self, Action, Rejection, ShardCommand};
+use fetter_raft::sync::now_ms;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
@@ -522,10 +523,6 @@ async fn deliver_outbox(
         let ack = ShardCommand::OutboxAck { target, upto_seq: last_seq };
         group.propose_shard(ack).await.map_err(|e| e.to_string())?.map_err(|r| r.to_string())?;
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Time left until `deadline_ms` (wall clock), zero if past.

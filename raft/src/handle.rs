@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
@@ -18,6 +18,7 @@ use crate::kv::KvRead;
 use crate::meta::{MetaCommand, MetaReply};
 use crate::shard::{Action, ShardCommand, ShardReply};
 use crate::storage::StateReader;
+use crate::sync::now_ms;
 use crate::types::{Command, Raft, Reply, Request};
 
 /// Bound on proposals waiting to be packed, per group.
@@ -109,10 +110,6 @@ struct Inner {
     proposals: mpsc::Sender<Proposal>,
     status: watch::Receiver<GroupStatus>,
     actions: broadcast::Sender<Arc<Vec<Action>>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl GroupHandle {

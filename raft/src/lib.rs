@@ -29,5 +29,6 @@ pub mod node;
 pub mod placement;
 pub mod shard;
 pub mod storage;
+pub mod sync;
 pub mod transport;
 pub mod types;

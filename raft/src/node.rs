@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use crate::handle::GroupHandle;
 use crate::ids::{ClusterId, GroupId, Incarnation, NodeId};
 use crate::storage::{self, Store};
+use crate::sync::lock;
 use crate::transport::{GroupRegistry, Identity, NetworkFactory, Peers, RaftService};
 use crate::types::Raft;
 
@@ -281,13 +282,6 @@ impl RaftNode {
         if let Err(e) = self.store.db().flush_async().await {
             tracing::warn!(error = %e, "final flush failed");
         }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{Epoch, FlowId};
 use fetter_raft::shard::{EffectKind, EffectRecord, EffectState, Event, ShardCommand, ShardOutcome};
+use fetter_raft::sync::{lock, now_ms};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -234,17 +235,6 @@ impl Ctx {
         self.remember(&id, Some(EffectRecord { kind, type_name, state: EffectState::Completed(bytes) }));
         Ok(value)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A pending effect; `.await` it (after choosing [`Effect::at_most_once`] if needed).

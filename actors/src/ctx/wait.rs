@@ -14,7 +14,9 @@ use fetter_raft::shard::{self, EffectKind, EffectRecord, EffectState, Event, Sha
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{now_ms, Ctx, Halt};
+use fetter_raft::sync::{lock, now_ms};
+
+use super::{Ctx, Halt};
 use crate::flow::{kind, FlowError};
 
 /// A message a flow can wait for. `NAME` is its stable wire name (never `std::any::type_name`,
@@ -225,7 +227,7 @@ impl Ctx {
         };
         loop {
             let seen = {
-                let mut view = super::lock(&self.inner.events);
+                let mut view = lock(&self.inner.events);
                 if let Some(woken) = view.take(pick_any) {
                     return Ok(woken);
                 }
@@ -236,7 +238,7 @@ impl Ctx {
             let newer = self.inner.group.read_local(|kv| shard::events(kv, &flow, seen, usize::MAX));
             match newer {
                 Ok(newer) if !newer.is_empty() => {
-                    let mut view = super::lock(&self.inner.events);
+                    let mut view = lock(&self.inner.events);
                     view.seen = newer.last().map_or(view.seen, |(seq, _)| seq + 1);
                     view.events.extend(newer);
                     continue;

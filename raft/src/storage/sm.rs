@@ -30,6 +30,7 @@ use crate::codec;
 use crate::ids::GroupId;
 use crate::kv::{Kv, KvRead, Overlay, Rows};
 use crate::shard::Action;
+use crate::sync::{lock, read, write};
 use crate::types::{Command, Entry, LogId, Reply, Response, StorageError, TypeConfig};
 use crate::{meta, shard};
 
@@ -106,10 +107,7 @@ pub struct StateReader {
 impl StateReader {
     /// Runs `f` over the current applied state.
     pub fn read<R>(&self, f: impl FnOnce(&dyn KvRead) -> R) -> R {
-        let tree = match self.current.read() {
-            Ok(t) => t.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
+        let tree = read(&self.current).clone();
         f(&TreeKv(&tree))
     }
 
@@ -153,13 +151,6 @@ fn write_rows(tree: &sled::Tree, writes: Writes) -> Result<(), StorageError> {
         .map_err(|e| sm_write(any(e)))?;
     }
     Ok(())
-}
-
-fn lock(m: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 impl StateMachineStore {
@@ -214,10 +205,7 @@ impl StateMachineStore {
     }
 
     fn tree(&self) -> sled::Tree {
-        match self.current.read() {
-            Ok(t) => t.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        read(&self.current).clone()
     }
 
     fn apply_command(
@@ -357,10 +345,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
         // 3. Serve reads from it and drop the old generation.
         let old = tree_name(self.group, self.generation);
-        match self.current.write() {
-            Ok(mut t) => *t = tree,
-            Err(poisoned) => *poisoned.into_inner() = tree,
-        }
+        *write(&self.current) = tree;
         self.generation = next;
         self.db.drop_tree(&old).map_err(|e| snap_err(any(e)))?;
         // Everything derived from state may have changed: tell the leader's consumer.

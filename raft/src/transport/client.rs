@@ -24,6 +24,7 @@ use super::proto::{RaftBatch, RaftRequest, RpcKind};
 use super::{Identity, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES};
 use crate::codec;
 use crate::ids::GroupId;
+use crate::sync::lock;
 use crate::types::TypeConfig;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -46,13 +47,6 @@ pub struct Peers {
     identity: Identity,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     batchers: Arc<Mutex<HashMap<String, mpsc::Sender<Pending>>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 fn client(channel: Channel) -> RaftTransportClient<Channel> {

@@ -14,6 +14,7 @@ use super::proto::{
 use super::{Identity, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES};
 use crate::codec;
 use crate::ids::GroupId;
+use crate::sync::{read, write};
 use crate::types::Raft;
 
 /// The groups this node hosts, by id. Shared by the node (which adds groups) and the service.
@@ -25,35 +26,22 @@ pub struct GroupRegistry {
 impl GroupRegistry {
     /// Registers `raft` as `group`'s instance on this node.
     pub fn insert(&self, group: GroupId, raft: Raft) {
-        match self.inner.write() {
-            Ok(mut g) => g.insert(group, raft),
-            Err(p) => p.into_inner().insert(group, raft),
-        };
+        write(&self.inner).insert(group, raft);
     }
 
     /// The Raft instance of `group`, if hosted here.
     pub fn get(&self, group: GroupId) -> Option<Raft> {
-        match self.inner.read() {
-            Ok(g) => g.get(&group).cloned(),
-            Err(p) => p.into_inner().get(&group).cloned(),
-        }
+        read(&self.inner).get(&group).cloned()
     }
 
     /// Removes `group` and returns its instance.
     pub fn remove(&self, group: GroupId) -> Option<Raft> {
-        match self.inner.write() {
-            Ok(mut g) => g.remove(&group),
-            Err(p) => p.into_inner().remove(&group),
-        }
+        write(&self.inner).remove(&group)
     }
 
     /// Every hosted group.
     pub fn all(&self) -> Vec<(GroupId, Raft)> {
-        let map = match self.inner.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
-        map.into_iter().collect()
+        read(&self.inner).iter().map(|(g, r)| (*g, r.clone())).collect()
     }
 }
 
