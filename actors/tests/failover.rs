@@ -6,11 +6,12 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
-use common::{flow_on, Service, WAIT};
+use common::{flow_on, Go, Service, WAIT};
 use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg};
 use fetter_actors::{Ctx, Flow, FlowError, Registry};
 use fetter_raft::handle::GroupHandle;
@@ -23,14 +24,18 @@ use std::sync::Mutex;
 const SHARDS: u32 = 2;
 
 /// Routes to whichever running node currently leads a shard (in-process stand-in for the
-/// cluster's forwarding).
+/// cluster's forwarding). While `held`, no shard is reachable: outbox entries stay pending.
 #[derive(Default)]
 struct LeaderRouter {
     nodes: Mutex<BTreeMap<u64, Arc<RaftNode>>>,
+    held: AtomicBool,
 }
 
 impl Router for LeaderRouter {
     fn group(&self, shard: ShardId) -> Option<GroupHandle> {
+        if self.held.load(Ordering::SeqCst) {
+            return None;
+        }
         let nodes = self.nodes.lock().ok()?;
         nodes
             .values()
@@ -69,6 +74,44 @@ impl Flow for Child {
     async fn run(&self, ctx: &Ctx, n: u32) -> Result<u32, FlowError> {
         ctx.effect("work", || self.work.call()).await?;
         Ok(n + 1)
+    }
+}
+
+/// Sends `Go{1..=n}` to `to`, then finishes.
+struct Sender {
+    to: FlowId,
+}
+
+impl Flow for Sender {
+    const TYPE: &'static str = "sender";
+    type Input = u32;
+    type Output = ();
+
+    async fn run(&self, ctx: &Ctx, n: u32) -> Result<(), FlowError> {
+        for i in 1..=n {
+            ctx.send(format!("go-{i}"), &self.to, &Go { n: i }).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits for `n` `Go` messages and returns their sum.
+struct Receiver {
+    work: Service,
+}
+
+impl Flow for Receiver {
+    const TYPE: &'static str = "receiver";
+    type Input = u32;
+    type Output = u32;
+
+    async fn run(&self, ctx: &Ctx, n: u32) -> Result<u32, FlowError> {
+        let mut sum = 0;
+        for _ in 0..n {
+            sum += ctx.message::<Go>().await?.n;
+        }
+        ctx.effect("done", || self.work.call()).await?;
+        Ok(sum)
     }
 }
 
@@ -203,6 +246,80 @@ async fn child_start_and_result_cross_shards_once_while_leaders_are_stopped() ->
     let child_record = wait_finished(&c, 1, &child).await?;
     ensure!(child_record.status == FlowStatus::Succeeded);
     ensure!(child_record.parent.as_ref() == Some(&parent));
+    let remaining: Vec<u64> =
+        c.router.nodes.lock().map_err(|_| anyhow!("poisoned"))?.keys().copied().collect();
+    for id in remaining {
+        c.stop(id).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_survives_a_leader_change_of_the_source_shard() -> Result<()> {
+    let sender = flow_on("sender", 0, SHARDS, "s");
+    let receiver = flow_on("receiver", 1, SHARDS, "r");
+    let receiver_work = Service::default();
+    let registry = Registry::new()
+        .register(Sender { to: receiver.clone() })?
+        .register(Receiver { work: receiver_work.clone() })?;
+    let mut c = cluster(registry).await?;
+    let start = |flow: &FlowId, input: &[u8]| ShardCommand::Start {
+        flow: flow.clone(),
+        input: input.to_vec(),
+        parent: None,
+    };
+    c.leader_of(1).await?.propose_shard(start(&receiver, b"3")).await?.map_err(|r| anyhow!("{r}"))?;
+    // No shard is reachable: the sender finishes with its three messages committed to shard 0's
+    // outbox and none delivered.
+    let source = c.leader_of(0).await?;
+    c.router.held.store(true, Ordering::SeqCst);
+    source.propose_shard(start(&sender, b"3")).await?.map_err(|r| anyhow!("{r}"))?;
+    let nodes: Vec<Arc<RaftNode>> =
+        c.router.nodes.lock().map_err(|_| anyhow!("poisoned"))?.values().cloned().collect();
+    let source_leader = || {
+        nodes.iter().find_map(|n| {
+            n.group(GroupId::of_shard(ShardId(0))).filter(|g| g.status().borrow().is_leader).map(|_| n.id())
+        })
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (old_leader, pending) = loop {
+        let leader = source_leader().ok_or_else(|| anyhow!("shard 0 has no leader"))?;
+        let group =
+            nodes.iter().find(|n| n.id() == leader).and_then(|n| n.group(GroupId::of_shard(ShardId(0))));
+        let group = group.ok_or_else(|| anyhow!("group"))?;
+        let sender_done =
+            group.read(|kv| shard::get_flow(kv, &sender)).await??.is_some_and(|r| r.status.is_finished());
+        let pending = group.read(|kv| shard::outbox_pending(kv, ShardId(1), 16)).await??.len();
+        if sender_done {
+            break (leader, pending);
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "the sender did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    ensure!(pending == 3, "three messages wait in the source outbox, found {pending}");
+    let target = nodes
+        .iter()
+        .filter_map(|n| n.group(GroupId::of_shard(ShardId(1))))
+        .find(|g| g.status().borrow().is_leader)
+        .ok_or_else(|| anyhow!("shard 1 has no leader"))?;
+    let before = target.read(|kv| shard::get_flow(kv, &receiver)).await??;
+    ensure!(before.is_some_and(|r| r.events_len == 0), "nothing delivered yet");
+    // The source shard's leader goes away with its outbox undelivered; the next leader of shard 0
+    // delivers it.
+    c.stop(old_leader.0).await?;
+    c.router.held.store(false, Ordering::SeqCst);
+    let record = wait_finished(&c, 1, &receiver).await?;
+    ensure!(record.status == FlowStatus::Succeeded, "{record:?}");
+    ensure!(record.output.as_deref() == Some(b"6".as_slice()), "each message once: {:?}", record.output);
+    ensure!(record.events_len == 3, "three events in the receiver's log, got {}", record.events_len);
+    ensure!(receiver_work.count() == 1);
+    ensure!(c.leader_node(0) != Some(old_leader.0), "shard 0 changed leader");
+    let new_source = c.leader_of(0).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !new_source.read(|kv| shard::outbox_pending(kv, ShardId(1), 16)).await??.is_empty() {
+        ensure!(tokio::time::Instant::now() < deadline, "the new source leader never acknowledged delivery");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let remaining: Vec<u64> =
         c.router.nodes.lock().map_err(|_| anyhow!("poisoned"))?.keys().copied().collect();
     for id in remaining {

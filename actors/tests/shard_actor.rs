@@ -334,26 +334,37 @@ async fn retries_follow_the_policy() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_backoff_suspends_the_flow_on_a_durable_timer() -> Result<()> {
+async fn a_long_backoff_suspends_the_flow_on_a_durable_timer_that_fires_after_a_restart() -> Result<()> {
     let n = single_node().await?;
     let flaky = Flaky { calls: Arc::default(), failures: 1, kind: "transient" };
-    let mut policy = RetryPolicy::exponential(3, Duration::from_millis(400));
+    let mut policy = RetryPolicy::exponential(3, Duration::from_millis(1_500));
     policy.suspend_after = Duration::from_millis(50);
     let registry = Registry::new().register(Retrying { flaky: flaky.clone(), policy })?;
-    let (actor, stats) = run_actor(&n.group, registry).await?;
+    let (actor, stats) = run_actor(&n.group, registry.clone()).await?;
     let flow = FlowId::new("retrying", "r-2");
     start(&n.group, &flow, "null").await?;
     // After the first failure the flow waits on its backoff timer, suspended, with no activation.
     all_reach(&n.group, std::slice::from_ref(&flow), FlowStatus::Suspended).await?;
     let timers = n.group.read_local(|kv| shard::timers_of(kv, &flow))?;
-    ensure!(timers.iter().any(|(id, _)| id == "call#backoff-1"), "a durable backoff timer: {timers:?}");
+    let backoff_ms = timers
+        .iter()
+        .find(|(id, _)| id == "call#backoff-1")
+        .map(|(_, at)| *at)
+        .ok_or_else(|| anyhow!("a durable backoff timer: {timers:?}"))?;
     let deadline = tokio::time::Instant::now() + WAIT;
     while stats.live_flows() > 0 {
         ensure!(tokio::time::Instant::now() < deadline, "activation still live while suspended");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // The node goes down during the backoff; the retry happens after the restart.
+    actor.stop(None);
+    let n = n.restart().await?;
+    ensure!(flaky.calls.load(std::sync::atomic::Ordering::SeqCst) == 1, "no retry before the restart");
+    let (actor, _) = run_actor(&n.group, registry).await?;
     all_reach(&n.group, std::slice::from_ref(&flow), FlowStatus::Succeeded).await?;
-    ensure!(flaky.calls.load(std::sync::atomic::Ordering::SeqCst) == 2);
+    ensure!(flaky.calls.load(std::sync::atomic::Ordering::SeqCst) == 2, "one retry");
+    let record = n.group.read_local(|kv| shard::get_flow(kv, &flow))?.ok_or_else(|| anyhow!("flow"))?;
+    ensure!(record.finished_ms.is_some_and(|f| f >= backoff_ms), "retried at or after the backoff deadline");
     actor.stop(None);
     n.node.shutdown().await;
     Ok(())
