@@ -136,7 +136,7 @@ impl ControlPanel {
     }
 
     async fn command(&self, flow: &FlowId, command: ShardCommand) -> Result<ShardOutcome, Error> {
-        self.group(flow)?.propose_shard(command).await?.map_err(|r| match r {
+        self.group(flow)?.submit_shard(command).await?.map_err(|r| match r {
             Rejection::FlowNotFound => Error::NotFound(flow.clone()),
             Rejection::InputMismatch => Error::InputMismatch(flow.clone()),
             Rejection::FlowFinished => Error::Finished(flow.clone()),

@@ -516,7 +516,7 @@ async fn deliver_outbox(
         // Entries the target already applied (a run cut off before its acknowledgement) are
         // skipped there; a gap cannot happen as long as only applied entries are acknowledged.
         target_group
-            .propose_shard(deliver)
+            .submit_shard(deliver)
             .await
             .map_err(|e| e.to_string())?
             .map_err(|r| format!("target refused delivery: {r}"))?;

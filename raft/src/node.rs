@@ -247,10 +247,13 @@ impl RaftNode {
             raft,
             reader,
             actions,
+            self.peers.clone(),
             Duration::from_millis(self.config.timing.propose_timeout_ms),
         );
         let mut handles = lock(&self.handles);
-        Ok(handles.entry(group).or_insert(handle).clone())
+        let handle = handles.entry(group).or_insert(handle).clone();
+        self.groups.insert_handle(group, handle.clone());
+        Ok(handle)
     }
 
     /// The handle of an open group.

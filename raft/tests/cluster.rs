@@ -447,3 +447,32 @@ async fn metadata_group_and_membership_change() -> Result<()> {
     c.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_forward_proposals_and_serve_linearizable_reads() -> Result<()> {
+    let mut c = Cluster::start(3, 1, 10_000).await?;
+    start_log_flow(&c).await?;
+    let leader = c.leader(g(0)).await?;
+    let follower = c.running().into_iter().find(|id| *id != leader).ok_or_else(|| anyhow!("follower"))?;
+    let h = c.handle(follower, g(0))?;
+    // `propose` stays local: a follower refuses (activations must never commit elsewhere).
+    match h.propose_shard(message(0)).await {
+        Err(fetter_raft::handle::Error::NotLeader { leader: Some(l), .. }) => {
+            ensure!(l == NodeId(leader), "the hint names the leader")
+        }
+        other => return Err(anyhow!("a follower's local propose must refuse, got {other:?}")),
+    }
+    // `submit` reaches the leader; a read on the follower right after sees the write.
+    for i in 0..20 {
+        expect_ok(h.submit_shard(message(i)).await?)?;
+        let seen = h.read(|kv| shard::get_flow(kv, &flow_on(0, 1, "log"))).await??;
+        ensure!(seen.map(|r| r.events_len) == Some(i + 1), "the follower's read is linearizable");
+    }
+    // The leader goes away: the follower's next submit waits for the election and follows it.
+    c.stop(leader).await?;
+    expect_ok(h.submit_shard(message(20)).await?)?;
+    let seen = h.read(|kv| shard::get_flow(kv, &flow_on(0, 1, "log"))).await??;
+    ensure!(seen.map(|r| r.events_len) == Some(21));
+    c.shutdown().await;
+    Ok(())
+}

@@ -18,7 +18,7 @@ pub mod proto {
     tonic::include_proto!("fetter.raft.v1");
 }
 
-pub use client::{NetworkFactory, Peers};
+pub use client::{CallError, NetworkFactory, Peers};
 pub use server::{GroupRegistry, RaftService};
 
 use crate::ids::{ClusterId, Incarnation, NodeId};

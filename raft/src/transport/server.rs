@@ -13,6 +13,7 @@ use super::proto::{
 };
 use super::{Identity, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES};
 use crate::codec;
+use crate::handle::GroupHandle;
 use crate::ids::GroupId;
 use crate::sync::{read, write};
 use crate::types::Raft;
@@ -21,12 +22,23 @@ use crate::types::Raft;
 #[derive(Clone, Default)]
 pub struct GroupRegistry {
     inner: Arc<RwLock<HashMap<GroupId, Raft>>>,
+    handles: Arc<RwLock<HashMap<GroupId, GroupHandle>>>,
 }
 
 impl GroupRegistry {
     /// Registers `raft` as `group`'s instance on this node.
     pub fn insert(&self, group: GroupId, raft: Raft) {
         write(&self.inner).insert(group, raft);
+    }
+
+    /// Registers the handle that serves forwarded proposals and read-index requests of `group`.
+    pub fn insert_handle(&self, group: GroupId, handle: GroupHandle) {
+        write(&self.handles).insert(group, handle);
+    }
+
+    /// The handle of `group`, if hosted here.
+    pub fn handle(&self, group: GroupId) -> Option<GroupHandle> {
+        read(&self.handles).get(&group).cloned()
     }
 
     /// The Raft instance of `group`, if hosted here.
@@ -36,6 +48,7 @@ impl GroupRegistry {
 
     /// Removes `group` and returns its instance.
     pub fn remove(&self, group: GroupId) -> Option<Raft> {
+        write(&self.handles).remove(&group);
         write(&self.inner).remove(&group)
     }
 
@@ -131,6 +144,15 @@ impl RaftService {
             Ok(RpcKind::InstallSnapshot) => match decode(&req.payload) {
                 Ok(rpc) => reply(&raft.install_snapshot(rpc).await),
                 Err(refusal) => refusal,
+            },
+            Ok(RpcKind::Propose) => match (decode(&req.payload), self.groups.handle(group)) {
+                (Ok(command), Some(handle)) => reply(&handle.propose(command).await),
+                (Err(refusal), _) => refusal,
+                (_, None) => refuse(ErrorCode::ShuttingDown, format!("group {group} is closing")),
+            },
+            Ok(RpcKind::ReadIndex) => match self.groups.handle(group) {
+                Some(handle) => reply(&handle.read_index_here().await),
+                None => refuse(ErrorCode::ShuttingDown, format!("group {group} is closing")),
             },
             Ok(RpcKind::Unspecified) | Err(_) => {
                 refuse(ErrorCode::UnknownKind, format!("unknown RPC kind {}", req.kind))

@@ -19,7 +19,10 @@ use crate::meta::{MetaCommand, MetaReply};
 use crate::shard::{Action, ShardCommand, ShardReply};
 use crate::storage::StateReader;
 use crate::sync::now_ms;
+use crate::transport::Peers;
 use crate::types::{Command, Raft, Reply, Request};
+
+mod route;
 
 /// Bound on proposals waiting to be packed, per group.
 const QUEUE_CAPACITY: usize = 8192;
@@ -32,7 +35,7 @@ const MAX_COMMANDS_PER_ENTRY: usize = 1024;
 const MAX_ENTRIES_IN_FLIGHT: usize = 1;
 
 /// Why a proposal or read did not produce a reply.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum Error {
     /// This node does not lead the group; `leader` is the hint, if known.
     #[error("not the leader of {group} (leader: {leader:?})")]
@@ -58,6 +61,14 @@ pub enum Error {
     /// The group is shutting down or its Raft stopped.
     #[error("group {0} is shutting down")]
     ShuttingDown(GroupId),
+    /// No leader could be reached within the time budget (an election, lost nodes).
+    #[error("group {group} has no reachable leader: {reason}")]
+    NoLeader {
+        /// The group.
+        group: GroupId,
+        /// What was tried last.
+        reason: String,
+    },
     /// The reply did not match the command (a bug: the state machine broke its contract).
     #[error("internal error in {group}: {reason}")]
     Internal {
@@ -110,6 +121,8 @@ struct Inner {
     proposals: mpsc::Sender<Proposal>,
     status: watch::Receiver<GroupStatus>,
     actions: broadcast::Sender<Arc<Vec<Action>>>,
+    peers: Peers,
+    propose_timeout: Duration,
 }
 
 impl GroupHandle {
@@ -119,12 +132,24 @@ impl GroupHandle {
         raft: Raft,
         reader: StateReader,
         actions: broadcast::Sender<Arc<Vec<Action>>>,
+        peers: Peers,
         propose_timeout: Duration,
     ) -> GroupHandle {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         tokio::spawn(batcher(group, raft.clone(), rx, propose_timeout));
         let status = spawn_status_watch(raft.clone());
-        GroupHandle { inner: Arc::new(Inner { group, raft, reader, proposals: tx, status, actions }) }
+        GroupHandle {
+            inner: Arc::new(Inner {
+                group,
+                raft,
+                reader,
+                proposals: tx,
+                status,
+                actions,
+                peers,
+                propose_timeout,
+            }),
+        }
     }
 
     /// The group.
@@ -137,7 +162,10 @@ impl GroupHandle {
         &self.inner.raft
     }
 
-    /// Proposes `command`; returns its reply once the entry carrying it is committed and applied.
+    /// Proposes `command` on this node; returns its reply once the entry carrying it is committed
+    /// and applied. A node that does not lead the group answers [`Error::NotLeader`]: activations
+    /// use this, so a deposed leader's flows never commit through another node
+    /// ([`GroupHandle::submit`] forwards).
     pub async fn propose(&self, command: Command) -> Result<Reply, Error> {
         let (reply, rx) = oneshot::channel();
         let group = self.inner.group;
@@ -171,11 +199,19 @@ impl GroupHandle {
         }
     }
 
-    /// A linearizable read: confirms leadership with a quorum, waits until everything committed
-    /// before the read is applied here, then runs `f` over the state.
+    /// A linearizable read on any replica: the leader confirms its leadership with a quorum and
+    /// names the last committed index (asked over the transport when another node leads); once
+    /// this replica has applied that far, `f` runs over its state.
     pub async fn read<R>(&self, f: impl FnOnce(&dyn KvRead) -> R) -> Result<R, Error> {
+        self.read_barrier().await?;
+        Ok(self.inner.reader.read(f))
+    }
+
+    /// Confirms leadership with a quorum (leader only) and returns the index a replica must have
+    /// applied to see everything committed before now.
+    pub(crate) async fn read_index_here(&self) -> Result<Option<u64>, Error> {
         let group = self.inner.group;
-        self.inner.raft.ensure_linearizable().await.map_err(|e| match e {
+        let (read_log_id, _) = self.inner.raft.get_read_log_id().await.map_err(|e| match e {
             RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
                 Error::NotLeader {
                     group,
@@ -188,7 +224,7 @@ impl GroupHandle {
             }
             RaftError::Fatal(_) => Error::ShuttingDown(group),
         })?;
-        Ok(self.inner.reader.read(f))
+        Ok(read_log_id.map(|l| l.index))
     }
 
     /// A read of this replica's applied state, possibly stale.

@@ -1,0 +1,218 @@
+//! Forwarding to the leader: proposals and linearizable reads that reach a replica which does
+//! not lead the group travel to the leader over the Raft transport (DESIGN.md §3 "Routing").
+//!
+//! A forwarded proposal is proposed by the leader itself, never re-forwarded (one hop); the
+//! sender follows "not leader" hints and retries within its time budget while an election runs,
+//! then answers [`Error::NoLeader`]. It retries only when the request cannot have reached a
+//! leader (refused connection, "not leader"); a request whose outcome is unknown (timeout) is
+//! reported as [`Error::Timeout`]. Commands sent this way must therefore be idempotent — starts
+//! (same input), messages with an idempotency key, outbox deliveries (numbered) — which is what
+//! ingress and outbox delivery send. Activations never forward: see [`GroupHandle::propose`].
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Error, GroupHandle};
+use crate::codec;
+use crate::ids::NodeId;
+use crate::meta::{MetaCommand, MetaReply};
+use crate::shard::{ShardCommand, ShardReply};
+use crate::transport::proto::raft_response::Result as ProtoResult;
+use crate::transport::proto::{RaftRequest, RpcKind};
+use crate::transport::CallError;
+use crate::types::{Command, Reply};
+
+/// Pause before asking again while no leader is known or reachable.
+const NO_LEADER_PAUSE: Duration = Duration::from_millis(50);
+
+/// Where to send the next attempt.
+enum Target {
+    Here,
+    Remote(NodeId, String),
+    Unknown,
+}
+
+impl GroupHandle {
+    /// Proposes `command` through whichever node leads the group (this one or another, following
+    /// hints), within the group's proposal budget. See the module documentation for when this is
+    /// allowed instead of [`GroupHandle::propose`].
+    pub async fn submit(&self, command: Command) -> Result<Reply, Error> {
+        let group = self.inner.group;
+        let deadline = Instant::now() + self.inner.propose_timeout;
+        let mut target = self.leader_target();
+        let mut last: String;
+        loop {
+            let outcome = match &target {
+                Target::Here => self.propose(command.clone()).await,
+                Target::Remote(node, addr) => self.forward(*node, addr, &command, deadline).await,
+                Target::Unknown => Err(Error::NotLeader { group, leader: None, leader_addr: None }),
+            };
+            match outcome {
+                Err(Error::NotLeader { leader, leader_addr, .. }) => {
+                    last = format!("not leader (hint: {leader:?})");
+                    target = match (leader, leader_addr) {
+                        (Some(l), _) if l == self.node_id() => Target::Here,
+                        (Some(l), Some(addr)) => Target::Remote(l, addr),
+                        _ => Target::Unknown,
+                    };
+                }
+                Err(Error::Unavailable { reason, .. }) if reason.starts_with("unreachable") => {
+                    last = reason;
+                    target = Target::Unknown;
+                }
+                other => return other,
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::NoLeader { group, reason: last });
+            }
+            if matches!(target, Target::Unknown) {
+                tokio::time::sleep(NO_LEADER_PAUSE).await;
+                target = self.leader_target();
+            }
+        }
+    }
+
+    /// [`GroupHandle::submit`] for a shard command.
+    pub async fn submit_shard(&self, command: ShardCommand) -> Result<ShardReply, Error> {
+        match self.submit(Command::Shard(command)).await? {
+            Reply::Shard(r) => Ok(r),
+            other => Err(Error::Internal {
+                group: self.inner.group,
+                reason: format!("shard command answered with {other:?}"),
+            }),
+        }
+    }
+
+    /// [`GroupHandle::submit`] for a metadata command.
+    pub async fn submit_meta(&self, command: MetaCommand) -> Result<MetaReply, Error> {
+        match self.submit(Command::Meta(command)).await? {
+            Reply::Meta(r) => Ok(r),
+            other => Err(Error::Internal {
+                group: self.inner.group,
+                reason: format!("metadata command answered with {other:?}"),
+            }),
+        }
+    }
+
+    /// Waits until this replica has applied everything committed before the call: the leader's
+    /// read index, confirmed with a quorum (asked over the transport when another node leads).
+    pub(crate) async fn read_barrier(&self) -> Result<(), Error> {
+        let group = self.inner.group;
+        let deadline = Instant::now() + self.inner.propose_timeout;
+        let mut target = self.leader_target();
+        let mut last: String;
+        loop {
+            let outcome = match &target {
+                Target::Here => self.read_index_here().await,
+                Target::Remote(_, addr) => self.remote_read_index(addr, deadline).await,
+                Target::Unknown => Err(Error::NotLeader { group, leader: None, leader_addr: None }),
+            };
+            match outcome {
+                Ok(index) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    return match self.inner.raft.wait(Some(left)).applied_index_at_least(index, "read").await
+                    {
+                        Ok(_) => Ok(()),
+                        Err(openraft::metrics::WaitError::Timeout(..)) => Err(Error::Timeout(group)),
+                        Err(openraft::metrics::WaitError::ShuttingDown) => Err(Error::ShuttingDown(group)),
+                    };
+                }
+                Err(Error::NotLeader { leader, leader_addr, .. }) => {
+                    last = format!("not leader (hint: {leader:?})");
+                    target = match (leader, leader_addr) {
+                        (Some(l), _) if l == self.node_id() => Target::Here,
+                        (Some(l), Some(addr)) => Target::Remote(l, addr),
+                        _ => Target::Unknown,
+                    };
+                }
+                Err(Error::Unavailable { reason, .. }) if reason.starts_with("unreachable") => {
+                    last = reason;
+                    target = Target::Unknown;
+                }
+                Err(e) => return Err(e),
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::NoLeader { group, reason: last });
+            }
+            if matches!(target, Target::Unknown) {
+                tokio::time::sleep(NO_LEADER_PAUSE).await;
+                target = self.leader_target();
+            }
+        }
+    }
+
+    fn node_id(&self) -> NodeId {
+        self.inner.peers.identity().node_id
+    }
+
+    /// The leader this replica knows of, with its address from the group's membership.
+    fn leader_target(&self) -> Target {
+        let metrics = self.inner.raft.metrics().borrow().clone();
+        let Some(leader) = metrics.current_leader else { return Target::Unknown };
+        if leader == self.node_id().0 {
+            return Target::Here;
+        }
+        match metrics.membership_config.membership().get_node(&leader) {
+            Some(node) => Target::Remote(NodeId(leader), node.addr.clone()),
+            None => Target::Unknown,
+        }
+    }
+
+    async fn call(
+        &self,
+        addr: &str,
+        kind: RpcKind,
+        payload: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, Error> {
+        let group = self.inner.group;
+        let id = self.inner.peers.identity();
+        let request = RaftRequest {
+            group: group.0,
+            cluster_id: id.cluster_id.0.clone(),
+            from_node: id.node_id.0,
+            incarnation: id.incarnation.0,
+            kind: kind as i32,
+            payload,
+        };
+        let budget = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        match self.inner.peers.send(addr, request, budget).await {
+            Ok(ProtoResult::Ok(bytes)) => Ok(bytes),
+            Ok(ProtoResult::Error(e)) => {
+                Err(Error::Unavailable { group, reason: format!("{addr} refused: {}", e.message) })
+            }
+            Err(CallError::Unreachable(e)) => {
+                Err(Error::Unavailable { group, reason: format!("unreachable: {addr}: {e}") })
+            }
+            Err(CallError::Timeout) => Err(Error::Timeout(group)),
+            Err(CallError::Failed(e)) => Err(Error::Unavailable { group, reason: format!("{addr}: {e}") }),
+        }
+    }
+
+    async fn forward(
+        &self,
+        node: NodeId,
+        addr: &str,
+        command: &Command,
+        deadline: Instant,
+    ) -> Result<Reply, Error> {
+        let group = self.inner.group;
+        let payload = codec::encode(command)
+            .map_err(|e| Error::Internal { group, reason: format!("cannot encode command: {e}") })?;
+        let bytes = self.call(addr, RpcKind::Propose, payload, deadline).await?;
+        let outcome: Result<Reply, Error> = codec::decode(&bytes).map_err(|e| Error::Internal {
+            group,
+            reason: format!("undecodable reply from node {node}: {e}"),
+        })?;
+        outcome
+    }
+
+    async fn remote_read_index(&self, addr: &str, deadline: Instant) -> Result<Option<u64>, Error> {
+        let group = self.inner.group;
+        let bytes = self.call(addr, RpcKind::ReadIndex, Vec::new(), deadline).await?;
+        let outcome: Result<Option<u64>, Error> = codec::decode(&bytes)
+            .map_err(|e| Error::Internal { group, reason: format!("undecodable read index: {e}") })?;
+        outcome
+    }
+}
