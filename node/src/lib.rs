@@ -3,14 +3,26 @@
 //! The process side of fetter: wiring the replicated journal (`fetter-raft`) and the flow
 //! runtime (`fetter-actors`) into a node, and the user API ([`prelude`]).
 //!
-//! Today it provides [`Engine`], one node in-process that hosts every shard of its own cluster
-//! (what `shop run-batch`, the examples and their tests use). The multi-node cluster — the
-//! public gRPC API, forwarding, bootstrap, the membership reconciler, the CLI and the typed
-//! client — comes with the cluster issue.
+//! - [`Engine`]: one node in-process that hosts every shard of its own cluster (what
+//!   `shop run-batch`, the examples and their tests use);
+//! - [`cluster`]: a node of a multi-node cluster — bootstrap, the public gRPC API
+//!   (`node/proto/fetter.proto`), forwarding to shard leaders;
+//! - [`Client`]: the typed Rust client of that API; [`cli`]: the command line every fetter
+//!   application binary gets.
 
+pub mod cli;
+pub mod client;
+pub mod cluster;
 mod engine;
 
+pub use client::Client;
 pub use engine::{Engine, EngineConfig, Error};
+
+/// Generated protobuf and tonic code of the public API.
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("fetter.v1");
+}
 
 /// What a flow author needs.
 pub mod prelude {

@@ -1,0 +1,4 @@
+//! The typed Rust client (being written).
+
+/// Placeholder.
+pub struct Client;

@@ -1,0 +1,1 @@
+//! A cluster node (being written).
