@@ -58,6 +58,13 @@ impl Registry {
         self.flows.contains_key(flow_type)
     }
 
+    /// The registered flow types, sorted.
+    pub fn types(&self) -> Vec<&'static str> {
+        let mut types: Vec<&'static str> = self.flows.keys().copied().collect();
+        types.sort_unstable();
+        types
+    }
+
     pub(crate) fn get(&self, flow_type: &str) -> Option<Arc<dyn ErasedFlow>> {
         self.flows.get(flow_type).cloned()
     }

@@ -7,6 +7,15 @@
 //! really ran, across replays, failovers and processes. A service built without a ledger
 //! (`None`) records nothing and answers the same.
 //!
+//! The ledger's names are a public contract (see [`crate::ledger`]):
+//!
+//! | service | op | key |
+//! |---|---|---|
+//! | `payment` ([`Payments`]) | `reserve`, `capture`, `cancel` | the transaction id |
+//! | `logistics` ([`Logistics`]) | `ship` | the order id |
+//! | `email` ([`Email`]) | `send` | `<template>:<subject>`, e.g. `order-confirmation:o-1` ([`Email::key_of`]) |
+//! | `bureau` ([`CreditBureau`]) | `check` | `<bureau>:<application id>`, e.g. `bureau-a:l-1` ([`CreditBureau::key_of`]) |
+//!
 //! The one scripted failure: [`Logistics::ship`] answers "no" ([`ServiceError::Rejected`]) when a
 //! product id starts with [`Logistics::FAIL_PREFIX`], which drives the order flow's refund path.
 //!
@@ -65,7 +74,7 @@ pub struct Payments {
 
 impl Payments {
     /// The ledger `service` of every payment call.
-    pub const SERVICE: &'static str = "payments";
+    pub const SERVICE: &'static str = "payment";
     /// The ledger `op` of [`Payments::reserve`].
     pub const RESERVE: &'static str = "reserve";
     /// The ledger `op` of [`Payments::capture`].
@@ -153,7 +162,9 @@ impl Logistics {
     }
 }
 
-/// The email service: sends a templated mail. The ledger `op` is the template name.
+/// The email service: sends a templated mail. The ledger `op` is always [`Email::SEND`]; the key
+/// is `<template>:<subject>` ([`Email::key_of`]), so mails of different templates about the same
+/// subject (a welcome mail and a reminder to one customer) stay apart.
 #[derive(Debug, Clone)]
 pub struct Email {
     recorder: Recorder,
@@ -162,6 +173,8 @@ pub struct Email {
 impl Email {
     /// The ledger `service` of every email.
     pub const SERVICE: &'static str = "email";
+    /// The ledger `op` of [`Email::send`].
+    pub const SEND: &'static str = "send";
     /// Template of the order flow's confirmation.
     pub const ORDER_CONFIRMATION: &'static str = "order-confirmation";
     /// Template of the signup flow's activation mail.
@@ -178,10 +191,16 @@ impl Email {
         Email { recorder: Recorder { ledger, node } }
     }
 
+    /// The ledger key of the mail `template` about `subject`: `<template>:<subject>`.
+    pub fn key_of(template: &str, subject: &str) -> String {
+        format!("{template}:{subject}")
+    }
+
     /// Sends the mail `template` to `to`; `key` says what it is about (an order id, a customer
-    /// id) and becomes the ledger key. An empty recipient is rejected (after being recorded).
+    /// id, a recipient's address) and the ledger key is [`Email::key_of`]`(template, key)`. An
+    /// empty recipient is rejected (after being recorded).
     pub fn send(&self, flow: &str, to: &str, template: &str, key: &str) -> Result<(), ServiceError> {
-        self.recorder.record(Self::SERVICE, template, flow, key)?;
+        self.recorder.record(Self::SERVICE, Self::SEND, flow, &Self::key_of(template, key))?;
         if to.is_empty() {
             return Err(ServiceError::Rejected {
                 service: Self::SERVICE.to_owned(),
@@ -193,39 +212,35 @@ impl Email {
 }
 
 /// A credit bureau of the loan application. A check is requested here; the bureau's verdict
-/// arrives later as a message to the flow, not as this call's answer. The ledger `service` is
-/// `credit-bureau:<name>`, the key the application id.
+/// arrives later as a message to the flow, not as this call's answer. Every bureau records
+/// service [`CreditBureau::SERVICE`] and op [`CreditBureau::CHECK`]; the key
+/// `<name>:<application id>` ([`CreditBureau::key_of`]) says which bureau was asked about what.
 #[derive(Debug, Clone)]
 pub struct CreditBureau {
     name: String,
-    service: String,
     recorder: Recorder,
 }
 
 impl CreditBureau {
+    /// The ledger `service` of every bureau.
+    pub const SERVICE: &'static str = "bureau";
     /// The ledger `op` of [`CreditBureau::request_check`].
-    pub const REQUEST_CHECK: &'static str = "request-check";
+    pub const CHECK: &'static str = "check";
 
     /// The bureau `name`, recording to `ledger` (if any) as node `node`.
     pub fn new(name: impl Into<String>, ledger: Option<Ledger>, node: u64) -> Self {
-        let name = name.into();
-        let service = Self::service_of(&name);
-        CreditBureau { name, service, recorder: Recorder { ledger, node } }
+        CreditBureau { name: name.into(), recorder: Recorder { ledger, node } }
     }
 
-    /// The ledger `service` of the bureau named `name`: `credit-bureau:<name>`.
-    pub fn service_of(name: &str) -> String {
-        format!("credit-bureau:{name}")
+    /// The ledger key of a check by the bureau `name` for `application_id`:
+    /// `<name>:<application_id>`.
+    pub fn key_of(name: &str, application_id: &str) -> String {
+        format!("{name}:{application_id}")
     }
 
     /// This bureau's name.
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    /// This bureau's ledger `service`.
-    pub fn service(&self) -> &str {
-        &self.service
     }
 
     /// Asks for a credit check of `customer_id` borrowing `amount_cents` in application
@@ -239,14 +254,14 @@ impl CreditBureau {
     ) -> Result<(), ServiceError> {
         // What a real bureau would assess; the fake only records that it was asked.
         let _ = (customer_id, amount_cents);
-        self.recorder.record(&self.service, Self::REQUEST_CHECK, flow, application_id)
+        self.recorder.record(Self::SERVICE, Self::CHECK, flow, &Self::key_of(&self.name, application_id))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{count, count_op};
+    use crate::ledger::{count, count_key, count_op};
 
     fn ledger() -> (tempfile::TempDir, Ledger) {
         let dir = tempfile::tempdir().unwrap();
@@ -271,7 +286,7 @@ mod tests {
         assert_eq!(entries.len(), 4);
         assert_eq!(
             (entries[0].service.as_str(), entries[0].op.as_str(), entries[0].key.as_str()),
-            ("payments", "reserve", "tx-1")
+            ("payment", "reserve", "tx-1")
         );
         assert!(entries.iter().all(|e| e.node == 2));
         assert_eq!(count(&entries, Payments::SERVICE, Payments::RESERVE, "order/o-1"), 1);
@@ -317,7 +332,7 @@ mod tests {
     }
 
     #[test]
-    fn email_op_is_the_template() {
+    fn email_op_is_send_and_the_key_names_the_template() {
         let (_dir, ledger) = ledger();
         let email = Email::new(Some(ledger.clone()), 3);
         email.send("order/o-1", "c-1", Email::ORDER_CONFIRMATION, "o-1").unwrap();
@@ -329,15 +344,25 @@ mod tests {
         assert!(matches!(err, ServiceError::Rejected { .. }), "{err}");
 
         let entries = Ledger::read_all(ledger.path()).unwrap();
-        assert_eq!(count(&entries, "email", "order-confirmation", "order/o-1"), 1);
+        assert_eq!(entries.len(), 6);
+        assert!(entries.iter().all(|e| e.service == "email" && e.op == "send"), "{entries:?}");
+        assert_eq!(count_op(&entries, Email::SERVICE, Email::SEND), 6);
+        assert_eq!(entries[0].key, "order-confirmation:o-1");
+        assert_eq!(count_key(&entries, "email", "send", "order/o-1", "order-confirmation:o-1"), 1);
         for template in ["activation", "reminder", "welcome"] {
-            assert_eq!(count(&entries, Email::SERVICE, template, "signup/c-2"), 1, "{template}");
+            let key = Email::key_of(template, "c-2");
+            assert_eq!(key, format!("{template}:c-2"));
+            assert_eq!(count_key(&entries, Email::SERVICE, Email::SEND, "signup/c-2", &key), 1, "{template}");
         }
-        assert_eq!(count(&entries, Email::SERVICE, Email::NEWSLETTER, "newsletter/2024-06"), 2);
+        assert_eq!(count(&entries, Email::SERVICE, Email::SEND, "signup/c-2"), 3);
+        assert_eq!(count(&entries, Email::SERVICE, Email::SEND, "newsletter/2024-06"), 2);
+        // The rejected mail was recorded too, under its own key.
+        let rejected = Email::key_of(Email::NEWSLETTER, "c-4");
+        assert_eq!(count_key(&entries, Email::SERVICE, Email::SEND, "newsletter/2024-06", &rejected), 1);
     }
 
     #[test]
-    fn credit_bureaus_record_requests_under_their_own_name() {
+    fn credit_bureaus_record_checks_keyed_by_their_name() {
         let (_dir, ledger) = ledger();
         let bureaus: Vec<CreditBureau> =
             ["a", "b", "c"].into_iter().map(|n| CreditBureau::new(n, Some(ledger.clone()), 1)).collect();
@@ -345,14 +370,15 @@ mod tests {
             bureau.request_check("loan/l-1", "l-1", "c-1", 1_000_000).unwrap();
         }
         assert_eq!(bureaus[1].name(), "b");
-        assert_eq!(bureaus[1].service(), "credit-bureau:b");
 
         let entries = Ledger::read_all(ledger.path()).unwrap();
+        assert!(entries.iter().all(|e| e.service == "bureau" && e.op == "check"), "{entries:?}");
+        assert_eq!(count(&entries, CreditBureau::SERVICE, CreditBureau::CHECK, "loan/l-1"), 3);
         for name in ["a", "b", "c"] {
-            let service = CreditBureau::service_of(name);
-            assert_eq!(count(&entries, &service, CreditBureau::REQUEST_CHECK, "loan/l-1"), 1, "{name}");
+            let key = CreditBureau::key_of(name, "l-1");
+            assert_eq!(key, format!("{name}:l-1"));
+            assert_eq!(count_key(&entries, "bureau", "check", "loan/l-1", &key), 1, "{name}");
         }
-        assert!(entries.iter().all(|e| e.key == "l-1"));
     }
 
     #[test]

@@ -9,14 +9,29 @@
 //! Reading is strict: [`Ledger::read_all`] returns every line or an error naming the first bad
 //! line; it never skips anything, because a skipped line would be a miscounted effect.
 //!
+//! ## Names: a public contract
+//!
+//! The services are exactly `payment`, `logistics`, `email` and `bureau`, with these ops and keys
+//! (recorded by [`crate::fakes`]):
+//!
+//! | service | op | key |
+//! |---|---|---|
+//! | `payment` | `reserve`, `capture`, `cancel` | the transaction id (a UUID in the order flows) |
+//! | `logistics` | `ship` | the order id, e.g. `o-1` |
+//! | `email` | `send` | `<template>:<subject>`, e.g. `order-confirmation:o-1`, `reminder:c-1`, `newsletter:a@x` |
+//! | `bureau` | `check` | `<bureau>:<application id>`, e.g. `bureau-a:l-1` |
+//!
+//! The email templates are `order-confirmation` (about an order id), `activation`, `reminder`
+//! and `welcome` (about a customer id) and `newsletter` (about the recipient's address).
+//!
 //! ```no_run
 //! use fetter_examples::ledger::{count, Ledger, LedgerEntry};
 //!
 //! # fn main() -> Result<(), fetter_examples::ledger::LedgerError> {
 //! let ledger = Ledger::open("/tmp/ledger.jsonl")?;
-//! ledger.record(&LedgerEntry::new("payments", "reserve", "order/o-1", "tx-1", 1))?;
+//! ledger.record(&LedgerEntry::new("payment", "reserve", "order/o-1", "tx-1", 1))?;
 //! let entries = Ledger::read_all(ledger.path())?;
-//! assert_eq!(count(&entries, "payments", "reserve", "order/o-1"), 1);
+//! assert_eq!(count(&entries, "payment", "reserve", "order/o-1"), 1);
 //! # Ok(())
 //! # }
 //! ```
@@ -32,13 +47,14 @@ use serde::{Deserialize, Serialize};
 /// One call received by a fake service: one line of the ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {
-    /// The service that received the call, e.g. `"payments"`.
+    /// The service that received the call: `"payment"`, `"logistics"`, `"email"` or `"bureau"`.
     pub service: String,
-    /// The operation called, e.g. `"reserve"` (for email: the template name).
+    /// The operation called, e.g. `"reserve"`, `"ship"`, `"send"`, `"check"`.
     pub op: String,
     /// The flow that made the call, as `"<type>/<instance>"`.
     pub flow: String,
-    /// What the call was about: a transaction id, an order id, an application id.
+    /// What the call was about: a transaction id, an order id, `<template>:<subject>` for a mail,
+    /// `<bureau>:<application id>` for a credit check (see the module docs).
     pub key: String,
     /// The id of the node the call came from.
     pub node: u64,
@@ -219,6 +235,12 @@ pub fn count(entries: &[LedgerEntry], service: &str, op: &str, flow: &str) -> us
     entries.iter().filter(|e| e.matches(service, op, flow)).count()
 }
 
+/// How many entries are calls of `service`'s `op` made by `flow` about `key`, e.g. the
+/// `reminder` mails of a signup: `count_key(entries, "email", "send", "signup/c-1", "reminder:c-1")`.
+pub fn count_key(entries: &[LedgerEntry], service: &str, op: &str, flow: &str, key: &str) -> usize {
+    entries.iter().filter(|e| e.matches(service, op, flow) && e.key == key).count()
+}
+
 /// How many entries are calls of `service`'s `op`, from any flow.
 pub fn count_op(entries: &[LedgerEntry], service: &str, op: &str) -> usize {
     entries.iter().filter(|e| e.service == service && e.op == op).count()
@@ -275,8 +297,8 @@ mod tests {
         let path = dir.path().join("ledger.jsonl");
         let ledger = Ledger::open(&path).unwrap();
         let before = now_ms();
-        ledger.record(&LedgerEntry::new("payments", "reserve", "order/o-1", "tx-1", 3)).unwrap();
-        ledger.record(&LedgerEntry::new("payments", "capture", "order/o-1", "tx-1", 3)).unwrap();
+        ledger.record(&LedgerEntry::new("payment", "reserve", "order/o-1", "tx-1", 3)).unwrap();
+        ledger.record(&LedgerEntry::new("payment", "capture", "order/o-1", "tx-1", 3)).unwrap();
 
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
@@ -286,7 +308,7 @@ mod tests {
         let obj = first.as_object().unwrap();
         let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
         assert_eq!(keys.len(), 6);
-        assert_eq!(first["service"], "payments");
+        assert_eq!(first["service"], "payment");
         assert_eq!(first["op"], "reserve");
         assert_eq!(first["flow"], "order/o-1");
         assert_eq!(first["key"], "tx-1");
@@ -305,14 +327,14 @@ mod tests {
         let path = dir.path().join("ledger.jsonl");
         Ledger::open(&path)
             .unwrap()
-            .record(&LedgerEntry::new("email", "welcome", "signup/a", "a", 1))
+            .record(&LedgerEntry::new("email", "send", "signup/a", "welcome:a", 1))
             .unwrap();
         Ledger::open(&path)
             .unwrap()
-            .record(&LedgerEntry::new("email", "welcome", "signup/b", "b", 2))
+            .record(&LedgerEntry::new("email", "send", "signup/b", "welcome:b", 2))
             .unwrap();
         let entries = Ledger::read_all(&path).unwrap();
-        assert_eq!(entries.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(entries.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(), ["welcome:a", "welcome:b"]);
     }
 
     #[test]
@@ -333,7 +355,7 @@ mod tests {
     fn strings_with_newlines_stay_on_one_line() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(dir.path().join("ledger.jsonl")).unwrap();
-        let entry = LedgerEntry::new("email", "newsletter", "newsletter/n\n1", "a\nb\r\n", 1);
+        let entry = LedgerEntry::new("email", "send", "newsletter/n\n1", "newsletter:a\nb\r\n", 1);
         ledger.record(&entry).unwrap();
         let text = std::fs::read_to_string(ledger.path()).unwrap();
         assert_eq!(text.matches('\n').count(), 1);
@@ -345,11 +367,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.jsonl");
         let ledger = Ledger::open(&path).unwrap();
-        ledger.record(&LedgerEntry::new("payments", "reserve", "order/o-1", "tx-1", 1)).unwrap();
-        ledger.record(&LedgerEntry::new("payments", "capture", "order/o-1", "tx-1", 1)).unwrap();
+        ledger.record(&LedgerEntry::new("payment", "reserve", "order/o-1", "tx-1", 1)).unwrap();
+        ledger.record(&LedgerEntry::new("payment", "capture", "order/o-1", "tx-1", 1)).unwrap();
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        file.write_all(b"{\"service\":\"payments\",\"op\":\n").unwrap();
-        ledger.record(&LedgerEntry::new("payments", "cancel", "order/o-1", "tx-1", 1)).unwrap();
+        file.write_all(b"{\"service\":\"payment\",\"op\":\n").unwrap();
+        ledger.record(&LedgerEntry::new("payment", "cancel", "order/o-1", "tx-1", 1)).unwrap();
 
         let err = Ledger::read_all(&path).unwrap_err();
         assert!(matches!(err, LedgerError::Malformed { line: 3, .. }), "{err}");
@@ -361,7 +383,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.jsonl");
         let ledger = Ledger::open(&path).unwrap();
-        ledger.record(&LedgerEntry::new("payments", "reserve", "order/o-1", "tx-1", 1)).unwrap();
+        ledger.record(&LedgerEntry::new("payment", "reserve", "order/o-1", "tx-1", 1)).unwrap();
         OpenOptions::new().append(true).open(&path).unwrap().write_all(b"\n").unwrap();
         let err = Ledger::read_all(&path).unwrap_err();
         assert!(matches!(err, LedgerError::Malformed { line: 2, .. }), "{err}");
@@ -372,9 +394,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.jsonl");
         let ledger = Ledger::open(&path).unwrap();
-        ledger.record(&LedgerEntry::new("payments", "reserve", "order/o-1", "tx-1", 1)).unwrap();
+        ledger.record(&LedgerEntry::new("payment", "reserve", "order/o-1", "tx-1", 1)).unwrap();
         let whole =
-            serde_json::to_string(&LedgerEntry::new("payments", "capture", "order/o-1", "tx-1", 1)).unwrap();
+            serde_json::to_string(&LedgerEntry::new("payment", "capture", "order/o-1", "tx-1", 1)).unwrap();
         OpenOptions::new().append(true).open(&path).unwrap().write_all(whole.as_bytes()).unwrap();
         let err = Ledger::read_all(&path).unwrap_err();
         assert!(matches!(err, LedgerError::Incomplete { line: 2, .. }), "{err}");
@@ -383,18 +405,27 @@ mod tests {
     #[test]
     fn counts_by_service_op_and_flow() {
         let entries = vec![
-            LedgerEntry::new("payments", "reserve", "order/o-1", "tx-1", 1),
-            LedgerEntry::new("payments", "reserve", "order/o-1", "tx-1", 2),
-            LedgerEntry::new("payments", "reserve", "order/o-2", "tx-2", 1),
-            LedgerEntry::new("payments", "capture", "order/o-1", "tx-1", 1),
-            LedgerEntry::new("logistics", "reserve", "order/o-1", "o-1", 1),
+            LedgerEntry::new("payment", "reserve", "order/o-1", "tx-1", 1),
+            LedgerEntry::new("payment", "reserve", "order/o-1", "tx-1", 2),
+            LedgerEntry::new("payment", "reserve", "order/o-2", "tx-2", 1),
+            LedgerEntry::new("payment", "capture", "order/o-1", "tx-1", 1),
+            LedgerEntry::new("logistics", "ship", "order/o-1", "o-1", 1),
+            LedgerEntry::new("email", "send", "signup/c-1", "activation:c-1", 1),
+            LedgerEntry::new("email", "send", "signup/c-1", "reminder:c-1", 1),
+            LedgerEntry::new("email", "send", "signup/c-1", "reminder:c-1", 1),
         ];
-        assert_eq!(count(&entries, "payments", "reserve", "order/o-1"), 2);
-        assert_eq!(count(&entries, "payments", "reserve", "order/o-2"), 1);
-        assert_eq!(count(&entries, "payments", "capture", "order/o-1"), 1);
-        assert_eq!(count(&entries, "payments", "cancel", "order/o-1"), 0);
-        assert_eq!(count_op(&entries, "payments", "reserve"), 3);
-        assert_eq!(count_op(&entries, "logistics", "reserve"), 1);
+        assert_eq!(count(&entries, "payment", "reserve", "order/o-1"), 2);
+        assert_eq!(count(&entries, "payment", "reserve", "order/o-2"), 1);
+        assert_eq!(count(&entries, "payment", "capture", "order/o-1"), 1);
+        assert_eq!(count(&entries, "payment", "cancel", "order/o-1"), 0);
+        assert_eq!(count_op(&entries, "payment", "reserve"), 3);
+        assert_eq!(count_op(&entries, "logistics", "ship"), 1);
+        assert_eq!(count_op(&entries, "logistics", "reserve"), 0);
+        assert_eq!(count(&entries, "email", "send", "signup/c-1"), 3);
+        assert_eq!(count_key(&entries, "email", "send", "signup/c-1", "reminder:c-1"), 2);
+        assert_eq!(count_key(&entries, "email", "send", "signup/c-1", "activation:c-1"), 1);
+        assert_eq!(count_key(&entries, "email", "send", "signup/c-1", "welcome:c-1"), 0);
+        assert_eq!(count_key(&entries, "email", "send", "signup/c-2", "reminder:c-1"), 0);
     }
 
     #[test]
@@ -416,7 +447,7 @@ mod tests {
                     let writer = format!("t{t}");
                     for i in 0..LINES {
                         let entry =
-                            LedgerEntry::new("payments", "reserve", "order/o-1", padded_key(&writer, i), 1);
+                            LedgerEntry::new("payment", "reserve", "order/o-1", padded_key(&writer, i), 1);
                         ledger.record(&entry).unwrap();
                     }
                 });

@@ -14,3 +14,36 @@
 pub mod fakes;
 pub mod flows;
 pub mod ledger;
+pub mod shop;
+
+use std::time::Duration;
+
+use fetter::prelude::{Registry, RegistryError};
+
+/// Every example flow, with fakes that write to `ledger` (if any) as node `node`; `latency`
+/// delays the payment and email calls of `order`.
+pub fn registry(
+    ledger: Option<ledger::Ledger>,
+    node: u64,
+    latency: Duration,
+) -> Result<Registry, RegistryError> {
+    use fakes::{Email, Logistics, Payments};
+    let order = flows::order::OrderFlow::new(
+        Payments::new(ledger.clone(), node),
+        Logistics::new(ledger.clone(), node),
+        Email::new(ledger.clone(), node),
+        latency,
+    );
+    let messaging = flows::order_messaging::OrderMessagingFlow::new(
+        Payments::new(ledger.clone(), node),
+        Logistics::new(ledger.clone(), node),
+        Email::new(ledger.clone(), node),
+        Duration::from_secs(60),
+    );
+    Registry::new()
+        .register(order)?
+        .register(messaging)?
+        .register(flows::newsletter::NewsletterFlow::new(Email::new(ledger.clone(), node)))?
+        .register(flows::signup::SignupFlow::new(Email::new(ledger.clone(), node)))?
+        .register(flows::loan::LoanFlow::with_standard_bureaus(ledger, node))
+}

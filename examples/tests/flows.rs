@@ -16,7 +16,7 @@ use fetter_examples::flows::loan::{LoanDecision, LoanFlow};
 use fetter_examples::flows::newsletter::NewsletterFlow;
 use fetter_examples::flows::order_messaging::OrderMessagingFlow;
 use fetter_examples::flows::signup::{SignupFlow, SignupOutcome};
-use fetter_examples::ledger::{count, Ledger, LedgerEntry};
+use fetter_examples::ledger::{count, count_key, Ledger, LedgerEntry};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -74,11 +74,11 @@ async fn waiting_after(panel: &ControlPanel, flow: &FlowId, step: &str) -> Resul
     }
 }
 
-/// Waits until the ledger holds `n` calls of `service`'s `op` by `flow`; returns its entries.
+/// Waits until the ledger holds `n` calls of `service`'s `op` by `flow` about `key`; returns its
+/// entries.
 async fn ledger_shows(
     path: &Path,
-    service: &str,
-    op: &str,
+    (service, op, key): (&str, &str, &str),
     flow: &FlowId,
     n: usize,
 ) -> Result<Vec<LedgerEntry>> {
@@ -86,11 +86,11 @@ async fn ledger_shows(
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let entries = Ledger::read_all(path)?;
-        let seen = count(&entries, service, op, &flow);
+        let seen = count_key(&entries, service, op, &flow, key);
         if seen >= n {
             return Ok(entries);
         }
-        ensure!(tokio::time::Instant::now() < deadline, "{flow}: {seen} of {n} {service}/{op} calls");
+        ensure!(tokio::time::Instant::now() < deadline, "{flow}: {seen} of {n} {service}/{op} {key} calls");
         tokio::time::sleep(POLL).await;
     }
 }
@@ -167,11 +167,12 @@ async fn order_messaging_waits_for_each_reply_and_ships_once() -> Result<()> {
     ensure!(view.events.len() == 3, "three replies in the log: {:?}", view.events);
     let entries = Ledger::read_all(&path)?;
     let name = flow.to_string();
-    for (service, op) in [("payments", "reserve"), ("logistics", "ship"), ("payments", "capture")] {
+    for (service, op) in [("payment", "reserve"), ("logistics", "ship"), ("payment", "capture")] {
         ensure!(count(&entries, service, op, &name) == 1, "{service}/{op} once");
     }
-    ensure!(count(&entries, "email", "order-confirmation", &name) == 1, "confirmed once");
-    ensure!(count(&entries, "payments", "cancel", &name) == 0, "no refund");
+    ensure!(count_key(&entries, "email", "send", &name, "order-confirmation:o-1") == 1, "confirmed once");
+    ensure!(count(&entries, "email", "send", &name) == 1, "no other mail");
+    ensure!(count(&entries, "payment", "cancel", &name) == 0, "no refund");
     engine.shutdown().await;
     Ok(())
 }
@@ -201,11 +202,11 @@ async fn order_messaging_refunds_once_when_the_shipment_fails_or_never_comes() -
     let entries = Ledger::read_all(&path)?;
     for flow in [&failed, &silent] {
         let name = flow.to_string();
-        ensure!(count(&entries, "payments", "reserve", &name) == 1, "{name} reserved once");
+        ensure!(count(&entries, "payment", "reserve", &name) == 1, "{name} reserved once");
         ensure!(count(&entries, "logistics", "ship", &name) == 1, "{name} requested shipping once");
-        ensure!(count(&entries, "payments", "cancel", &name) == 1, "{name} refunded once");
-        ensure!(count(&entries, "payments", "capture", &name) == 0, "{name} never captured");
-        ensure!(count(&entries, "email", "order-confirmation", &name) == 0, "{name} never confirmed");
+        ensure!(count(&entries, "payment", "cancel", &name) == 1, "{name} refunded once");
+        ensure!(count(&entries, "payment", "capture", &name) == 0, "{name} never captured");
+        ensure!(count(&entries, "email", "send", &name) == 0, "{name} never confirmed");
     }
     engine.shutdown().await;
     Ok(())
@@ -230,9 +231,10 @@ async fn newsletter_mails_every_recipient_once() -> Result<()> {
     let view = finished(engine.panel(), &flow).await?;
     ensure!(output::<u64>(&view)? == 50, "50 sent");
     let entries = Ledger::read_all(&path)?;
-    ensure!(count(&entries, "email", "newsletter", &flow.to_string()) == 50, "50 mails in all");
+    ensure!(count(&entries, "email", "send", &flow.to_string()) == 50, "50 mails in all");
     for address in &to {
-        let mails = entries.iter().filter(|e| e.op == "newsletter" && &e.key == address).count();
+        let key = format!("newsletter:{address}");
+        let mails = entries.iter().filter(|e| e.service == "email" && e.op == "send" && e.key == key).count();
         ensure!(mails == 1, "{address} got {mails} mails");
     }
     engine.shutdown().await;
@@ -289,7 +291,7 @@ async fn signup_verified_after_one_reminder_is_welcomed() -> Result<()> {
     start(panel, &flow, input).await?;
 
     // The customer clicks the link once the first reminder went out.
-    ledger_shows(&path, "email", "reminder", &flow, 1).await?;
+    ledger_shows(&path, ("email", "send", "reminder:c-1"), &flow, 1).await?;
     send(panel, &flow, "EmailVerified", json!({}), "verified").await?;
 
     let view = finished(panel, &flow).await?;
@@ -298,9 +300,10 @@ async fn signup_verified_after_one_reminder_is_welcomed() -> Result<()> {
     let entries = Ledger::read_all(&path)?;
     let name = flow.to_string();
     for (template, n) in [("activation", 1), ("reminder", 1), ("welcome", 1)] {
-        let sent = count(&entries, "email", template, &name);
+        let sent = count_key(&entries, "email", "send", &name, &format!("{template}:c-1"));
         ensure!(sent == n, "{template}: {sent} mails, {n} expected");
     }
+    ensure!(count(&entries, "email", "send", &name) == 3, "no other mail");
     engine.shutdown().await;
     Ok(())
 }
@@ -324,9 +327,10 @@ async fn signup_never_verified_fails_after_three_reminders() -> Result<()> {
     let entries = Ledger::read_all(&path)?;
     let name = flow.to_string();
     for (template, n) in [("activation", 1), ("reminder", 3), ("welcome", 0)] {
-        let sent = count(&entries, "email", template, &name);
+        let sent = count_key(&entries, "email", "send", &name, &format!("{template}:c-2"));
         ensure!(sent == n, "{template}: {sent} mails, {n} expected");
     }
+    ensure!(count(&entries, "email", "send", &name) == 4, "no other mail");
     engine.shutdown().await;
     Ok(())
 }
@@ -350,12 +354,16 @@ async fn reply(panel: &ControlPanel, flow: &FlowId, bureau: &str, approved: bool
     send(panel, flow, "CreditCheckOutcome", json!({"bureau": bureau, "approved": approved}), bureau).await
 }
 
-fn check_requests(path: &Path, flow: &FlowId) -> Result<()> {
+/// Each bureau was asked once about application `id` (the instance of `flow`), and no one else.
+fn check_requests(path: &Path, flow: &FlowId, id: &str) -> Result<()> {
     let entries = Ledger::read_all(path)?;
+    let name = flow.to_string();
     for bureau in ["bureau-a", "bureau-b", "bureau-c"] {
-        let asked = count(&entries, &format!("credit-bureau:{bureau}"), "request-check", &flow.to_string());
+        let asked = count_key(&entries, "bureau", "check", &name, &format!("{bureau}:{id}"));
         ensure!(asked == 1, "{flow} asked {bureau} {asked} times");
     }
+    let checks = count(&entries, "bureau", "check", &name);
+    ensure!(checks == 3, "{flow}: {checks} checks in all");
     Ok(())
 }
 
@@ -381,8 +389,8 @@ async fn loan_with_two_approvals_in_the_window_is_approved() -> Result<()> {
     let decision: LoanDecision = output(&finished(panel, &vetoed).await?)?;
     let expected = LoanDecision { approved: false, replies: 2, reason: Some("rejected by bureau-b".into()) };
     ensure!(decision == expected, "{decision:?}");
-    check_requests(&path, &approved)?;
-    check_requests(&path, &vetoed)?;
+    check_requests(&path, &approved, "l-1")?;
+    check_requests(&path, &vetoed, "l-2")?;
     engine.shutdown().await;
     Ok(())
 }
@@ -438,7 +446,7 @@ async fn loan_with_one_reply_is_rejected_and_a_late_reply_never_counts() -> Resu
     let again: LoanDecision = output(&view)?;
     ensure!(again == expected, "after the late reply: {again:?}");
     ensure!(view.events.len() as u64 > late, "the late reply is in the log: {:?}", view.events);
-    check_requests(&path, &flow)?;
+    check_requests(&path, &flow, "l-3")?;
     engine.shutdown().await;
     Ok(())
 }

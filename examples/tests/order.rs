@@ -8,7 +8,7 @@ use fetter::prelude::*;
 use fetter::{Engine, EngineConfig};
 use fetter_examples::fakes::{Email, Logistics, Payments};
 use fetter_examples::flows::order::OrderFlow;
-use fetter_examples::ledger::{count, Ledger};
+use fetter_examples::ledger::{count, count_key, Ledger};
 
 async fn engine(dir: &std::path::Path) -> Result<(Engine, std::path::PathBuf)> {
     let ledger_path = dir.join("ledger.jsonl");
@@ -46,11 +46,12 @@ async fn an_order_is_reserved_shipped_captured_and_confirmed_once() -> Result<()
     ensure!(view.record.status == FlowStatus::Succeeded, "{:?}", view.record);
     ensure!(view.record.output.as_deref() == Some(br#"{"tracking_id":"tt-o-1"}"#.as_slice()));
     let entries = Ledger::read_all(&ledger)?;
-    for (service, op) in [("payments", "reserve"), ("logistics", "ship"), ("payments", "capture")] {
+    for (service, op) in [("payment", "reserve"), ("logistics", "ship"), ("payment", "capture")] {
         ensure!(count(&entries, service, op, "order/o-1") == 1, "{service}/{op} once");
     }
-    ensure!(count(&entries, "email", "order-confirmation", "order/o-1") == 1);
-    ensure!(count(&entries, "payments", "cancel", "order/o-1") == 0, "no refund");
+    ensure!(count_key(&entries, "email", "send", "order/o-1", "order-confirmation:o-1") == 1);
+    ensure!(count(&entries, "email", "send", "order/o-1") == 1, "no other mail");
+    ensure!(count(&entries, "payment", "cancel", "order/o-1") == 0, "no refund");
     engine.shutdown().await;
     Ok(())
 }
@@ -67,10 +68,11 @@ async fn a_refused_shipment_refunds_once_and_fails_with_the_answer() -> Result<(
     let error = view.record.error.ok_or_else(|| anyhow!("an error is recorded"))?;
     ensure!(error.message.contains("logistics"), "logistics' answer: {error:?}");
     let entries = Ledger::read_all(&ledger)?;
-    ensure!(count(&entries, "payments", "reserve", "order/o-2") == 1);
+    ensure!(count(&entries, "payment", "reserve", "order/o-2") == 1);
     ensure!(count(&entries, "logistics", "ship", "order/o-2") == 1);
-    ensure!(count(&entries, "payments", "cancel", "order/o-2") == 1, "refunded once");
-    ensure!(count(&entries, "payments", "capture", "order/o-2") == 0, "never captured");
+    ensure!(count(&entries, "payment", "cancel", "order/o-2") == 1, "refunded once");
+    ensure!(count(&entries, "payment", "capture", "order/o-2") == 0, "never captured");
+    ensure!(count(&entries, "email", "send", "order/o-2") == 0, "never confirmed");
     // Bad input is refused before anything is stored.
     let bad = engine.panel().start(&FlowId::new("order", "o-3"), b"{not json".to_vec()).await;
     ensure!(bad.is_err());

@@ -148,7 +148,7 @@ fn run_batch_survives_kill_9_and_ships_every_order_at_most_once() -> Result<()> 
                     "{flow} failed with {error_kind:?}"
                 );
                 ensure!(
-                    count(&flow, "payments/cancel") == 0,
+                    count(&flow, "payment/cancel") == 0,
                     "{flow}: refund with the shipment outcome unknown"
                 );
             }

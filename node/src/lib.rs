@@ -10,11 +10,14 @@
 //! - [`Client`]: the typed Rust client of that API; [`cli`]: the command line every fetter
 //!   application binary gets.
 
+pub mod app;
 pub mod cli;
 pub mod client;
 pub mod cluster;
 mod engine;
+pub mod local;
 
+pub use app::App;
 pub use client::Client;
 pub use engine::{Engine, EngineConfig, Error};
 
@@ -27,7 +30,9 @@ pub mod proto {
 /// What a flow author needs.
 pub mod prelude {
     pub use fetter_actors::control::{ControlPanel, Error as ControlError, FlowView, ListQuery, Started};
-    pub use fetter_actors::{kind, Ctx, Flow, FlowError, Message, Registry, RetryOn, RetryPolicy};
+    pub use fetter_actors::{
+        kind, Ctx, Flow, FlowError, Message, Registry, RegistryError, RetryOn, RetryPolicy,
+    };
     pub use fetter_raft::ids::FlowId;
     pub use fetter_raft::shard::FlowStatus;
 }

@@ -151,6 +151,15 @@ pub struct RaftNode {
 impl RaftNode {
     /// Opens the store, checks the directory's identity and starts serving Raft RPCs.
     pub async fn start(config: NodeConfig) -> Result<Arc<RaftNode>, Error> {
+        RaftNode::start_with(config, None).await
+    }
+
+    /// [`RaftNode::start`], serving `extra` gRPC services on the same port (one port per node
+    /// for everything: the public API, forwarding, Raft).
+    pub async fn start_with(
+        config: NodeConfig,
+        extra: Option<tonic::service::Routes>,
+    ) -> Result<Arc<RaftNode>, Error> {
         let store = Store::open_with_cache(&config.data_dir, config.cache_bytes)?;
         let identity = load_identity(&store, &config).await?;
         let raft_config = openraft::Config {
@@ -178,8 +187,12 @@ impl RaftNode {
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let node_id = config.node_id;
         let server = tokio::spawn(async move {
+            let routes = match extra {
+                Some(routes) => routes.add_service(service),
+                None => tonic::service::Routes::new(service),
+            };
             let result = tonic::transport::Server::builder()
-                .add_service(service)
+                .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stop_rx.await;
                 })

@@ -29,7 +29,8 @@ use crate::ledger::Ledger;
 /// The input of `loan`: a public contract.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoanApplication {
-    /// The application's id; the instance of the flow and the ledger key of its requests.
+    /// The application's id; the instance of the flow, and in the ledger key
+    /// `<bureau>:<application id>` of its credit checks.
     pub application_id: String,
     /// Who borrows.
     pub customer_id: String,

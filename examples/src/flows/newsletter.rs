@@ -34,7 +34,8 @@ use crate::fakes::{Email, ServiceError};
 pub struct NewsletterIssue {
     /// Which issue, e.g. `"2024-06"`.
     pub issue: String,
-    /// The addresses to mail, in order; each is also the ledger key of its mail.
+    /// The addresses to mail, in order; each is also the subject of its mail (ledger key
+    /// `newsletter:<address>`).
     pub recipients: Vec<String>,
 }
 

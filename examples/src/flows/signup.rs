@@ -18,7 +18,8 @@ use crate::fakes::Email;
 /// The input of `signup`: a public contract.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Signup {
-    /// Who signs up; the instance of the flow and the ledger key of its mails.
+    /// Who signs up; the instance of the flow and the subject of its mails (ledger key
+    /// `<template>:<customer id>`, e.g. `reminder:c-1`).
     pub customer_id: String,
     /// Where the mails go.
     pub email: String,

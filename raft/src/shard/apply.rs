@@ -124,6 +124,13 @@ impl Cx<'_> {
             ShardCommand::StateClear { flow, epoch, state_id } => self.state_clear(flow, *epoch, state_id),
             ShardCommand::AppendEvent { flow, event } => {
                 let mut rec = self.load(flow)?.ok_or(Rejection::FlowNotFound)?;
+                // A retry of a message already appended is acknowledged even if the flow has
+                // finished since (the first attempt's reply may have been lost).
+                if let Event::Message { idempotency_key: Some(key), .. } = event {
+                    if let Some(seq) = txn::get::<u64>(&*self.kv, &keys::idem(&rec.id, key))? {
+                        return Ok(ShardOutcome::Duplicate { seq });
+                    }
+                }
                 if rec.status.is_finished() {
                     return Err(Rejection::FlowFinished.into());
                 }
@@ -1384,6 +1391,11 @@ mod tests {
 
         s.ok(complete(&a, 1, "1"));
         assert_eq!(s.rej(append(&a, "late", None)), Rejection::FlowFinished);
+        // A retry of an appended message is still acknowledged after the flow finished.
+        let before = s.kv.clone();
+        assert_eq!(s.ok(append(&a, "1", Some("k1"))), ShardOutcome::Duplicate { seq: 0 });
+        assert_eq!(s.kv, before);
+        assert_eq!(s.rej(append(&a, "new", Some("k9"))), Rejection::FlowFinished);
     }
 
     #[test]

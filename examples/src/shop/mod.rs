@@ -1,11 +1,13 @@
-//! `shop`: a fetter node with the example flows.
+//! `shop`: a fetter application with the example flows — a cluster node, the whole fetter CLI,
+//! and its own commands.
 //!
-//! `shop bench --flows 10000 --concurrency 256` measures the runtime (see `bench.rs`).
-//!
-//! `shop run-batch --orders <N> --data-dir <dir> [--ledger <file>]` runs one node in-process,
-//! idempotently starts orders `o-1..o-N` and exits 0 once every one has finished, printing how
-//! many succeeded and failed. Killed and started again on the same directory, it resumes: the
-//! orders already started are not started again, and every flow continues from its journal.
+//! - `shop node --id 1 --listen 127.0.0.1:7001 --data-dir ./data/node-1 --peers 1=…,2=…,3=…
+//!   [--ledger <file>]` runs one node of a cluster; `shop dev --nodes 3` a local cluster;
+//!   `shop flow …` / `shop cluster …` talk to it (see `fetter::app`).
+//! - `shop run-batch --orders <N> --data-dir <dir> [--ledger <file>]` runs one node in-process,
+//!   idempotently starts orders `o-1..o-N` and exits 0 once every one has finished, printing how
+//!   many succeeded and failed. Killed and started again on the same directory, it resumes.
+//! - `shop bench --flows 10000 --concurrency 256` measures the runtime (see `bench.rs`).
 
 mod bench;
 
@@ -13,23 +15,26 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::flows::order::Order;
+use crate::ledger::Ledger;
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Subcommand};
 use fetter::prelude::*;
-use fetter::{Engine, EngineConfig};
-use fetter_examples::fakes::{Email, Logistics, Payments};
-use fetter_examples::flows::order::{Order, OrderFlow};
-use fetter_examples::ledger::Ledger;
+use fetter::{App, Engine, EngineConfig};
 
-#[derive(Parser)]
-#[command(name = "shop", about = "A fetter node with the example flows")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
+/// `shop node` options.
+#[derive(Args, Debug, Clone)]
+struct ShopNode {
+    /// Append every call of the fake services to this JSON-lines ledger (shared by nodes).
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+    /// Simulated latency of the payment and email calls of `order`, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    service_latency_ms: u64,
 }
 
-#[derive(Subcommand)]
-enum Command {
+#[derive(Subcommand, Debug)]
+enum ShopCommand {
     /// Start orders o-1..o-N on a single in-process node and wait until all have finished.
     RunBatch {
         /// How many orders.
@@ -66,38 +71,39 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error")),
-        )
-        .init();
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("shop: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("shop: {e:#}");
-            ExitCode::from(1)
-        }
+fn open_ledger(path: Option<&PathBuf>) -> Result<Option<Ledger>> {
+    match path {
+        Some(path) => Ok(Some(Ledger::open(path).with_context(|| format!("ledger {}", path.display()))?)),
+        None => Ok(None),
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::RunBatch { orders, data_dir, ledger, service_latency_ms, shards, concurrency } => {
+/// The `shop` program: parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let app = App::with_options("shop", |opts: &ShopNode, node| {
+        let ledger = open_ledger(opts.ledger.as_ref()).map_err(|e| format!("{e:#}"))?;
+        let latency = Duration::from_millis(opts.service_latency_ms);
+        Ok(crate::registry(ledger, node.0, latency)?)
+    });
+    app.run_with(|command: ShopCommand| async move {
+        fetter::app::init_tracing("warn,openraft=error");
+        match run(command).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+async fn run(command: ShopCommand) -> Result<()> {
+    match command {
+        ShopCommand::RunBatch { orders, data_dir, ledger, service_latency_ms, shards, concurrency } => {
             let latency = Duration::from_millis(service_latency_ms);
             run_batch(orders, data_dir, ledger, latency, shards, concurrency.max(1)).await
         }
-        Command::Bench { flows, concurrency, suspended } => {
+        ShopCommand::Bench { flows, concurrency, suspended } => {
             bench::bench(flows, concurrency.max(1), suspended).await
         }
     }
@@ -143,18 +149,8 @@ async fn run_batch(
     shards: u32,
     concurrency: u32,
 ) -> Result<()> {
-    let ledger = match ledger {
-        Some(path) => Some(Ledger::open(&path).with_context(|| format!("ledger {}", path.display()))?),
-        None => None,
-    };
-    const NODE: u64 = 1;
-    let flow = OrderFlow::new(
-        Payments::new(ledger.clone(), NODE),
-        Logistics::new(ledger.clone(), NODE),
-        Email::new(ledger, NODE),
-        latency,
-    );
-    let registry = Registry::new().register(flow)?;
+    let ledger = open_ledger(ledger.as_ref())?;
+    let registry = crate::registry(ledger, 1, latency)?;
     let mut config = EngineConfig::new(&data_dir);
     config.shards = shards;
     let engine = Engine::start(config, registry).await.context("cannot start the node")?;

@@ -9,11 +9,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::fakes::{Email, Logistics, Payments};
+use crate::flows::order::OrderFlow;
 use anyhow::{anyhow, bail, Context, Result};
 use fetter::prelude::*;
 use fetter::{Engine, EngineConfig};
-use fetter_examples::fakes::{Email, Logistics, Payments};
-use fetter_examples::flows::order::OrderFlow;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 

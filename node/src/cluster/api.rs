@@ -1,0 +1,483 @@
+//! The public gRPC API (`node/proto/fetter.proto`) of a cluster node, over the control panel.
+//!
+//! Every request is checked before anything is stored (flow type registered, JSON well formed,
+//! payload within the cluster's limit, ids non-empty); refusals are gRPC statuses with a clear
+//! message and never touch stored data.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use fetter_actors::control::{Error as PanelError, ListQuery, Started};
+use fetter_raft::handle;
+use fetter_raft::ids::{ClusterId, Epoch, FlowId, NodeId};
+use fetter_raft::meta;
+use fetter_raft::placement::shard_of;
+use fetter_raft::shard::{Action, EffectKind, EffectRecord, EffectState, ErrorInfo};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use super::{convert, node_info, Shared};
+use crate::proto;
+use crate::proto::fetter_server::{Fetter, FetterServer};
+
+/// Bound on a flow type or instance name.
+const MAX_NAME_BYTES: usize = 256;
+/// The default wait of `StartFlow{wait}`.
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// Largest request the server decodes (payloads over the cluster's limit get a clear refusal
+/// from the node up to this size; larger ones from tonic).
+const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
+/// Which members answered the last ping.
+#[derive(Clone, Default)]
+pub struct Liveness {
+    alive: Arc<RwLock<HashMap<NodeId, bool>>>,
+}
+
+impl Liveness {
+    /// Whether `node` answered the last ping (unknown nodes are not alive).
+    pub fn is_alive(&self, node: NodeId) -> bool {
+        self.alive.read().map(|m| m.get(&node).copied().unwrap_or(false)).unwrap_or(false)
+    }
+
+    fn set(&self, node: NodeId, alive: bool) {
+        if let Ok(mut m) = self.alive.write() {
+            m.insert(node, alive);
+        }
+    }
+}
+
+/// The node's state, set once it is up (requests before that are `UNAVAILABLE`).
+#[derive(Clone, Default)]
+pub(crate) struct Late {
+    inner: Arc<OnceLock<(Arc<Shared>, ClusterId, u32)>>,
+}
+
+impl Late {
+    pub(crate) fn set(&self, shared: Arc<Shared>, cluster_id: ClusterId, shards: u32) {
+        let _ = self.inner.set((shared, cluster_id, shards));
+    }
+}
+
+/// The service.
+pub(crate) struct Api {
+    late: Late,
+}
+
+impl Api {
+    pub(crate) fn new(late: Late) -> Self {
+        Api { late }
+    }
+
+    pub(crate) fn into_server(self) -> FetterServer<Api> {
+        FetterServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+
+    fn shared(&self) -> Result<&Arc<Shared>, Status> {
+        self.late.inner.get().map(|(s, _, _)| s).ok_or_else(|| Status::unavailable("the node is starting"))
+    }
+}
+
+fn panel_status(e: PanelError) -> Status {
+    match e {
+        PanelError::NotFound(flow) => Status::not_found(format!("flow {flow} not found")),
+        PanelError::InputMismatch(flow) => {
+            Status::already_exists(format!("flow {flow} exists with a different input"))
+        }
+        e @ PanelError::ConcurrentModification { .. } => Status::aborted(e.to_string()),
+        e @ PanelError::Finished(_) => Status::failed_precondition(e.to_string()),
+        e @ PanelError::BadJson { .. } => Status::invalid_argument(e.to_string()),
+        PanelError::Journal(e) => journal_status(e),
+        e => Status::internal(e.to_string()),
+    }
+}
+
+fn journal_status(e: handle::Error) -> Status {
+    match e {
+        e @ (handle::Error::NoLeader { .. }
+        | handle::Error::NotLeader { .. }
+        | handle::Error::Unavailable { .. }
+        | handle::Error::ShuttingDown(_)) => Status::unavailable(e.to_string()),
+        e @ handle::Error::Timeout(_) => Status::deadline_exceeded(e.to_string()),
+        e @ handle::Error::Internal { .. } => Status::internal(e.to_string()),
+    }
+}
+
+impl Shared {
+    fn flow_id(&self, r: Option<proto::FlowRef>) -> Result<FlowId, Status> {
+        let r = r.ok_or_else(|| Status::invalid_argument("the flow (type and instance) is missing"))?;
+        for (what, value) in [("flow type", &r.flow_type), ("instance", &r.instance)] {
+            if value.is_empty() {
+                return Err(Status::invalid_argument(format!("the {what} is empty")));
+            }
+            if value.len() > MAX_NAME_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "the {what} is {} bytes, over the limit of {MAX_NAME_BYTES}",
+                    value.len()
+                )));
+            }
+        }
+        Ok(FlowId::new(r.flow_type, r.instance))
+    }
+
+    fn known_type(&self, flow: &FlowId) -> Result<(), Status> {
+        if self.registry.contains(&flow.flow_type) {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(format!(
+                "unknown flow type {:?}: this cluster runs {}",
+                flow.flow_type,
+                self.registry.types().join(", ")
+            )))
+        }
+    }
+
+    /// Refuses a payload over the limit or not JSON; returns its bytes.
+    fn payload(&self, what: &str, json: String) -> Result<Vec<u8>, Status> {
+        if json.len() as u64 > self.max_payload_bytes {
+            return Err(Status::invalid_argument(format!(
+                "the {what} is {} bytes, over the limit of {} bytes",
+                json.len(),
+                self.max_payload_bytes
+            )));
+        }
+        serde_json::from_str::<serde::de::IgnoredAny>(&json)
+            .map_err(|e| Status::invalid_argument(format!("the {what} is not valid JSON: {e}")))?;
+        Ok(json.into_bytes())
+    }
+
+    fn leader_of(&self, flow: &FlowId) -> Option<NodeId> {
+        let shard = shard_of(flow, self.shards.len() as u32);
+        self.shards.get(shard.0 as usize).and_then(|g| g.status().borrow().leader)
+    }
+
+    async fn view(&self, flow: &FlowId) -> Result<proto::Flow, Status> {
+        let view = self.panel.get(flow).await.map_err(panel_status)?;
+        Ok(convert::flow(&view, self.leader_of(flow)))
+    }
+
+    /// Waits until `flow` has finished (woken by the shard's applied actions, which every
+    /// replica sees), or `timeout`.
+    async fn wait_finished(&self, flow: &FlowId, timeout: Duration) -> Result<proto::Flow, Status> {
+        let shard = shard_of(flow, self.shards.len() as u32);
+        let group = self.shards.get(shard.0 as usize).ok_or_else(|| Status::internal("no such shard"))?;
+        let mut actions = group.subscribe_actions();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let view = self.view(flow).await?;
+            if matches!(view.status.as_str(), "succeeded" | "failed" | "cancelled") {
+                return Ok(view);
+            }
+            // Until this flow's `Finished` action (or a lag: look again).
+            loop {
+                let next = tokio::time::timeout_at(deadline, actions.recv()).await.map_err(|_| {
+                    Status::deadline_exceeded(format!("flow {flow} has not finished within {timeout:?}"))
+                })?;
+                match next {
+                    Ok(batch) => {
+                        if batch.iter().any(|a| matches!(a, Action::Finished { flow: f, .. } if f == flow)) {
+                            break;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        return Err(Status::unavailable("the node is shutting down"))
+                    }
+                }
+            }
+        }
+    }
+
+    async fn epoch_after(&self, flow: &FlowId) -> Result<proto::MutationResponse, Status> {
+        match self.panel.get(flow).await {
+            Ok(view) => Ok(proto::MutationResponse { epoch: Some(view.record.epoch.0) }),
+            Err(PanelError::NotFound(_)) => Ok(proto::MutationResponse { epoch: None }),
+            Err(e) => Err(panel_status(e)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Fetter for Api {
+    async fn start_flow(
+        &self,
+        request: Request<proto::StartFlowRequest>,
+    ) -> Result<Response<proto::StartFlowResponse>, Status> {
+        let s = self.shared()?;
+        let r = request.into_inner();
+        let flow = s.flow_id(r.flow)?;
+        s.known_type(&flow)?;
+        let input = s.payload("input", r.input_json)?;
+        let created = matches!(s.panel.start(&flow, input).await.map_err(panel_status)?, Started::New);
+        let view = if r.wait {
+            let timeout = if r.timeout_ms == 0 { DEFAULT_WAIT } else { Duration::from_millis(r.timeout_ms) };
+            s.wait_finished(&flow, timeout).await?
+        } else {
+            s.view(&flow).await?
+        };
+        Ok(Response::new(proto::StartFlowResponse { created, flow: Some(view) }))
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<proto::SendMessageRequest>,
+    ) -> Result<Response<proto::SendMessageResponse>, Status> {
+        let s = self.shared()?;
+        let r = request.into_inner();
+        let flow = s.flow_id(r.flow)?;
+        if r.message_type.is_empty() || r.message_type.len() > MAX_NAME_BYTES {
+            return Err(Status::invalid_argument("the message type must be 1 to 256 bytes"));
+        }
+        let payload = s.payload("message", r.payload_json)?;
+        // Every forwarded message carries a key, so no retry appends it twice.
+        let key = r.idempotency_key.unwrap_or_else(|| format!("req-{}", uuid::Uuid::new_v4()));
+        let seq =
+            s.panel.send_message(&flow, &r.message_type, payload, Some(key)).await.map_err(panel_status)?;
+        Ok(Response::new(proto::SendMessageResponse { seq }))
+    }
+
+    async fn get_flow(&self, request: Request<proto::FlowRef>) -> Result<Response<proto::Flow>, Status> {
+        let s = self.shared()?;
+        let flow = s.flow_id(Some(request.into_inner()))?;
+        Ok(Response::new(s.view(&flow).await?))
+    }
+
+    async fn list_flows(
+        &self,
+        request: Request<proto::ListFlowsRequest>,
+    ) -> Result<Response<proto::ListFlowsResponse>, Status> {
+        let s = self.shared()?;
+        let r = request.into_inner();
+        let status = match r.status.as_deref() {
+            None | Some("") => None,
+            Some(name) => Some(vec![convert::status_from_name(name).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "unknown status {name:?} (running, suspended, postponed, succeeded, failed, cancelled)"
+                ))
+            })?]),
+        };
+        let after = match r.cursor.as_deref() {
+            None | Some("") => None,
+            Some(c) => {
+                Some(convert::from_cursor(c).ok_or_else(|| Status::invalid_argument("malformed cursor"))?)
+            }
+        };
+        let limit = if r.limit == 0 { 100 } else { r.limit.min(10_000) } as usize;
+        let query = ListQuery { flow_type: r.flow_type.filter(|t| !t.is_empty()), status, after, limit };
+        let flows = s.panel.list(&query).await.map_err(panel_status)?;
+        let next = if flows.len() >= limit { flows.last().map(|f| convert::cursor(&f.id)) } else { None };
+        Ok(Response::new(proto::ListFlowsResponse {
+            flows: flows.iter().map(convert::summary).collect(),
+            next,
+        }))
+    }
+
+    async fn restart(
+        &self,
+        request: Request<proto::RestartRequest>,
+    ) -> Result<Response<proto::MutationResponse>, Status> {
+        let s = self.shared()?;
+        let r = request.into_inner();
+        let flow = s.flow_id(r.flow)?;
+        s.known_type(&flow)?;
+        let input = r.input_json.map(|i| s.payload("input", i)).transpose()?;
+        s.panel
+            .restart(&flow, input, r.clear_effects, r.expected_epoch.map(Epoch))
+            .await
+            .map_err(panel_status)?;
+        Ok(Response::new(s.epoch_after(&flow).await?))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<proto::MutationRequest>,
+    ) -> Result<Response<proto::MutationResponse>, Status> {
+        let s = self.shared()?;
+        let r = request.into_inner();
+        let flow = s.flow_id(r.flow)?;
+        s.panel.cancel(&flow, r.expected_epoch.map(Epoch)).await.map_err(panel_status)?;
+        Ok(Response::new(s.epoch_after(&flow).await?))
+    }
+
+    async fn mark_succeeded(
+        &self,
+        request: Request<proto::MarkSucceededRequest>,
+    ) -> Result<Response<proto::MutationResponse>, Status> {
+        let s = self.shared()?;
+        let r = request.into_inner();
+        let flow = s.flow_id(r.flow)?;
+        let output = s.payload("output", r.output_json)?;
+        s.panel.succeed(&flow, output, r.expected_epoch.map(Epoch)).await.map_err(panel_status)?;
+        Ok(Response::new(s.epoch_after(&flow).await?))
+    }
+
+    async fn mark_failed(
+        &self,
+        request: Request<proto::MarkFailedRequest>,
+    ) -> Result<Response<proto::MutationResponse>, Status> {
+        let s = self.shared()?;
+        let r = request.into_inner();
+        let flow = s.flow_id(r.flow)?;
+        if r.reason.len() as u64 > s.max_payload_bytes {
+            return Err(Status::invalid_argument("the reason is over the payload limit"));
+        }
+        let error = ErrorInfo { kind: "marked_failed".into(), message: r.reason };
+        s.panel.fail(&flow, error, r.expected_epoch.map(Epoch)).await.map_err(panel_status)?;
+        Ok(Response::new(s.epoch_after(&flow).await?))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<proto::MutationRequest>,
+    ) -> Result<Response<proto::MutationResponse>, Status> {
+        let s = self.shared()?;
+        let r = request.into_inner();
+        let flow = s.flow_id(r.flow)?;
+        s.panel.delete(&flow, r.expected_epoch.map(Epoch)).await.map_err(panel_status)?;
+        Ok(Response::new(proto::MutationResponse { epoch: None }))
+    }
+
+    async fn set_effect(
+        &self,
+        request: Request<proto::SetEffectRequest>,
+    ) -> Result<Response<proto::MutationResponse>, Status> {
+        let s = self.shared()?;
+        let r = request.into_inner();
+        let flow = s.flow_id(r.flow)?;
+        if r.effect_id.is_empty() || r.effect_id.len() > MAX_NAME_BYTES {
+            return Err(Status::invalid_argument("the effect id must be 1 to 256 bytes"));
+        }
+        let value = s.payload("effect value", r.value_json)?;
+        // Keep the recorded kind when the effect exists (a repaired `ship` stays an effect).
+        let kind = match s.panel.get(&flow).await {
+            Ok(view) => view.effects.iter().find(|(id, _)| *id == r.effect_id).map(|(_, e)| e.kind),
+            Err(e) => return Err(panel_status(e)),
+        };
+        let record = EffectRecord {
+            kind: kind.unwrap_or(EffectKind::Effect),
+            type_name: String::new(),
+            state: EffectState::Completed(value),
+        };
+        s.panel
+            .set_effect(&flow, &r.effect_id, record, r.expected_epoch.map(Epoch))
+            .await
+            .map_err(panel_status)?;
+        Ok(Response::new(s.epoch_after(&flow).await?))
+    }
+
+    async fn remove_effect(
+        &self,
+        request: Request<proto::RemoveEffectRequest>,
+    ) -> Result<Response<proto::MutationResponse>, Status> {
+        let s = self.shared()?;
+        let r = request.into_inner();
+        let flow = s.flow_id(r.flow)?;
+        s.panel
+            .remove_effect(&flow, &r.effect_id, r.expected_epoch.map(Epoch))
+            .await
+            .map_err(panel_status)?;
+        Ok(Response::new(s.epoch_after(&flow).await?))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<proto::ClusterStatusRequest>,
+    ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
+        let s = self.shared()?;
+        let (_, cluster_id, _) = self.late.inner.get().ok_or_else(|| Status::unavailable("starting"))?;
+        let info = s
+            .meta
+            .read(meta::read_cluster)
+            .await
+            .map_err(journal_status)?
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
+        let me = s.node.id();
+        let members = info
+            .members
+            .iter()
+            .map(|m| proto::Member {
+                id: m.node.0,
+                addr: m.addr.clone(),
+                alive: m.node == me || s.liveness.is_alive(m.node),
+            })
+            .collect();
+        let shards = s
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(k, g)| {
+                let metrics = g.raft().metrics().borrow().clone();
+                let replicas: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
+                proto::ShardStatus { id: k as u32, leader: g.status().borrow().leader.map(|n| n.0), replicas }
+            })
+            .collect();
+        Ok(Response::new(proto::ClusterStatusResponse { cluster_id: cluster_id.0.clone(), members, shards }))
+    }
+
+    async fn add_node(
+        &self,
+        _request: Request<proto::AddNodeRequest>,
+    ) -> Result<Response<proto::AddNodeResponse>, Status> {
+        Err(Status::unimplemented("adding a node to a running cluster is not built yet"))
+    }
+
+    async fn remove_node(
+        &self,
+        _request: Request<proto::RemoveNodeRequest>,
+    ) -> Result<Response<proto::RemoveNodeResponse>, Status> {
+        Err(Status::unimplemented("removing a node from a running cluster is not built yet"))
+    }
+
+    async fn node_info(
+        &self,
+        _request: Request<proto::NodeInfoRequest>,
+    ) -> Result<Response<proto::NodeInfoResponse>, Status> {
+        let (s, cluster_id, shards) = self.late.inner.get().ok_or_else(|| Status::unavailable("starting"))?;
+        let info = s.meta.read_local(meta::read_cluster).map_err(|e| Status::internal(e.to_string()))?;
+        let members = info
+            .as_ref()
+            .map(|i| {
+                i.members
+                    .iter()
+                    .map(|m| proto::Member { id: m.node.0, addr: m.addr.clone(), alive: true })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Response::new(proto::NodeInfoResponse {
+            node_id: s.node.id().0,
+            incarnation: s.node.identity().incarnation.0,
+            cluster_id: cluster_id.0.clone(),
+            shard_count: *shards,
+            initialized: info.is_some(),
+            members,
+            ready: true,
+        }))
+    }
+}
+
+/// Pings every member group 0 lists, every `every`, and records who answered.
+pub(crate) async fn ping_members(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, every: Duration) {
+    loop {
+        let members: BTreeMap<NodeId, String> = shared
+            .meta
+            .read_local(meta::read_cluster)
+            .ok()
+            .flatten()
+            .map(|i| i.members.into_iter().map(|m| (m.node, m.addr)).collect())
+            .unwrap_or_default();
+        let me = shared.node.id();
+        let pings = members
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .map(|(id, addr)| async move { (*id, node_info(addr).await.is_ok_and(|i| i.node_id == id.0)) });
+        for (id, alive) in futures::future::join_all(pings).await {
+            shared.liveness.set(id, alive);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
