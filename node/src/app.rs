@@ -260,7 +260,7 @@ impl<X: Args + FromArgMatches + Clone + std::fmt::Debug + Send + Sync + 'static>
             _ = crate::local::parent_gone() => tracing::warn!("the process that started this node is gone"),
         }
         tracing::info!(node = args.id, "stopping");
-        node.shutdown().await;
+        node.shutdown_gracefully().await;
         ExitCode::SUCCESS
     }
 }

@@ -25,7 +25,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::client::{Client, ClientError};
 use crate::proto;
@@ -44,7 +45,10 @@ pub struct AddrArg {
 }
 
 /// Client commands of the CLI.
+// No `about` of its own: flattened into an application's commands, it would become the
+// application's.
 #[derive(Subcommand, Debug, Clone)]
+#[command(about = None, long_about = None)]
 pub enum ClientCommand {
     /// Start, inspect and repair flows.
     #[command(subcommand)]
@@ -310,7 +314,7 @@ async fn flow_command(client: &Client, command: FlowCommand) -> Result<String, C
         FlowCommand::Get { flow, json } => {
             let flow = client.get_flow(&flow.flow_type, &flow.instance).await?;
             if json {
-                format!("{}\n", flow_json(&flow))
+                json_line(&flow_doc(&flow))?
             } else {
                 flow_text(&flow)
             }
@@ -320,7 +324,7 @@ async fn flow_command(client: &Client, command: FlowCommand) -> Result<String, C
                 .list_flows(flow_type.as_deref(), status.as_deref(), limit.unwrap_or(0), cursor.as_deref())
                 .await?;
             if json {
-                format!("{}\n", list_json(&page))
+                json_line(&list_doc(&page))?
             } else {
                 list_text(&page)
             }
@@ -368,7 +372,7 @@ async fn cluster_command(client: &Client, command: ClusterCommand) -> Result<Str
         ClusterCommand::Status { json } => {
             let status = client.cluster_status().await?;
             if json {
-                format!("{}\n", cluster_status_json(&status))
+                json_line(&cluster_doc(&status))?
             } else {
                 cluster_status_text(&status)
             }
@@ -403,70 +407,190 @@ fn optional_json_value(text: Option<&str>) -> Value {
     text.map_or(Value::Null, json_value)
 }
 
-/// A flow as the JSON object `flow get --json` prints.
-pub fn flow_json(flow: &proto::Flow) -> Value {
-    let effects: Vec<Value> = flow
-        .effects
-        .iter()
-        .map(|e| json!({"id": e.id, "kind": e.kind, "state": e.state, "value": json_value(&e.value_json)}))
-        .collect();
-    let events: Vec<Value> = flow
-        .events
-        .iter()
-        .map(
-            |e| json!({"seq": e.seq, "kind": e.kind, "name": e.name, "payload": json_value(&e.payload_json)}),
-        )
-        .collect();
-    let timers: Vec<Value> =
-        flow.timers.iter().map(|t| json!({"id": t.id, "deadline_ms": t.deadline_ms})).collect();
-    json!({
-        "type": flow.flow_type,
-        "instance": flow.instance,
-        "status": flow.status,
-        "error_kind": flow.error_kind,
-        "error": flow.error,
-        "epoch": flow.epoch,
-        "input": json_value(&flow.input_json),
-        "output": optional_json_value(flow.output_json.as_deref()),
-        "effects": effects,
-        "events": events,
-        "timers": timers,
-        "leader_node": flow.leader_node,
-        "parent": flow.parent.as_ref().map(|p| format!("{}/{}", p.flow_type, p.instance)),
-        "created_ms": flow.created_ms,
-        "finished_ms": flow.finished_ms,
-        "postponed_until_ms": flow.postponed_until_ms,
-    })
+// The JSON documents, as structs so that their keys keep this order when printed.
+
+#[derive(Serialize)]
+struct FlowDoc<'a> {
+    #[serde(rename = "type")]
+    flow_type: &'a str,
+    instance: &'a str,
+    status: &'a str,
+    error_kind: Option<&'a str>,
+    error: Option<&'a str>,
+    epoch: u64,
+    input: Value,
+    output: Value,
+    effects: Vec<EffectDoc<'a>>,
+    events: Vec<EventDoc<'a>>,
+    timers: Vec<TimerDoc<'a>>,
+    leader_node: Option<u64>,
+    parent: Option<String>,
+    created_ms: u64,
+    finished_ms: Option<u64>,
+    postponed_until_ms: Option<u64>,
 }
 
-/// A page of flows as the JSON object `flow list --json` prints.
-pub fn list_json(page: &proto::ListFlowsResponse) -> Value {
-    let flows: Vec<Value> = page
-        .flows
-        .iter()
-        .map(|f| {
-            json!({
-                "type": f.flow_type,
-                "instance": f.instance,
-                "status": f.status,
-                "error_kind": f.error_kind,
-                "epoch": f.epoch,
+#[derive(Serialize)]
+struct EffectDoc<'a> {
+    id: &'a str,
+    kind: &'a str,
+    state: &'a str,
+    value: Value,
+}
+
+#[derive(Serialize)]
+struct EventDoc<'a> {
+    seq: u64,
+    kind: &'a str,
+    name: &'a str,
+    payload: Value,
+}
+
+#[derive(Serialize)]
+struct TimerDoc<'a> {
+    id: &'a str,
+    deadline_ms: u64,
+}
+
+#[derive(Serialize)]
+struct ListDoc<'a> {
+    flows: Vec<SummaryDoc<'a>>,
+    next: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct SummaryDoc<'a> {
+    #[serde(rename = "type")]
+    flow_type: &'a str,
+    instance: &'a str,
+    status: &'a str,
+    error_kind: Option<&'a str>,
+    epoch: u64,
+}
+
+#[derive(Serialize)]
+struct ClusterDoc<'a> {
+    cluster_id: &'a str,
+    members: Vec<MemberDoc<'a>>,
+    shards: Vec<ShardDoc<'a>>,
+}
+
+#[derive(Serialize)]
+struct MemberDoc<'a> {
+    id: u64,
+    addr: &'a str,
+    alive: bool,
+}
+
+#[derive(Serialize)]
+struct ShardDoc<'a> {
+    id: u32,
+    leader: Option<u64>,
+    replicas: &'a [u64],
+}
+
+fn flow_doc(flow: &proto::Flow) -> FlowDoc<'_> {
+    FlowDoc {
+        flow_type: &flow.flow_type,
+        instance: &flow.instance,
+        status: &flow.status,
+        error_kind: flow.error_kind.as_deref(),
+        error: flow.error.as_deref(),
+        epoch: flow.epoch,
+        input: json_value(&flow.input_json),
+        output: optional_json_value(flow.output_json.as_deref()),
+        effects: flow
+            .effects
+            .iter()
+            .map(|e| EffectDoc {
+                id: &e.id,
+                kind: &e.kind,
+                state: &e.state,
+                value: json_value(&e.value_json),
             })
-        })
-        .collect();
-    json!({"flows": flows, "next": page.next})
+            .collect(),
+        events: flow
+            .events
+            .iter()
+            .map(|e| EventDoc {
+                seq: e.seq,
+                kind: &e.kind,
+                name: &e.name,
+                payload: json_value(&e.payload_json),
+            })
+            .collect(),
+        timers: flow.timers.iter().map(|t| TimerDoc { id: &t.id, deadline_ms: t.deadline_ms }).collect(),
+        leader_node: flow.leader_node,
+        parent: flow.parent.as_ref().map(|p| format!("{}/{}", p.flow_type, p.instance)),
+        created_ms: flow.created_ms,
+        finished_ms: flow.finished_ms,
+        postponed_until_ms: flow.postponed_until_ms,
+    }
 }
 
-/// The cluster's status as the JSON object `cluster status --json` prints.
+fn list_doc(page: &proto::ListFlowsResponse) -> ListDoc<'_> {
+    ListDoc {
+        flows: page
+            .flows
+            .iter()
+            .map(|f| SummaryDoc {
+                flow_type: &f.flow_type,
+                instance: &f.instance,
+                status: &f.status,
+                error_kind: f.error_kind.as_deref(),
+                epoch: f.epoch,
+            })
+            .collect(),
+        next: page.next.as_deref(),
+    }
+}
+
+fn cluster_doc(status: &proto::ClusterStatusResponse) -> ClusterDoc<'_> {
+    ClusterDoc {
+        cluster_id: &status.cluster_id,
+        members: status
+            .members
+            .iter()
+            .map(|m| MemberDoc { id: m.id, addr: &m.addr, alive: m.alive })
+            .collect(),
+        shards: status
+            .shards
+            .iter()
+            .map(|s| ShardDoc { id: s.id, leader: s.leader, replicas: &s.replicas })
+            .collect(),
+    }
+}
+
+/// A document as a JSON value (these documents always convert).
+fn to_value(doc: &impl Serialize) -> Value {
+    serde_json::to_value(doc).unwrap_or(Value::Null)
+}
+
+/// A document on one line, its keys in declaration order.
+fn json_line(doc: &impl Serialize) -> Result<String, CliError> {
+    let text = serde_json::to_string(doc).map_err(ClientError::from)?;
+    Ok(format!("{text}\n"))
+}
+
+/// A flow as the JSON object `flow get --json` prints: `type`, `instance`, `status`,
+/// `error_kind`, `error`, `epoch`, `input`, `output`, `effects` (`id`, `kind`, `state`, `value`),
+/// `events` (`seq`, `kind`, `name`, `payload`), `timers` (`id`, `deadline_ms`), `leader_node`,
+/// `parent` (`"type/instance"`), `created_ms`, `finished_ms`, `postponed_until_ms`. JSON texts
+/// are parsed (null when absent or empty).
+pub fn flow_json(flow: &proto::Flow) -> Value {
+    to_value(&flow_doc(flow))
+}
+
+/// A page of flows as the JSON object `flow list --json` prints:
+/// `{"flows":[{"type","instance","status","error_kind","epoch"}…],"next":…}`.
+pub fn list_json(page: &proto::ListFlowsResponse) -> Value {
+    to_value(&list_doc(page))
+}
+
+/// The cluster's status as the JSON object `cluster status --json` prints:
+/// `{"cluster_id","members":[{"id","addr","alive"}…],"shards":[{"id","leader","replicas"}…]}`.
 pub fn cluster_status_json(status: &proto::ClusterStatusResponse) -> Value {
-    let members: Vec<Value> =
-        status.members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "alive": m.alive})).collect();
-    let shards: Vec<Value> = status
-        .shards
-        .iter()
-        .map(|s| json!({"id": s.id, "leader": s.leader, "replicas": s.replicas}))
-        .collect();
-    json!({"cluster_id": status.cluster_id, "members": members, "shards": shards})
+    to_value(&cluster_doc(status))
 }
 
 /// Rows under a header, columns aligned, indented by two spaces.
@@ -663,6 +787,7 @@ fn cluster_status_text(status: &proto::ClusterStatusResponse) -> String {
 #[cfg(test)]
 mod tests {
     use clap::{CommandFactory, Parser};
+    use serde_json::json;
 
     use super::*;
 
@@ -852,6 +977,26 @@ mod tests {
                 ],
             })
         );
+    }
+
+    #[test]
+    fn printed_documents_keep_the_key_order() -> Result<(), CliError> {
+        let status = json_line(&cluster_doc(&sample_status()))?;
+        assert!(
+            status.starts_with(
+                r#"{"cluster_id":"c-42","members":[{"id":1,"addr":"127.0.0.1:7001","alive":true},"#
+            ),
+            "{status}"
+        );
+        assert!(status.contains(r#""shards":[{"id":0,"leader":1,"replicas":[1,2,3]},"#), "{status}");
+        assert!(status.ends_with("}\n") && status.lines().count() == 1);
+        let flow = json_line(&flow_doc(&sample_flow()))?;
+        assert!(flow.starts_with(r#"{"type":"order","instance":"o-1","status":"failed","#), "{flow}");
+        let printed: Value = serde_json::from_str(&flow).map_err(ClientError::from)?;
+        assert_eq!(printed, flow_json(&sample_flow()));
+        let list = json_line(&list_doc(&proto::ListFlowsResponse::default()))?;
+        assert_eq!(list, "{\"flows\":[],\"next\":null}\n");
+        Ok(())
     }
 
     #[test]

@@ -634,7 +634,7 @@ mod tests {
             (Status::unimplemented("not built yet"), ClientError::Other("not built yet".into())),
             (
                 Status::new(Code::PermissionDenied, ""),
-                ClientError::Other("Client does not have sufficient permission".into()),
+                ClientError::Other(Code::PermissionDenied.description().into()),
             ),
         ];
         for (status, expected) in cases {

@@ -20,6 +20,8 @@ pub mod local;
 pub use app::App;
 pub use client::Client;
 pub use engine::{Engine, EngineConfig, Error};
+/// Which shard a flow lives on (stable across releases).
+pub use fetter_raft::placement;
 
 /// Generated protobuf and tonic code of the public API.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]

@@ -182,6 +182,7 @@ impl RaftNode {
             .map_err(|source| Error::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| Error::Listen { addr: config.listen, source })?;
         let groups = GroupRegistry::default();
+        groups.set_lease(Duration::from_millis(config.timing.election_timeout_max_ms));
         let service = RaftService::new(identity.clone(), groups.clone()).into_server();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -262,6 +263,7 @@ impl RaftNode {
             actions,
             self.peers.clone(),
             Duration::from_millis(self.config.timing.propose_timeout_ms),
+            Duration::from_millis(self.config.timing.election_timeout_max_ms),
         );
         let mut handles = lock(&self.handles);
         let handle = handles.entry(group).or_insert(handle).clone();

@@ -476,3 +476,31 @@ async fn followers_forward_proposals_and_serve_linearizable_reads() -> Result<()
     c.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_moves_to_a_chosen_voter_within_a_round_trip() -> Result<()> {
+    let c = Cluster::start(3, 1, 10_000).await?;
+    start_log_flow(&c).await?;
+    let old = c.leader(g(0)).await?;
+    let h = c.handle(old, g(0))?;
+    let lease = Duration::from_millis(fetter_raft::node::Timing::relaxed().election_timeout_max_ms);
+    // Let the leader's own lease pass first (a leader refuses votes while it is fresh).
+    let since = h.status().borrow().leading_since.ok_or_else(|| anyhow!("leading since"))?;
+    tokio::time::sleep((lease + Duration::from_millis(100)).saturating_sub(since.elapsed())).await;
+    for (i, target) in c.running().into_iter().filter(|id| *id != old).enumerate() {
+        let from = c.leader(g(0)).await?;
+        // Asked through any node (here: the target itself, which forwards to the leader).
+        let started = std::time::Instant::now();
+        c.handle(target, g(0))?.move_leadership(NodeId(target), lease, Duration::from_secs(10)).await?;
+        let took = started.elapsed();
+        ensure!(c.leader(g(0)).await? == target, "node {target} leads after the transfer");
+        ensure!(
+            took < lease + Duration::from_millis(500),
+            "transfer {from} -> {target} took {took:?} (lease {lease:?})"
+        );
+        // The new leader commits at once; the old one forwards to it.
+        expect_ok(c.handle(from, g(0))?.submit_shard(message(i as u64)).await?)?;
+    }
+    c.shutdown().await;
+    Ok(())
+}

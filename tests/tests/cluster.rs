@@ -1,18 +1,21 @@
 //! The cluster with real processes: `shop-node` (the `shop` program) nodes on loopback ports,
-//! killed, frozen and restarted while flows run; checked against the flows' final states and the
-//! fake services' ledger.
+//! killed, frozen, stopped and restarted while orders run; checked against the flows' final
+//! states and the fake services' ledger.
 //!
-//! Set `FETTER_KILL_SEED` to replay the moment of a kill; the seed is printed either way.
+//! Set `FETTER_KILL_SEED` to replay the moment of a fault; the seed is printed either way.
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
+use fetter::prelude::FlowId;
 use fetter_tests::{check_orders, order_input, wait_all_finished, TestCluster, WAIT};
 use rand::{Rng, SeedableRng};
 
 const EXE: &str = env!("CARGO_BIN_EXE_shop-node");
+const SHARDS: u32 = 6;
+const ORDERS: u32 = 300;
 
 fn seed() -> u64 {
     let seed =
@@ -21,62 +24,180 @@ fn seed() -> u64 {
     seed
 }
 
-/// Starts orders `o-1..=o-n` through `client`, at most `in_flight` calls at a time.
-async fn start_orders(client: &fetter::Client, range: std::ops::RangeInclusive<u32>) -> Result<()> {
-    let sem = Arc::new(tokio::sync::Semaphore::new(32));
-    let mut tasks = Vec::new();
-    for i in range {
-        let client = client.clone();
-        let permit = sem.clone().acquire_owned().await?;
-        tasks.push(tokio::spawn(async move {
-            let _permit = permit;
-            client.start_flow("order", &format!("o-{i}"), &order_input(i), false, None).await
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(())
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-async fn finished_count(client: &fetter::Client, n: u32) -> usize {
-    let mut done = 0;
-    for i in 1..=n {
-        if let Ok(f) = client.get_flow("order", &format!("o-{i}")).await {
-            if matches!(f.status.as_str(), "succeeded" | "failed" | "cancelled") {
-                done += 1;
-            }
+/// Starts orders `o-1..=o-n`, one every `pace`, in a background task.
+fn start_orders_paced(client: fetter::Client, n: u32, pace: Duration) -> tokio::task::JoinHandle<Result<()>> {
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        let mut tick = tokio::time::interval(pace);
+        for i in 1..=n {
+            tick.tick().await;
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                client.start_flow("order", &format!("o-{i}"), &order_input(i), false, None).await
+            }));
         }
-    }
-    done
+        for t in tasks {
+            t.await??;
+        }
+        Ok(())
+    })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn orders_survive_kill_9_of_the_busiest_leader() -> Result<()> {
-    const ORDERS: u32 = 300;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
-    let mut c = TestCluster::start(EXE, 3, &["--service-latency-ms", "20"]).await?;
-    let client = c.client()?;
-    // Kill once between a third and two thirds of the orders have been started.
-    let kill_after: u32 = rng.random_range(ORDERS / 3..ORDERS * 2 / 3);
-    start_orders(&client, 1..=kill_after).await?;
-    let victim = c.busiest_leader().await?;
-    let in_flight = kill_after as usize - finished_count(&client, kill_after).await;
-    println!("kill -9 node {victim} after {kill_after} orders started, {in_flight} in flight");
-    c.local.kill(victim).await.map_err(|e| anyhow!(e))?;
-    start_orders(&client, kill_after + 1..=ORDERS).await?;
-    let instances: Vec<String> = (1..=ORDERS).map(|i| format!("o-{i}")).collect();
-    let flows = match wait_all_finished(&client, "order", &instances).await {
+/// Orders finished so far (succeeded or failed).
+async fn finished(client: &fetter::Client) -> Result<usize> {
+    let mut n = 0;
+    for status in ["succeeded", "failed"] {
+        n += client.list_flows(Some("order"), Some(status), 10_000, None).await?.flows.len();
+    }
+    Ok(n)
+}
+
+/// Waits until between `lo` and `hi` orders have finished while at least 20 are in flight.
+async fn wait_mid_run(client: &fetter::Client, lo: usize) -> Result<usize> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let done = finished(client).await?;
+        if done >= lo {
+            return Ok(done);
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "only {done} orders finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn instances() -> Vec<String> {
+    (1..=ORDERS).map(|i| format!("o-{i}")).collect()
+}
+
+/// Waits for every order, checks the contract against the ledger; returns (succeeded, failed).
+async fn finish_and_check(c: &TestCluster, client: &fetter::Client) -> Result<(usize, usize)> {
+    let flows = match wait_all_finished(client, "order", &instances()).await {
         Ok(flows) => flows,
         Err(e) => return Err(anyhow!("{e}\n{}", c.logs())),
     };
     let (ok, failed) = check_orders(&flows, &c.ledger()?, 0.95)?;
     println!("{ok} succeeded, {failed} failed with effect_outcome_unknown on ship");
-    // The killed node comes back and catches up.
+    Ok((ok, failed))
+}
+
+/// Waits until leaders per live node differ by at most one.
+async fn leaders_even(c: &TestCluster, within: Duration) -> Result<BTreeMap<u64, usize>> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let per = c.leaders_per_node().await?;
+        let (min, max) = (per.values().min().copied().unwrap_or(0), per.values().max().copied().unwrap_or(0));
+        if per.len() == 3 && max - min <= 1 && per.values().sum::<usize>() == SHARDS as usize {
+            return Ok(per);
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "leaders not even within {within:?}: {per:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Shards led by `node` now.
+async fn shards_led_by(c: &TestCluster, node: u64) -> Result<Vec<u32>> {
+    Ok(c.status().await?.shards.iter().filter(|s| s.leader == Some(node)).map(|s| s.id).collect())
+}
+
+/// The longest pause in the ledger activity of orders on `shards` within `[from, to]` (ms).
+fn longest_pause(c: &TestCluster, shards: &[u32], from: u64, to: u64) -> Result<u64> {
+    let mut times: Vec<u64> = c
+        .ledger()?
+        .into_iter()
+        .filter(|e| e.ts_ms >= from && e.ts_ms <= to)
+        .filter(|e| {
+            e.flow.strip_prefix("order/").is_some_and(|i| {
+                shards.contains(&fetter::placement::shard_of(&FlowId::new("order", i), SHARDS).0)
+            })
+        })
+        .map(|e| e.ts_ms)
+        .collect();
+    times.sort_unstable();
+    Ok(times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(u64::MAX))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_survive_kill_9_of_the_busiest_leader_which_returns_and_takes_back_its_share() -> Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let mut c = TestCluster::start(EXE, 3, &["--service-latency-ms", "50"]).await?;
+    let client = c.client()?;
+    let starter = start_orders_paced(client.clone(), ORDERS, Duration::from_millis(15));
+    let done = wait_mid_run(&client, rng.random_range(30..150)).await?;
+    let victim = c.busiest_leader().await?;
+    println!("kill -9 node {victim} with {done} orders finished");
+    c.local.kill(victim).await.map_err(|e| anyhow!(e))?;
+    starter.await??;
+    finish_and_check(&c, &client).await?;
+    // The killed node comes back, catches up and takes back its share of leaders.
     c.local.start(victim).await.map_err(|e| anyhow!(e))?;
     c.wait_ready().await?;
-    let status = c.status().await?;
-    ensure!(status.members.iter().all(|m| m.alive), "every node alive again: {:?}", status.members);
+    let per = leaders_even(&c, Duration::from_secs(30)).await?;
+    ensure!(per.get(&victim).copied().unwrap_or(0) >= 1, "node {victim} leads again: {per:?}");
+    c.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_leadership_over_without_an_election_stall() -> Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let mut c = TestCluster::start(EXE, 3, &["--service-latency-ms", "20"]).await?;
+    let client = c.client()?;
+    leaders_even(&c, Duration::from_secs(30)).await?;
+    let starter = start_orders_paced(client.clone(), ORDERS, Duration::from_millis(20));
+    wait_mid_run(&client, rng.random_range(30..120)).await?;
+    let victim = c.busiest_leader().await?;
+    let shards = shards_led_by(&c, victim).await?;
+    let at = now_ms();
+    let (exited, code) = c.local.terminate(victim, Duration::from_secs(20)).await.map_err(|e| anyhow!(e))?;
+    ensure!(exited && code == Some(0), "node {victim} stopped cleanly on SIGTERM: {exited} {code:?}");
+    starter.await??;
+    finish_and_check(&c, &client).await?;
+    // The shards it led kept moving: no pause as long as an election timeout (1 s here; after
+    // a kill -9 the followers wait the 2 s lease plus 1–2 s).
+    let pause = longest_pause(&c, &shards, at.saturating_sub(1_000), at + 3_000)?;
+    println!("SIGTERM of node {victim} (led shards {shards:?}): longest pause {pause} ms");
+    ensure!(pause < 1_000, "shards {shards:?} paused {pause} ms after SIGTERM");
+    c.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_frozen_past_the_election_timeout_commits_and_ships_nothing_when_it_wakes() -> Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let c = TestCluster::start(EXE, 3, &["--service-latency-ms", "50"]).await?;
+    let client = c.client()?;
+    let starter = start_orders_paced(client.clone(), ORDERS, Duration::from_millis(15));
+    wait_mid_run(&client, rng.random_range(30..150)).await?;
+    let victim = c.busiest_leader().await?;
+    let shards = shards_led_by(&c, victim).await?;
+    c.local.signal(victim, fetter::local::Signal::Stop).map_err(|e| anyhow!(e))?;
+    // Past the election timeout: the others elect new leaders for its shards.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = c.status().await?;
+        let moved = shards
+            .iter()
+            .all(|k| status.shards.iter().any(|s| s.id == *k && s.leader.is_some_and(|l| l != victim)));
+        if moved {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "no new leaders while node {victim} is frozen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let woke_at = now_ms();
+    c.local.signal(victim, fetter::local::Signal::Cont).map_err(|e| anyhow!(e))?;
+    starter.await??;
+    finish_and_check(&c, &client).await?;
+    let late: Vec<_> = c
+        .ledger()?
+        .into_iter()
+        .filter(|e| e.node == victim && e.service == "logistics" && e.ts_ms >= woke_at)
+        .collect();
+    ensure!(late.is_empty(), "the woken node shipped for flows it no longer owns: {late:?}");
     c.stop().await;
     Ok(())
 }
@@ -150,7 +271,7 @@ async fn bad_input_gets_a_clear_error_and_the_cluster_keeps_serving() -> Result<
     let dir = tempfile::tempdir()?;
     let mut args = vec!["node".to_string(), "--id".into(), "4".into(), "--listen".into()];
     args.extend([format!("127.0.0.1:{port}"), "--data-dir".into(), dir.path().display().to_string()]);
-    args.extend(["--peers".into(), peers, "--shards".into(), "6".into()]);
+    args.extend(["--peers".into(), peers, "--shards".into(), SHARDS.to_string()]);
     c.local.spawn(4, args).map_err(|e| anyhow!(e))?;
     let code = c.local.wait_exit(4, WAIT).await.map_err(|e| anyhow!(e))?;
     let log = std::fs::read_to_string(c.local.log_file(4))?;

@@ -173,6 +173,11 @@ impl Ctx {
     /// Commits `command`; halts the activation if the journal refuses or cannot take it.
     async fn commit(&self, command: ShardCommand) -> ShardOutcome {
         match self.inner.group.propose_shard(command).await {
+            // A reply that reaches a leader frozen since (SIGSTOP, a long pause) must not let
+            // the flow go on: another node may own it by now.
+            Ok(Ok(_)) if !self.inner.group.leads_with_recent_quorum() => {
+                self.halt(Halt::Fenced("leadership not confirmed by a quorum recently".into())).await
+            }
             Ok(Ok(outcome)) => outcome,
             Ok(Err(rejection)) => {
                 self.halt(Halt::Fenced(format!("journal refused a step: {rejection}"))).await

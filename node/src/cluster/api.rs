@@ -41,6 +41,14 @@ impl Liveness {
         self.alive.read().map(|m| m.get(&node).copied().unwrap_or(false)).unwrap_or(false)
     }
 
+    /// The members that answered the last ping (this node not included).
+    pub fn alive_members(&self) -> Vec<NodeId> {
+        self.alive
+            .read()
+            .map(|m| m.iter().filter(|(_, a)| **a).map(|(n, _)| *n).collect())
+            .unwrap_or_default()
+    }
+
     fn set(&self, node: NodeId, alive: bool) {
         if let Ok(mut m) = self.alive.write() {
             m.insert(node, alive);

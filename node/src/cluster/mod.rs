@@ -23,6 +23,7 @@
 
 mod api;
 mod convert;
+mod reconcile;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -119,7 +120,7 @@ pub enum StartError {
     IdReused(u64),
     /// The node could not start (directory, identity, listener, Raft).
     #[error(transparent)]
-    Node(#[from] fetter_raft::node::Error),
+    Node(Box<fetter_raft::node::Error>),
     /// The cluster did not answer as needed (joining).
     #[error("{0}")]
     Cluster(String),
@@ -131,6 +132,12 @@ pub enum StartError {
         /// Why it failed.
         source: std::io::Error,
     },
+}
+
+impl From<fetter_raft::node::Error> for StartError {
+    fn from(e: fetter_raft::node::Error) -> Self {
+        StartError::Node(Box::new(e))
+    }
 }
 
 /// The arguments a node's directory was first started with.
@@ -215,6 +222,7 @@ pub(crate) struct Shared {
 /// A running cluster node.
 pub struct ClusterNode {
     shared: Arc<Shared>,
+    lease: Duration,
     actors: Vec<ActorRef<ShardMsg>>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -353,7 +361,11 @@ impl ClusterNode {
         late.set(shared.clone(), cluster_id.clone(), shards);
 
         let (stop, stop_rx) = watch::channel(false);
-        let mut tasks = vec![tokio::spawn(api::ping_members(shared.clone(), stop_rx.clone(), PING_EVERY))];
+        let lease = Duration::from_millis(options.timing.election_timeout_max_ms);
+        let mut tasks = vec![
+            tokio::spawn(api::ping_members(shared.clone(), stop_rx.clone(), PING_EVERY)),
+            tokio::spawn(reconcile::balance_leaders(shared.clone(), lease, stop_rx.clone())),
+        ];
         if let Some(peers) = &options.peers {
             {
                 let params = ClusterParams {
@@ -371,7 +383,7 @@ impl ClusterNode {
             }
         }
         tracing::info!(node = options.id.0, addr = %options.advertised(), "cluster node started");
-        Ok(ClusterNode { shared, actors, stop, tasks })
+        Ok(ClusterNode { shared, lease, actors, stop, tasks })
     }
 
     /// The address the node serves on.
@@ -394,6 +406,15 @@ impl ClusterNode {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         false
+    }
+
+    /// Stops gracefully: hands the leadership of every group this node leads to another live
+    /// node (so their flows move on without waiting for an election timeout), then stops.
+    pub async fn shutdown_gracefully(self) {
+        let _ = self.stop.send(true);
+        let moved = reconcile::hand_over_all(&self.shared, self.lease).await;
+        tracing::info!(groups = moved, "leadership handed over");
+        self.shutdown().await;
     }
 
     /// Stops actors, background tasks, Raft and the server.

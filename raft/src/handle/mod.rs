@@ -23,6 +23,7 @@ use crate::transport::Peers;
 use crate::types::{Command, Raft, Reply, Request};
 
 mod route;
+mod transfer;
 
 /// Bound on proposals waiting to be packed, per group.
 const QUEUE_CAPACITY: usize = 8192;
@@ -92,6 +93,8 @@ pub struct GroupStatus {
     pub quorum_acked_at: Option<Instant>,
     /// Index of the last applied entry.
     pub last_applied: Option<u64>,
+    /// Since when this node leads (in its current term), while it leads.
+    pub leading_since: Option<Instant>,
 }
 
 impl GroupStatus {
@@ -123,6 +126,10 @@ struct Inner {
     actions: broadcast::Sender<Arc<Vec<Action>>>,
     peers: Peers,
     propose_timeout: Duration,
+    /// The followers' leader lease (the election timeout maximum).
+    lease: Duration,
+    /// While handing leadership over: the target's node id (0: not handing over).
+    handing_over: std::sync::atomic::AtomicU64,
 }
 
 impl GroupHandle {
@@ -134,6 +141,7 @@ impl GroupHandle {
         actions: broadcast::Sender<Arc<Vec<Action>>>,
         peers: Peers,
         propose_timeout: Duration,
+        lease: Duration,
     ) -> GroupHandle {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         tokio::spawn(batcher(group, raft.clone(), rx, propose_timeout));
@@ -148,6 +156,8 @@ impl GroupHandle {
                 actions,
                 peers,
                 propose_timeout,
+                lease,
+                handing_over: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -169,6 +179,9 @@ impl GroupHandle {
     pub async fn propose(&self, command: Command) -> Result<Reply, Error> {
         let (reply, rx) = oneshot::channel();
         let group = self.inner.group;
+        if let Some(to) = self.handing_over_to() {
+            return Err(Error::NotLeader { group, leader: Some(to), leader_addr: self.addr_of(to) });
+        }
         self.inner
             .proposals
             .send(Proposal { command, reply })
@@ -225,6 +238,17 @@ impl GroupHandle {
             RaftError::Fatal(_) => Error::ShuttingDown(group),
         })?;
         Ok(read_log_id.map(|l| l.index))
+    }
+
+    /// Whether this node leads the group, is not handing it over, and a quorum acknowledged it
+    /// within the followers' leader lease (the election timeout maximum): no other node can have
+    /// been elected since. A leader that was frozen longer answers `false` until it hears from a
+    /// quorum again.
+    pub fn leads_with_recent_quorum(&self) -> bool {
+        let status = self.inner.status.borrow();
+        status.is_leader
+            && self.handing_over_to().is_none()
+            && status.since_quorum_ack().is_some_and(|d| d <= self.inner.lease)
     }
 
     /// A read of this replica's applied state, possibly stale.
@@ -349,14 +373,26 @@ async fn batcher(group: GroupId, raft: Raft, mut rx: mpsc::Receiver<Proposal>, t
 
 fn spawn_status_watch(raft: Raft) -> watch::Receiver<GroupStatus> {
     let mut metrics = raft.metrics();
-    let initial =
-        GroupStatus { leader: None, term: 0, is_leader: false, quorum_acked_at: None, last_applied: None };
+    let initial = GroupStatus {
+        leader: None,
+        term: 0,
+        is_leader: false,
+        quorum_acked_at: None,
+        last_applied: None,
+        leading_since: None,
+    };
     let (tx, rx) = watch::channel(initial);
     tokio::spawn(async move {
+        let mut since: Option<(u64, Instant)> = None;
         loop {
             let status = {
                 let m = metrics.borrow_and_update();
                 let is_leader = m.current_leader == Some(m.id);
+                since = match since {
+                    Some((term, at)) if is_leader && term == m.current_term => Some((term, at)),
+                    _ if is_leader => Some((m.current_term, Instant::now())),
+                    _ => None,
+                };
                 GroupStatus {
                     leader: m.current_leader.map(NodeId),
                     term: m.current_term,
@@ -368,6 +404,7 @@ fn spawn_status_watch(raft: Raft) -> watch::Receiver<GroupStatus> {
                         None
                     },
                     last_applied: m.last_applied.map(|l| l.index),
+                    leading_since: since.map(|(_, at)| at),
                 }
             };
             tx.send_replace(status);

@@ -3,11 +3,11 @@
 //!
 //! A forwarded proposal is proposed by the leader itself, never re-forwarded (one hop); the
 //! sender follows "not leader" hints and retries within its time budget while an election runs,
-//! then answers [`Error::NoLeader`]. It retries only when the request cannot have reached a
-//! leader (refused connection, "not leader"); a request whose outcome is unknown (timeout) is
-//! reported as [`Error::Timeout`]. Commands sent this way must therefore be idempotent — starts
-//! (same input), messages with an idempotency key, outbox deliveries (numbered) — which is what
-//! ingress and outbox delivery send. Activations never forward: see [`GroupHandle::propose`].
+//! then answers [`Error::NoLeader`]. It retries after "not leader" and after a refused or broken
+//! connection (the request may have reached the old leader); a request without an answer within
+//! the budget is reported as [`Error::Timeout`]. Commands sent this way must therefore be
+//! idempotent — starts (same input), messages with an idempotency key, outbox deliveries
+//! (numbered) — which is what ingress and outbox delivery send. Activations never forward: see [`GroupHandle::propose`].
 
 use std::time::Duration;
 
@@ -142,6 +142,12 @@ impl GroupHandle {
         }
     }
 
+    /// The address of `node` in the group's membership.
+    pub(crate) fn addr_of(&self, node: NodeId) -> Option<String> {
+        let metrics = self.inner.raft.metrics().borrow().clone();
+        metrics.membership_config.membership().get_node(&node.0).map(|n| n.addr.clone())
+    }
+
     fn node_id(&self) -> NodeId {
         self.inner.peers.identity().node_id
     }
@@ -159,7 +165,7 @@ impl GroupHandle {
         }
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         addr: &str,
         kind: RpcKind,
@@ -186,7 +192,11 @@ impl GroupHandle {
                 Err(Error::Unavailable { group, reason: format!("unreachable: {addr}: {e}") })
             }
             Err(CallError::Timeout) => Err(Error::Timeout(group)),
-            Err(CallError::Failed(e)) => Err(Error::Unavailable { group, reason: format!("{addr}: {e}") }),
+            // A broken connection: the request may have reached the leader, but what is sent this
+            // way is idempotent, so it is tried again (with the next leader).
+            Err(CallError::Failed(e)) => {
+                Err(Error::Unavailable { group, reason: format!("unreachable: {addr}: {e}") })
+            }
         }
     }
 

@@ -14,7 +14,10 @@ use super::proto::{
 use super::{Identity, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES};
 use crate::codec;
 use crate::handle::GroupHandle;
-use crate::ids::GroupId;
+use crate::ids::{GroupId, NodeId};
+
+/// Bound on a leadership transfer asked over the transport.
+const TRANSFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 use crate::sync::{read, write};
 use crate::types::Raft;
 
@@ -23,9 +26,20 @@ use crate::types::Raft;
 pub struct GroupRegistry {
     inner: Arc<RwLock<HashMap<GroupId, Raft>>>,
     handles: Arc<RwLock<HashMap<GroupId, GroupHandle>>>,
+    lease_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl GroupRegistry {
+    /// Records the followers' leader lease (the election timeout maximum) of this node's groups.
+    pub fn set_lease(&self, lease: std::time::Duration) {
+        self.lease_ms.store(lease.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The followers' leader lease of this node's groups.
+    pub fn lease(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.lease_ms.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
     /// Registers `raft` as `group`'s instance on this node.
     pub fn insert(&self, group: GroupId, raft: Raft) {
         write(&self.inner).insert(group, raft);
@@ -154,6 +168,20 @@ impl RaftService {
                 Some(handle) => reply(&handle.read_index_here().await),
                 None => refuse(ErrorCode::ShuttingDown, format!("group {group} is closing")),
             },
+            Ok(RpcKind::Elect) => match self.groups.handle(group) {
+                Some(handle) => reply(&handle.elect_here().await),
+                None => refuse(ErrorCode::ShuttingDown, format!("group {group} is closing")),
+            },
+            Ok(RpcKind::TransferLeader) => {
+                match (decode::<NodeId>(&req.payload), self.groups.handle(group)) {
+                    (Ok(to), Some(handle)) => {
+                        let lease = self.groups.lease();
+                        reply(&handle.transfer_leadership(to, lease, TRANSFER_TIMEOUT).await)
+                    }
+                    (Err(refusal), _) => refusal,
+                    (_, None) => refuse(ErrorCode::ShuttingDown, format!("group {group} is closing")),
+                }
+            }
             Ok(RpcKind::Unspecified) | Err(_) => {
                 refuse(ErrorCode::UnknownKind, format!("unknown RPC kind {}", req.kind))
             }

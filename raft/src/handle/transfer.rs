@@ -1,0 +1,139 @@
+//! Leadership transfer (openraft 0.9 has no `transfer_leader`).
+//!
+//! A follower's vote is refused while its leader lease is fresh, but a leader's own lease is only
+//! set when it is established: once it has led for longer than the lease (the election timeout
+//! maximum), it grants the vote of a candidate whose log is as long as its own, and steps down.
+//! So the leader stops taking proposals, waits until the target has every entry it has, and asks
+//! the target to stand for election: the target wins with its own vote and the old leader's,
+//! within a round trip — no election timeout passes.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Error, GroupHandle};
+use crate::ids::NodeId;
+use crate::transport::proto::RpcKind;
+
+/// How long one election of the target may take before it stands again.
+const ELECTION_ROUND: Duration = Duration::from_millis(500);
+
+impl GroupHandle {
+    /// Hands leadership of this group from this node (its leader) to the voter `to`, within
+    /// `timeout`. `lease` is the election timeout maximum (the followers' leader lease).
+    /// Proposals made here meanwhile are answered "not leader, ask `to`".
+    pub async fn transfer_leadership(
+        &self,
+        to: NodeId,
+        lease: Duration,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let group = self.inner.group;
+        let me = self.inner.peers.identity().node_id;
+        let status = self.status().borrow().clone();
+        if !status.is_leader {
+            return Err(Error::NotLeader { group, leader: status.leader, leader_addr: None });
+        }
+        let metrics = self.inner.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        if to == me || !membership.voter_ids().any(|v| v == to.0) {
+            return Err(Error::Unavailable {
+                group,
+                reason: format!("node {to} is not another voter of {group}"),
+            });
+        }
+        let addr = membership
+            .get_node(&to.0)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| Error::Unavailable { group, reason: format!("no address for node {to}") })?;
+        let deadline = Instant::now() + timeout;
+        // A leader established less than a lease ago would still refuse the vote.
+        let led_for = status.leading_since.map_or(Duration::ZERO, |since| since.elapsed());
+        let wait = (lease + Duration::from_millis(50)).saturating_sub(led_for);
+        tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
+        self.inner.handing_over.store(to.0, std::sync::atomic::Ordering::SeqCst);
+        let outcome = self.hand_over(me, to, &addr, deadline).await;
+        self.inner.handing_over.store(0, std::sync::atomic::Ordering::SeqCst);
+        outcome
+    }
+
+    async fn hand_over(&self, me: NodeId, to: NodeId, addr: &str, deadline: Instant) -> Result<(), Error> {
+        let group = self.inner.group;
+        // The target must hold every entry this leader has, or the leader refuses its vote.
+        loop {
+            let m = self.inner.raft.metrics().borrow().clone();
+            if m.current_leader != Some(me.0) {
+                return Ok(());
+            }
+            let matched =
+                m.replication.as_ref().and_then(|r| r.get(&to.0).cloned()).flatten().map(|l| l.index);
+            if matched >= m.last_log_index {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable { group, reason: format!("node {to} did not catch up") });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // A vote can still be refused (a voter whose lease was refreshed late): stand again.
+        loop {
+            let bytes = self.call(addr, RpcKind::Elect, Vec::new(), deadline).await?;
+            let elected: Result<(), Error> = crate::codec::decode(&bytes)
+                .map_err(|e| Error::Internal { group, reason: format!("undecodable election reply: {e}") })?;
+            elected?;
+            let round = ELECTION_ROUND.min(deadline.saturating_duration_since(Instant::now()));
+            let waited = self
+                .inner
+                .raft
+                .wait(Some(round))
+                .metrics(|m| m.current_leader == Some(to.0), "handover")
+                .await;
+            if waited.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable {
+                    group,
+                    reason: format!("node {to} was not elected in time"),
+                });
+            }
+        }
+    }
+
+    /// Moves leadership of this group to the voter `to`, from whichever node leads it (asked
+    /// over the transport when another node does).
+    pub async fn move_leadership(&self, to: NodeId, lease: Duration, timeout: Duration) -> Result<(), Error> {
+        let group = self.inner.group;
+        let status = self.status().borrow().clone();
+        if status.leader == Some(to) {
+            return Ok(());
+        }
+        if status.is_leader {
+            return self.transfer_leadership(to, lease, timeout).await;
+        }
+        let leader =
+            status.leader.ok_or_else(|| Error::NoLeader { group, reason: "no leader known".into() })?;
+        let addr = self
+            .addr_of(leader)
+            .ok_or_else(|| Error::Unavailable { group, reason: format!("no address for node {leader}") })?;
+        let payload = crate::codec::encode(&to)
+            .map_err(|e| Error::Internal { group, reason: format!("cannot encode node id: {e}") })?;
+        let bytes = self.call(&addr, RpcKind::TransferLeader, payload, Instant::now() + timeout).await?;
+        let moved: Result<(), Error> = crate::codec::decode(&bytes)
+            .map_err(|e| Error::Internal { group, reason: format!("undecodable transfer reply: {e}") })?;
+        moved
+    }
+
+    /// Stands for election now (asked by the leader handing over).
+    pub(crate) async fn elect_here(&self) -> Result<(), Error> {
+        self.inner.raft.trigger().elect().await.map_err(|_| Error::ShuttingDown(self.inner.group))
+    }
+
+    /// Proposals are refused while this leader hands over: the node it hands over to, if any.
+    pub(crate) fn handing_over_to(&self) -> Option<NodeId> {
+        match self.inner.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            n => Some(NodeId(n)),
+        }
+    }
+}
