@@ -3,6 +3,7 @@
 //! The exercises of the talk fetter grew from, written as fetter flows ([`flows`]): today the
 //! RPC-style order processing ([`flows::order`]); the message-driven order, the newsletter,
 //! signup and the loan application follow. The `shop` binary runs them (`shop run-batch`).
+//! [`flows::bulk_orders`] runs a batch of orders as child `order` flows and collects their outcomes.
 //!
 //! The flows call the fake external services in [`fakes`]
 //! ([`fakes::Payments`], [`fakes::Logistics`], [`fakes::Email`], [`fakes::CreditBureau`]), which
@@ -45,5 +46,6 @@ pub fn registry(
         .register(messaging)?
         .register(flows::newsletter::NewsletterFlow::new(Email::new(ledger.clone(), node)))?
         .register(flows::signup::SignupFlow::new(Email::new(ledger.clone(), node)))?
+        .register(flows::bulk_orders::BulkOrdersFlow::new())?
         .register(flows::loan::LoanFlow::with_standard_bureaus(ledger, node))
 }

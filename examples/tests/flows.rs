@@ -450,3 +450,119 @@ async fn loan_with_one_reply_is_rejected_and_a_late_reply_never_counts() -> Resu
     engine.shutdown().await;
     Ok(())
 }
+
+// --- bulk-orders ---
+
+/// A batch `batch_id` of `orders` (each an `order` input).
+fn batch(batch_id: &str, orders: Vec<serde_json::Value>) -> serde_json::Value {
+    json!({"batch_id": batch_id, "orders": orders})
+}
+
+/// How many `order` flows exist.
+async fn order_flows(panel: &ControlPanel) -> Result<usize> {
+    let query = ListQuery { flow_type: Some("order".into()), limit: 10_000, ..ListQuery::default() };
+    Ok(panel.list(&query).await?.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_orders_runs_every_order_as_a_child_and_lists_the_failed_ones() -> Result<()> {
+    use fetter_examples::flows::bulk_orders::{BatchOutcome, FailedOrder};
+
+    let dir = tempfile::tempdir()?;
+    let (ledger, path) = ledger(dir.path())?;
+    let engine = engine(dir.path(), fetter_examples::registry(Some(ledger), 1, Duration::ZERO)?).await?;
+    let panel = engine.panel();
+    // 30 orders; logistics refuses the products of bo-07 and bo-19.
+    let ids: Vec<String> = (1..=30).map(|i| format!("bo-{i:02}")).collect();
+    let refused = ["bo-07", "bo-19"];
+    let orders = ids
+        .iter()
+        .map(|id| {
+            let mut input = order(id);
+            if refused.contains(&id.as_str()) {
+                input["products"] = json!(["p-1", format!("fail-ship-{id}")]);
+            }
+            input
+        })
+        .collect();
+    let input = batch("b-1", orders);
+    let flow = FlowId::new("bulk-orders", "b-1");
+    start(panel, &flow, input.clone()).await?;
+
+    // The batch succeeds although two orders failed; the output is the public contract.
+    let view = finished(panel, &flow).await?;
+    let raw: serde_json::Value = output(&view)?;
+    ensure!(raw["batch_id"] == "b-1", "{raw}");
+    let outcome: BatchOutcome = serde_json::from_value(raw.clone())?;
+    let succeeded: Vec<String> = ids.iter().filter(|id| !refused.contains(&id.as_str())).cloned().collect();
+    ensure!(outcome.succeeded == succeeded, "28 succeeded, in input order: {:?}", outcome.succeeded);
+    ensure!(outcome.failed.len() == 2, "two failed: {:?}", outcome.failed);
+    for (failed, id) in outcome.failed.iter().zip(refused) {
+        let FailedOrder { order_id, kind, message } = failed;
+        ensure!(order_id == id, "{failed:?}");
+        ensure!(kind == kind::ERROR, "the child's own error kind: {failed:?}");
+        ensure!(
+            message.contains("logistics") && message.contains("fail-ship"),
+            "logistics' answer: {failed:?}"
+        );
+    }
+    ensure!(raw["failed"][0]["order_id"] == "bo-07" && raw["failed"][0]["kind"] == "error", "{raw}");
+
+    // Every order is its own finished child, looked up by its order id.
+    for id in &ids {
+        let child = FlowId::new("order", id.as_str());
+        let view = panel.get(&child).await?;
+        ensure!(
+            view.record.parent.as_ref() == Some(&flow),
+            "{child} belongs to the batch: {:?}",
+            view.record
+        );
+        if refused.contains(&id.as_str()) {
+            let (kind, message) = failure(&view)?;
+            ensure!(kind == kind::ERROR && message.contains("logistics"), "{child}: {kind}: {message}");
+        } else {
+            let track: serde_json::Value = output(&view)?;
+            ensure!(track == json!({"tracking_id": format!("tt-{id}")}), "{child}: {track}");
+        }
+    }
+    ensure!(order_flows(panel).await? == 30, "one child per order");
+
+    // Each order reached logistics exactly once; the refused ones were refunded once.
+    let entries = Ledger::read_all(&path)?;
+    for id in &ids {
+        let name = format!("order/{id}");
+        ensure!(count(&entries, "logistics", "ship", &name) == 1, "{name} shipped once");
+        let (refunds, captures) = if refused.contains(&id.as_str()) { (1, 0) } else { (0, 1) };
+        ensure!(count(&entries, "payment", "cancel", &name) == refunds, "{name} refunds");
+        ensure!(count(&entries, "payment", "capture", &name) == captures, "{name} captures");
+    }
+    ensure!(count(&entries, "logistics", "ship", &flow.to_string()) == 0, "the batch calls no service");
+
+    // Starting the same batch again changes nothing: no new child, no new call.
+    let again = panel.start(&flow, serde_json::to_vec(&input)?).await?;
+    ensure!(matches!(again, Started::Existing(FlowStatus::Succeeded)), "{again:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ensure!(order_flows(panel).await? == 30, "no new children");
+    ensure!(Ledger::read_all(&path)?.len() == entries.len(), "no new calls");
+    ensure!(output::<BatchOutcome>(&finished(panel, &flow).await?)? == outcome, "the same outcome");
+    engine.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_orders_with_a_repeated_order_id_fails_before_starting_any_order() -> Result<()> {
+    use fetter_examples::flows::bulk_orders::INVALID_BATCH;
+
+    let dir = tempfile::tempdir()?;
+    let (ledger, path) = ledger(dir.path())?;
+    let engine = engine(dir.path(), fetter_examples::registry(Some(ledger), 1, Duration::ZERO)?).await?;
+    let panel = engine.panel();
+    let flow = FlowId::new("bulk-orders", "b-2");
+    start(panel, &flow, batch("b-2", vec![order("o-1"), order("o-2"), order("o-1")])).await?;
+    let (kind, message) = failure(&finished(panel, &flow).await?)?;
+    ensure!(kind == INVALID_BATCH && message.contains("o-1"), "{kind}: {message}");
+    ensure!(order_flows(panel).await? == 0, "no order started");
+    ensure!(Ledger::read_all(&path)?.is_empty(), "no service called");
+    engine.shutdown().await;
+    Ok(())
+}

@@ -49,7 +49,8 @@ impl TestCluster {
         let ledger = dir.path().join("ledger.jsonl");
         let mut args: Vec<String> = vec!["--ledger".into(), ledger.display().to_string()];
         args.extend(node_args.iter().map(|s| s.to_string()));
-        let base = free_ports(nodes as u16)?;
+        // Two spare ports for nodes a test adds later.
+        let base = free_ports(nodes as u16 + 2)?;
         let mut local = LocalCluster::new(exe, dir.path().join("cluster"), nodes)
             .base_port(base)
             .shards(6)

@@ -282,3 +282,55 @@ async fn bad_input_gets_a_clear_error_and_the_cluster_keeps_serving() -> Result<
     c.stop().await;
     Ok(())
 }
+
+/// The `node` command of a node that joins through `join`.
+fn join_args(c: &TestCluster, id: u64, dir: &std::path::Path, join: &str) -> Vec<String> {
+    let mut args =
+        vec!["node".to_string(), "--id".into(), id.to_string(), "--listen".into(), c.local.addr(id)];
+    args.extend(["--data-dir".into(), dir.display().to_string(), "--join".into(), join.to_string()]);
+    args.extend(["--timing".into(), "relaxed".into(), "--ledger".into(), c.ledger.display().to_string()]);
+    args.extend(["--service-latency-ms".into(), "20".into()]);
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_node_is_removed_and_replaced_by_a_new_one_without_losing_data() -> Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let mut c = TestCluster::start(EXE, 3, &["--service-latency-ms", "20"]).await?;
+    let client = c.client()?;
+    let starter = start_orders_paced(client.clone(), ORDERS, Duration::from_millis(15));
+    wait_mid_run(&client, rng.random_range(30..150)).await?;
+    // Node 3 is lost for good (its disk with it).
+    c.local.kill(3).await.map_err(|e| anyhow!(e))?;
+    let addr1 = c.local.addr(1);
+    let (code, _, err) = shop(&["--addr", &addr1, "cluster", "remove-node", "--id", "3"])?;
+    ensure!(code == 0, "remove-node: {code} {err}");
+    let dir = tempfile::tempdir()?;
+    // Its id cannot come back with an empty disk.
+    c.local.spawn(3, join_args(&c, 3, &dir.path().join("again-3"), &addr1)).map_err(|e| anyhow!(e))?;
+    let code = c.local.wait_exit(3, WAIT).await.map_err(|e| anyhow!(e))?;
+    let log = std::fs::read_to_string(c.local.log_file(3))?;
+    ensure!(code == Some(1) && log.contains("new id"), "a reused id must be refused: {code:?} {log}");
+    // A new node joins and takes node 3's replicas.
+    c.local.spawn(4, join_args(&c, 4, &dir.path().join("node-4"), &addr1)).map_err(|e| anyhow!(e))?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = c.status().await?;
+        let members: Vec<u64> = status.members.iter().filter(|m| m.alive).map(|m| m.id).collect();
+        let placed = status.shards.iter().all(|s| {
+            s.replicas.len() == 3 && s.replicas.contains(&4) && !s.replicas.contains(&3) && s.leader.is_some()
+        });
+        if members == [1, 2, 4] && status.members.len() == 3 && placed {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "node 4 did not take node 3's place: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    starter.await??;
+    // Every order (those committed before the loss too) finishes exactly as the contract says.
+    finish_and_check(&c, &client).await?;
+    let per = leaders_even(&c, Duration::from_secs(30)).await?;
+    ensure!(per.contains_key(&4), "node 4 leads shards too: {per:?}");
+    c.stop().await;
+    Ok(())
+}

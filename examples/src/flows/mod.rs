@@ -1,5 +1,6 @@
 //! The seed exercises as flows.
 
+pub mod bulk_orders;
 pub mod loan;
 pub mod newsletter;
 pub mod order;

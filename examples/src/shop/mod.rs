@@ -10,6 +10,8 @@
 //! - `shop bench --flows 10000 --concurrency 256` measures the runtime (see `bench.rs`).
 
 mod bench;
+mod cluster_bench;
+mod demo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +70,35 @@ enum ShopCommand {
         /// Waiting flows to start afterwards (0 skips that part).
         #[arg(long, default_value_t = 100_000)]
         suspended: u64,
+        /// Benchmark a local cluster of this many node processes instead (see `cluster_bench.rs`).
+        #[arg(long)]
+        nodes: Option<u64>,
+        /// Benchmark the running cluster at this address instead (host:port, several separated by
+        /// commas). Shares its id with the global `--addr`.
+        #[arg(long, id = "addr", value_name = "HOST:PORT", conflicts_with = "nodes")]
+        addr: Option<String>,
+        /// With --nodes: this many rounds of `kill -9` of the busiest leader while orders run.
+        #[arg(long, default_value_t = 0)]
+        kill: u32,
+    },
+    /// The demo: a local 3-node cluster runs orders while its busiest leader is killed and
+    /// restarted; prints what happened to every order (and to the shipments).
+    Demo {
+        /// How many orders.
+        #[arg(long, default_value_t = 1_000)]
+        orders: u32,
+        /// The first node's port (node i listens on port + i - 1).
+        #[arg(long, default_value_t = 7001)]
+        base_port: u16,
+        /// Where the nodes keep data and logs, and the ledger (wiped first).
+        #[arg(long, default_value = "./data/demo")]
+        data_dir: PathBuf,
+        /// Orders in flight at most.
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        /// How long the killed node stays down, in seconds.
+        #[arg(long, default_value_t = 5)]
+        restart_after_secs: u64,
     },
 }
 
@@ -103,8 +134,33 @@ async fn run(command: ShopCommand) -> Result<()> {
             let latency = Duration::from_millis(service_latency_ms);
             run_batch(orders, data_dir, ledger, latency, shards, concurrency.max(1)).await
         }
-        ShopCommand::Bench { flows, concurrency, suspended } => {
-            bench::bench(flows, concurrency.max(1), suspended).await
+        ShopCommand::Bench { flows, concurrency, suspended, nodes, addr, kill } => {
+            // The global `--addr` always has a value: only an explicit one selects a cluster.
+            let addr_given = std::env::var_os("FETTER_ADDR").is_some()
+                || std::env::args().any(|a| a == "--addr" || a.starts_with("--addr="));
+            if nodes.is_some() || addr_given {
+                let addr = if nodes.is_some() { None } else { addr };
+                let opts = cluster_bench::ClusterBenchOptions {
+                    nodes,
+                    addr,
+                    flows,
+                    concurrency: concurrency.max(1),
+                    kill,
+                };
+                cluster_bench::bench(opts).await
+            } else {
+                bench::bench(flows, concurrency.max(1), suspended).await
+            }
+        }
+        ShopCommand::Demo { orders, base_port, data_dir, concurrency, restart_after_secs } => {
+            let opts = demo::DemoOptions {
+                orders,
+                base_port,
+                data_dir,
+                concurrency: concurrency.max(1),
+                restart_after: Duration::from_secs(restart_after_secs),
+            };
+            demo::demo(opts).await
         }
     }
 }

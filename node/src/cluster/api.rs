@@ -101,7 +101,7 @@ fn panel_status(e: PanelError) -> Status {
     }
 }
 
-fn journal_status(e: handle::Error) -> Status {
+pub(crate) fn journal_status(e: handle::Error) -> Status {
     match e {
         e @ (handle::Error::NoLeader { .. }
         | handle::Error::NotLeader { .. }
@@ -426,16 +426,24 @@ impl Fetter for Api {
 
     async fn add_node(
         &self,
-        _request: Request<proto::AddNodeRequest>,
+        request: Request<proto::AddNodeRequest>,
     ) -> Result<Response<proto::AddNodeResponse>, Status> {
-        Err(Status::unimplemented("adding a node to a running cluster is not built yet"))
+        let (s, cluster_id, _) = self.late.inner.get().ok_or_else(|| Status::unavailable("starting"))?;
+        let r = request.into_inner();
+        if r.addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(Status::invalid_argument(format!("{:?} is not host:port", r.addr)));
+        }
+        super::members::add_node(s, &cluster_id.0, NodeId(r.id), &r.addr).await?;
+        Ok(Response::new(proto::AddNodeResponse {}))
     }
 
     async fn remove_node(
         &self,
-        _request: Request<proto::RemoveNodeRequest>,
+        request: Request<proto::RemoveNodeRequest>,
     ) -> Result<Response<proto::RemoveNodeResponse>, Status> {
-        Err(Status::unimplemented("removing a node from a running cluster is not built yet"))
+        let s = self.shared()?;
+        super::members::remove_node(s, NodeId(request.into_inner().id)).await?;
+        Ok(Response::new(proto::RemoveNodeResponse {}))
     }
 
     async fn node_info(

@@ -23,6 +23,7 @@
 
 mod api;
 mod convert;
+mod members;
 mod reconcile;
 
 use std::collections::{BTreeMap, HashMap};
@@ -52,6 +53,8 @@ pub use api::Liveness;
 pub const REPLICAS: usize = 3;
 /// How long a bootstrap call to a peer may take.
 const PEER_CALL: Duration = Duration::from_secs(1);
+/// Bound on joining a cluster.
+const JOIN_WAIT: Duration = Duration::from_secs(120);
 /// How often a node checks which members answer.
 const PING_EVERY: Duration = Duration::from_millis(500);
 
@@ -382,8 +385,19 @@ impl ClusterNode {
                 )));
             }
         }
+        let node = ClusterNode { shared, lease, actors, stop, tasks };
+        if let Some(join) = &options.join {
+            let listed = node.shared.meta.read_local(meta::read_cluster).ok().flatten();
+            let member = listed.as_ref().and_then(|i| i.member(options.id)).map(|m| m.incarnation);
+            if member != Some(node.shared.node.identity().incarnation) {
+                if let Err(e) = ask_to_join(join, options.id, &options.advertised()).await {
+                    node.shutdown().await;
+                    return Err(e);
+                }
+            }
+        }
         tracing::info!(node = options.id.0, addr = %options.advertised(), "cluster node started");
-        Ok(ClusterNode { shared, lease, actors, stop, tasks })
+        Ok(node)
     }
 
     /// The address the node serves on.
@@ -427,6 +441,32 @@ impl ClusterNode {
             task.abort();
         }
         self.shared.node.shutdown().await;
+    }
+}
+
+/// Asks the cluster `join` belongs to to add this node (retrying while it is unavailable).
+async fn ask_to_join(join: &str, id: NodeId, addr: &str) -> Result<(), StartError> {
+    let deadline = tokio::time::Instant::now() + JOIN_WAIT;
+    loop {
+        let attempt = async {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{join}"))
+                .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+                .connect_timeout(PEER_CALL);
+            let channel = endpoint.connect().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            FetterClient::new(channel)
+                .add_node(proto::AddNodeRequest { id: id.0, addr: addr.to_string() })
+                .await
+        };
+        match attempt.await {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(s) if s.code() == tonic::Code::AlreadyExists => return Err(StartError::IdReused(id.0)),
+            Err(s) => {
+                return Err(StartError::Cluster(format!("{join} refused to add node {id}: {}", s.message())))
+            }
+        }
     }
 }
 

@@ -22,8 +22,11 @@ use crate::sync::now_ms;
 use crate::transport::Peers;
 use crate::types::{Command, Raft, Reply, Request};
 
+mod membership;
 mod route;
 mod transfer;
+
+pub use membership::MembershipOp;
 
 /// Bound on proposals waiting to be packed, per group.
 const QUEUE_CAPACITY: usize = 8192;

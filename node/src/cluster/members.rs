@@ -1,0 +1,154 @@
+//! Adding and removing nodes of a running cluster (`AddNode`, `RemoveNode`, `--join`).
+//!
+//! Every node replicates every group: as one of its (at most [`REPLICAS`]) voters, or as a
+//! learner that receives the log, knows the leader and serves linearizable reads. Adding a node
+//! records it in group 0 (with the incarnation it reports: a node id that comes back with
+//! another disk is refused), makes it a learner of every group and a voter of the groups that
+//! have fewer than [`REPLICAS`] voters. Removing a node replaces it, in every group it votes
+//! in, by a learner (caught up already), drops it from every group, updates the placement and
+//! forgets it in group 0 (its id can never come back with another disk).
+
+use std::collections::BTreeSet;
+
+use fetter_raft::handle::{GroupHandle, MembershipOp};
+use fetter_raft::ids::{Incarnation, NodeId, ShardId};
+use fetter_raft::meta::{self, Member, MetaCommand, MetaRejection, ShardPlacement};
+use tonic::Status;
+
+use super::api::journal_status;
+use super::{node_info, Shared, REPLICAS};
+
+fn meta_status(r: MetaRejection) -> Status {
+    match r {
+        e @ MetaRejection::NodeIdReused { .. } => Status::already_exists(e.to_string()),
+        e => Status::failed_precondition(e.to_string()),
+    }
+}
+
+/// Records `voters` of `shard` as its desired placement in group 0.
+async fn record_placement(shared: &Shared, shard: ShardId, voters: &BTreeSet<NodeId>) -> Result<(), Status> {
+    let replicas: Vec<NodeId> = voters.iter().copied().collect();
+    let Some(preferred_leader) = replicas.first().copied() else { return Ok(()) };
+    let placement = ShardPlacement { replicas, preferred_leader };
+    shared
+        .meta
+        .submit_meta(MetaCommand::SetPlacement { shard, placement })
+        .await
+        .map_err(journal_status)?
+        .map_err(meta_status)?;
+    Ok(())
+}
+
+fn groups(shared: &Shared) -> impl Iterator<Item = (Option<ShardId>, &GroupHandle)> {
+    std::iter::once((None, &shared.meta))
+        .chain(shared.shards.iter().enumerate().map(|(k, g)| (Some(ShardId(k as u32)), g)))
+}
+
+/// Adds the node `id` that listens on `addr` (it must be running, in this cluster).
+pub(crate) async fn add_node(
+    shared: &Shared,
+    cluster_id: &str,
+    id: NodeId,
+    addr: &str,
+) -> Result<(), Status> {
+    if id.0 == 0 {
+        return Err(Status::invalid_argument("node ids start at 1"));
+    }
+    let info = node_info(addr)
+        .await
+        .map_err(|e| Status::failed_precondition(format!("cannot reach node {id} at {addr}: {e}")))?;
+    if info.node_id != id.0 {
+        return Err(Status::invalid_argument(format!(
+            "the node at {addr} is node {}, not node {id}",
+            info.node_id
+        )));
+    }
+    if info.cluster_id != cluster_id {
+        return Err(Status::invalid_argument(format!(
+            "the node at {addr} belongs to cluster {}, not {cluster_id}: start it with --join",
+            info.cluster_id
+        )));
+    }
+    let member = Member { node: id, addr: addr.to_string(), incarnation: Incarnation(info.incarnation) };
+    shared
+        .meta
+        .submit_meta(MetaCommand::AddMember(member))
+        .await
+        .map_err(journal_status)?
+        .map_err(meta_status)?;
+    for (shard, group) in groups(shared) {
+        group
+            .change_members(MembershipOp::AddLearner { node: id, addr: addr.to_string() })
+            .await
+            .map_err(journal_status)?;
+        let (voters, _) = group.members();
+        if voters.len() < REPLICAS && !voters.contains(&id) {
+            let mut voters = voters;
+            voters.insert(id);
+            group
+                .change_members(MembershipOp::SetVoters { voters: voters.clone() })
+                .await
+                .map_err(journal_status)?;
+            if let Some(shard) = shard {
+                record_placement(shared, shard, &voters).await?;
+            }
+        }
+    }
+    tracing::info!(node = id.0, addr, "node added");
+    Ok(())
+}
+
+/// Removes node `id` (alive or dead) and moves its replicas to the other nodes.
+pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Status> {
+    let info = shared
+        .meta
+        .read(meta::read_cluster)
+        .await
+        .map_err(journal_status)?
+        .map_err(|e| Status::internal(e.to_string()))?
+        .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
+    if info.member(id).is_none() {
+        return Err(Status::not_found(format!("node {id} is not a member of this cluster")));
+    }
+    if info.members.len() <= 1 {
+        return Err(Status::failed_precondition("the last node of a cluster cannot be removed"));
+    }
+    for (shard, group) in groups(shared) {
+        let (voters, nodes) = group.members();
+        if voters.contains(&id) {
+            let mut next: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != id).collect();
+            // A learner takes its place (live ones first).
+            let mut spare: Vec<NodeId> =
+                nodes.keys().copied().filter(|n| *n != id && !voters.contains(n)).collect();
+            spare.sort_by_key(|n| !shared.liveness.is_alive(*n));
+            if let Some(replacement) = spare.first() {
+                next.insert(*replacement);
+            }
+            if next.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} is the only replica of {}",
+                    group.group()
+                )));
+            }
+            group
+                .change_members(MembershipOp::SetVoters { voters: next.clone() })
+                .await
+                .map_err(journal_status)?;
+            if let Some(shard) = shard {
+                record_placement(shared, shard, &next).await?;
+            }
+        }
+        group
+            .change_members(MembershipOp::RemoveNodes { nodes: BTreeSet::from([id]) })
+            .await
+            .map_err(journal_status)?;
+    }
+    shared
+        .meta
+        .submit_meta(MetaCommand::RemoveMember(id))
+        .await
+        .map_err(journal_status)?
+        .map_err(meta_status)?;
+    tracing::info!(node = id.0, "node removed");
+    Ok(())
+}
