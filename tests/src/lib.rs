@@ -32,6 +32,10 @@ pub fn free_ports(n: u16) -> Result<u16> {
     bail!("no {n} consecutive free ports found")
 }
 
+/// One multi-process cluster at a time: tests on a 2-core machine stay honest about timing.
+static ONE_AT_A_TIME: std::sync::LazyLock<std::sync::Arc<tokio::sync::Mutex<()>>> =
+    std::sync::LazyLock::new(Default::default);
+
 /// A local cluster of real node processes for one test.
 pub struct TestCluster {
     /// The processes.
@@ -39,12 +43,14 @@ pub struct TestCluster {
     /// The fake services' shared ledger.
     pub ledger: PathBuf,
     _dir: tempfile::TempDir,
+    _turn: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl TestCluster {
     /// Starts `nodes` nodes of `exe` (relaxed Raft timing, 6 shards) and waits until every
     /// shard has a leader. `node_args` go to every node.
     pub async fn start(exe: &str, nodes: u64, node_args: &[&str]) -> Result<TestCluster> {
+        let turn = ONE_AT_A_TIME.clone().lock_owned().await;
         let dir = tempfile::tempdir()?;
         let ledger = dir.path().join("ledger.jsonl");
         let mut args: Vec<String> = vec!["--ledger".into(), ledger.display().to_string()];
@@ -57,7 +63,7 @@ impl TestCluster {
             .timing("relaxed")
             .node_args(args);
         local.start_all().await.map_err(|e| anyhow!(e))?;
-        let mut c = TestCluster { local, ledger, _dir: dir };
+        let mut c = TestCluster { local, ledger, _dir: dir, _turn: turn };
         c.wait_ready().await?;
         Ok(c)
     }
@@ -192,6 +198,11 @@ pub fn check_orders(
     for e in ledger.iter().filter(|e| e.service == "logistics" && e.op == "ship") {
         *ships.entry(e.flow.as_str()).or_default() += 1;
     }
+    let refunded: std::collections::BTreeSet<&str> = ledger
+        .iter()
+        .filter(|e| e.service == "payment" && e.op == "cancel")
+        .map(|e| e.flow.as_str())
+        .collect();
     let (mut ok, mut failed) = (0, 0);
     for f in flows {
         let name = format!("{}/{}", f.flow_type, f.instance);
@@ -209,6 +220,10 @@ pub fn check_orders(
                     "{name} failed with {:?}: {:?}",
                     f.error_kind,
                     f.error
+                );
+                ensure!(
+                    !refunded.contains(name.as_str()),
+                    "{name}: refunded although its shipment is unknown"
                 );
                 failed += 1;
             }

@@ -334,3 +334,37 @@ async fn a_lost_node_is_removed_and_replaced_by_a_new_one_without_losing_data() 
     c.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_batch_of_300_orders_spans_every_node_and_survives_a_kill() -> Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let mut c = TestCluster::start(EXE, 3, &["--service-latency-ms", "20"]).await?;
+    let client = c.client()?;
+    let orders: Vec<serde_json::Value> =
+        (1..=ORDERS).map(|i| serde_json::from_str(&order_input(i))).collect::<Result<_, _>>()?;
+    let batch = serde_json::json!({"batch_id": "b-1", "orders": orders}).to_string();
+    client.start_flow("bulk-orders", "b-1", &batch, false, None).await?;
+    // Kill the busiest leader while the children run.
+    wait_mid_run(&client, rng.random_range(20..150)).await?;
+    let victim = c.busiest_leader().await?;
+    println!("kill -9 node {victim} mid-batch");
+    c.local.kill(victim).await.map_err(|e| anyhow!(e))?;
+    let done = match wait_all_finished(&client, "bulk-orders", &["b-1".to_string()]).await {
+        Ok(done) => done,
+        Err(e) => return Err(anyhow!("{e}\n{}", c.logs())),
+    };
+    ensure!(done[0].status == "succeeded", "the batch finished: {:?}", done[0]);
+    let output: serde_json::Value = serde_json::from_str(done[0].output_json.as_deref().unwrap_or("null"))?;
+    let listed =
+        output["succeeded"].as_array().map_or(0, Vec::len) + output["failed"].as_array().map_or(0, Vec::len);
+    ensure!(listed == ORDERS as usize, "every child reported once: {listed}");
+    let (ok, _) = finish_and_check(&c, &client).await?;
+    ensure!(
+        output["succeeded"].as_array().map_or(0, Vec::len) == ok,
+        "the batch's output matches its children"
+    );
+    let nodes: std::collections::BTreeSet<u64> = c.ledger()?.iter().map(|e| e.node).collect();
+    ensure!(nodes.len() == 3, "work was done by every node: {nodes:?}");
+    c.stop().await;
+    Ok(())
+}
