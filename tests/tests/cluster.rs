@@ -276,6 +276,14 @@ async fn bad_input_gets_a_clear_error_and_the_cluster_keeps_serving() -> Result<
     let code = c.local.wait_exit(4, WAIT).await.map_err(|e| anyhow!(e))?;
     let log = std::fs::read_to_string(c.local.log_file(4))?;
     ensure!(code == Some(1) && log.contains("contradict"), "contradicting --peers: {code:?} {log}");
+    // A node restarted with other arguments than its directory was created with is refused.
+    let mut again = c.local.node_command(2);
+    let shards_at = again.iter().position(|a| a == "--shards").ok_or_else(|| anyhow!("--shards"))? + 1;
+    again[shards_at] = "7".into();
+    c.local.spawn(5, again).map_err(|e| anyhow!(e))?;
+    let code = c.local.wait_exit(5, WAIT).await.map_err(|e| anyhow!(e))?;
+    let log = std::fs::read_to_string(c.local.log_file(5))?;
+    ensure!(code == Some(1) && log.contains("original arguments"), "contradicting restart: {code:?} {log}");
     // Still serving.
     let created = client.start_flow("order", "o-1", &order, true, Some(Duration::from_secs(60))).await?;
     ensure!(created.flow.is_some_and(|f| f.status == "succeeded"), "an order still runs to completion");

@@ -59,7 +59,8 @@ enum ShopCommand {
         concurrency: u32,
     },
     /// Measure the runtime on one embedded node (release build): flows/s, effects/s, latency,
-    /// RSS, and live activations with many suspended flows.
+    /// RSS, and live activations with many suspended flows. With `--nodes` or `--addr`: a
+    /// cluster of node processes, through the gRPC API (and failover with `--kill`).
     Bench {
         /// RPC orders to run.
         #[arg(long, default_value_t = 10_000)]
@@ -70,7 +71,7 @@ enum ShopCommand {
         /// Waiting flows to start afterwards (0 skips that part).
         #[arg(long, default_value_t = 100_000)]
         suspended: u64,
-        /// Benchmark a local cluster of this many node processes instead (see `cluster_bench.rs`).
+        /// Benchmark a local cluster of this many node processes instead (started and stopped here).
         #[arg(long)]
         nodes: Option<u64>,
         /// Benchmark the running cluster at this address instead (host:port, several separated by
