@@ -86,11 +86,16 @@ async fn finish_and_check(c: &TestCluster, client: &fetter::Client) -> Result<(u
 
 /// Waits until leaders per live node differ by at most one.
 async fn leaders_even(c: &TestCluster, within: Duration) -> Result<BTreeMap<u64, usize>> {
+    leaders_even_over(c, 3, within).await
+}
+
+/// Waits until `nodes` live nodes lead numbers of shards that differ by at most one.
+async fn leaders_even_over(c: &TestCluster, nodes: usize, within: Duration) -> Result<BTreeMap<u64, usize>> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let per = c.leaders_per_node().await?;
         let (min, max) = (per.values().min().copied().unwrap_or(0), per.values().max().copied().unwrap_or(0));
-        if per.len() == 3 && max - min <= 1 && per.values().sum::<usize>() == SHARDS as usize {
+        if per.len() == nodes && max - min <= 1 && per.values().sum::<usize>() == SHARDS as usize {
             return Ok(per);
         }
         ensure!(tokio::time::Instant::now() < deadline, "leaders not even within {within:?}: {per:?}");
@@ -373,6 +378,32 @@ async fn a_bulk_batch_of_300_orders_spans_every_node_and_survives_a_kill() -> Re
     );
     let nodes: std::collections::BTreeSet<u64> = c.ledger()?.iter().map(|e| e.node).collect();
     ensure!(nodes.len() == 3, "work was done by every node: {nodes:?}");
+    c.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_to_a_full_cluster_gets_replicas_and_leaders() -> Result<()> {
+    let mut c = TestCluster::start(EXE, 3, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let addr1 = c.local.addr(1);
+    c.local.spawn(4, join_args(&c, 4, &dir.path().join("node-4"), &addr1)).map_err(|e| anyhow!(e))?;
+    let per = leaders_even_over(&c, 4, Duration::from_secs(60)).await?;
+    ensure!(per.get(&4).copied().unwrap_or(0) >= 1, "node 4 leads: {per:?}");
+    let status = c.status().await?;
+    let mut seats: BTreeMap<u64, usize> = BTreeMap::new();
+    for s in &status.shards {
+        ensure!(s.replicas.len() == 3, "three replicas per shard: {s:?}");
+        for r in &s.replicas {
+            *seats.entry(*r).or_default() += 1;
+        }
+    }
+    let (min, max) = (seats.values().min().copied().unwrap_or(0), seats.values().max().copied().unwrap_or(0));
+    ensure!(seats.len() == 4 && max - min <= 1, "replicas spread over four nodes: {seats:?}");
+    let client = c.client_of(4)?;
+    let done =
+        client.start_flow("order", "o-1", &order_input(1), true, Some(Duration::from_secs(60))).await?;
+    ensure!(done.flow.is_some_and(|f| f.status == "succeeded"), "node 4 serves requests");
     c.stop().await;
     Ok(())
 }

@@ -26,7 +26,11 @@ fn meta_status(r: MetaRejection) -> Status {
 }
 
 /// Records `voters` of `shard` as its desired placement in group 0.
-async fn record_placement(shared: &Shared, shard: ShardId, voters: &BTreeSet<NodeId>) -> Result<(), Status> {
+pub(crate) async fn record_placement(
+    shared: &Shared,
+    shard: ShardId,
+    voters: &BTreeSet<NodeId>,
+) -> Result<(), Status> {
     let replicas: Vec<NodeId> = voters.iter().copied().collect();
     let Some(preferred_leader) = replicas.first().copied() else { return Ok(()) };
     let placement = ShardPlacement { replicas, preferred_leader };

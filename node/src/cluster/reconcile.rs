@@ -1,8 +1,11 @@
 //! Leadership placement: spreading shard leaders evenly over live nodes, and handing them over
 //! before a graceful stop.
 //!
-//! The reconciler runs on every node and acts only on the leader of group 0: when the numbers of
-//! shards led by live nodes differ by more than one, it moves one shard's leadership from the
+//! The reconciler runs on every node and acts only on the leader of group 0. First replicas:
+//! when live nodes vote in numbers of shards that differ by more than one (a node was added to a
+//! full cluster), it gives one voter seat of the busiest node to the least busy one (a learner
+//! already caught up). Then leaders: when the numbers of shards led by live nodes differ by more
+//! than one, it moves one shard's leadership from the
 //! busiest node to the least busy live node that replicates the shard (a leadership transfer, no
 //! election timeout), then looks again. A node that comes back therefore takes back its share
 //! within seconds.
@@ -11,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fetter_raft::handle::GroupHandle;
+use fetter_raft::handle::{GroupHandle, MembershipOp};
 use fetter_raft::ids::NodeId;
 use tokio::sync::watch;
 
@@ -56,7 +59,45 @@ fn next_move(shared: &Shared) -> Option<(usize, NodeId, NodeId)> {
     None
 }
 
-/// Runs until `stop`: on the group-0 leader, evens out shard leaders over live nodes.
+/// One voter seat to move so that the live nodes vote in numbers of shards that differ by at
+/// most one (a node added to a full cluster gets seats): (shard index, from, to).
+fn next_seat_move(shared: &Shared) -> Option<(usize, NodeId, NodeId)> {
+    let me = shared.node.id();
+    let mut seats: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+    seats.insert(me, Vec::new());
+    for member in shared.liveness.alive_members() {
+        seats.insert(member, Vec::new());
+    }
+    for (k, group) in shared.shards.iter().enumerate() {
+        for v in voters(group) {
+            if let Some(list) = seats.get_mut(&v) {
+                list.push(k);
+            }
+        }
+    }
+    let (busiest, shards) = seats.iter().max_by_key(|(_, s)| s.len())?;
+    let least = seats.iter().map(|(n, s)| (s.len(), *n)).min()?;
+    if shards.len() <= least.0 + 1 {
+        return None;
+    }
+    // A shard where the least busy node is a caught-up learner; not one the busiest leads.
+    let candidates = shards.iter().copied().filter(|&k| {
+        let (voters, nodes) = shared.shards[k].members();
+        !voters.contains(&least.1) && nodes.contains_key(&least.1)
+    });
+    let mut best = None;
+    for k in candidates {
+        let led_by_busiest = shared.shards[k].status().borrow().leader == Some(*busiest);
+        if !led_by_busiest {
+            return Some((k, *busiest, least.1));
+        }
+        best.get_or_insert((k, *busiest, least.1));
+    }
+    best
+}
+
+/// Runs until `stop`: on the group-0 leader, evens out voter seats and then shard leaders over
+/// live nodes.
 pub(crate) async fn balance_leaders(shared: Arc<Shared>, lease: Duration, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -64,6 +105,24 @@ pub(crate) async fn balance_leaders(shared: Arc<Shared>, lease: Duration, mut st
             _ = stop.changed() => return,
         }
         if !shared.meta.status().borrow().is_leader {
+            continue;
+        }
+        if let Some((k, from, to)) = next_seat_move(&shared) {
+            tracing::info!(shard = k, from = from.0, to = to.0, "moving a replica to even out replicas");
+            let (mut voters, _) = shared.shards[k].members();
+            voters.remove(&from);
+            voters.insert(to);
+            let changed =
+                shared.shards[k].change_members(MembershipOp::SetVoters { voters: voters.clone() }).await;
+            match changed {
+                Ok(()) => {
+                    let shard = fetter_raft::ids::ShardId(k as u32);
+                    if let Err(e) = super::members::record_placement(&shared, shard, &voters).await {
+                        tracing::info!(shard = k, error = %e, "placement not recorded");
+                    }
+                }
+                Err(e) => tracing::info!(shard = k, error = %e, "replica move did not complete"),
+            }
             continue;
         }
         let Some((k, from, to)) = next_move(&shared) else { continue };
