@@ -130,6 +130,13 @@ async fn orders_survive_kill_9_of_the_busiest_leader_which_returns_and_takes_bac
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
     let mut c = TestCluster::start(EXE, 3, &["--service-latency-ms", "50"]).await?;
     let client = c.client()?;
+    // Flows waiting on durable timers (on every shard): they must fire on the new leaders.
+    let signups: Vec<String> = (1..=12).map(|i| format!("s-{i}")).collect();
+    for s in &signups {
+        let input =
+            serde_json::json!({"customer_id": s, "email": format!("{s}@x"), "reminder_interval_ms": 1500});
+        client.start_flow("signup", s, &input.to_string(), false, None).await?;
+    }
     let starter = start_orders_paced(client.clone(), ORDERS, Duration::from_millis(15));
     let done = wait_mid_run(&client, rng.random_range(30..150)).await?;
     let victim = c.busiest_leader().await?;
@@ -137,6 +144,15 @@ async fn orders_survive_kill_9_of_the_busiest_leader_which_returns_and_takes_bac
     c.local.kill(victim).await.map_err(|e| anyhow!(e))?;
     starter.await??;
     finish_and_check(&c, &client).await?;
+    // Never verified: three reminders one interval apart, then `not_verified` — timers survived.
+    let flows = wait_all_finished(&client, "signup", &signups).await?;
+    let ledger = c.ledger()?;
+    for flow in flows {
+        ensure!(flow.error_kind.as_deref() == Some("not_verified"), "{flow:?}");
+        let key = format!("reminder:{}", flow.instance);
+        let reminders = ledger.iter().filter(|e| e.service == "email" && e.key == key).count();
+        ensure!(reminders >= 3, "{}: {reminders} reminders", flow.instance);
+    }
     // The killed node comes back, catches up and takes back its share of leaders.
     c.local.start(victim).await.map_err(|e| anyhow!(e))?;
     c.wait_ready().await?;
