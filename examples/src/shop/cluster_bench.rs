@@ -203,7 +203,7 @@ impl Retries {
             .lock()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
             .unwrap_or_default();
-        all.sort_by(|a, b| b.1.cmp(&a.1));
+        all.sort_by_key(|entry| std::cmp::Reverse(entry.1));
         all.truncate(n);
         all
     }

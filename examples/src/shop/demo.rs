@@ -308,15 +308,22 @@ async fn run(cluster: &mut LocalCluster, opts: &DemoOptions, ledger: &Path, line
     if let Some(k) = &kill {
         cluster.wait_ready(READY).await.map_err(|e| anyhow!("after restarting node {}: {e}", k.victim))?;
         // The reconciler hands the restarted node its share of leaders back.
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let uneven = |per: &BTreeMap<u64, usize>| {
+            let (min, max) = (per.values().min().copied(), per.values().max().copied());
+            per.len() < NODES as usize || max.unwrap_or(0) - min.unwrap_or(0) > 1
+        };
         let mut per = leaders_per_node(&client.cluster_status().await?);
-        while Instant::now() < deadline
-            && per.values().copied().max().unwrap_or(0) > shard_count as usize / 3 + 1
-        {
+        while Instant::now() < deadline && uneven(&per) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             per = leaders_per_node(&client.cluster_status().await?);
         }
-        eprintln!("node {} is back; leaders {}", k.victim, leaders_text(&per));
+        eprintln!(
+            "node {} is back after {:.1} s; leaders {}",
+            k.victim,
+            k.at.elapsed().as_secs_f64(),
+            leaders_text(&per)
+        );
     }
     let entries = Ledger::read_all(ledger).context("reading the ledger")?;
     summary(opts, cluster, &progress, kill.as_ref(), &entries, shard_count, elapsed)
