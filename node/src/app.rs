@@ -48,7 +48,7 @@ pub struct App<X: Args + Clone = NoOptions> {
 /// Raft timing profile.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, Default)]
 pub enum TimingProfile {
-    /// Heartbeat 100 ms, election 400–800 ms.
+    /// Heartbeat 100 ms, election 300–600 ms.
     #[default]
     Production,
     /// Heartbeat 200 ms, election 1–2 s (loaded test machines).
