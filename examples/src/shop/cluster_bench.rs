@@ -196,6 +196,11 @@ impl Retries {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The most frequent messages, as text.
+    pub(super) fn top_text(&self, n: usize) -> String {
+        self.top(n).iter().map(|(m, k)| format!("{k}× {m}")).collect::<Vec<_>>().join("; ")
+    }
+
     /// The most frequent messages, with their counts.
     pub(super) fn top(&self, n: usize) -> Vec<(String, u64)> {
         let mut all: Vec<(String, u64)> = self
@@ -574,7 +579,7 @@ async fn measure(clients: &[Client], opts: &ClusterBenchOptions, run_id: &str) -
     println!("  concurrency 1: p50 {c1_p50:.2} ms, p99 {:.2} ms", percentile_ms(&c1, 0.99));
     let retries = warmup.retries.count() + load.retries.count() + sequential.retries.count();
     if retries > 0 {
-        println!("  {retries} client calls retried: {:?}", load.retries.top(3));
+        println!("  {retries} client calls retried: {}", load.retries.top_text(3));
     }
     Ok(Figures {
         nodes,
@@ -697,7 +702,7 @@ async fn kill_rounds(
         if kills.failed > 0 { format!(" ({})", load.failures_text()) } else { String::new() },
         kills.max_latency_ms,
         kills.retries,
-        if kills.retries > 0 { format!(": {:?}", load.retries.top(3)) } else { String::new() },
+        if kills.retries > 0 { format!(": {}", load.retries.top_text(3)) } else { String::new() },
     );
     if kills.shipped_twice > 0 {
         println!("  WARNING: {} orders shipped more than once!", kills.shipped_twice);

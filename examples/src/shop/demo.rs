@@ -260,15 +260,18 @@ async fn run(cluster: &mut LocalCluster, opts: &DemoOptions, ledger: &Path, line
         }
         match &mut kill {
             None if finished * 2 >= orders && NODES > 1 => {
-                let status = status_client.cluster_status().await?;
-                let (victim, shards) = busiest_leader(&status)?;
-                let at_ms = now_ms();
-                let at = Instant::now();
-                cluster.kill(victim).await.map_err(|e| anyhow!(e))?;
-                line.event(&format!(
-                    "kill -9 node {victim} (leader of shards {shards:?}) with {finished} of {orders} orders finished"
-                ));
-                kill = Some(Kill { victim, shards, at_ms, at, elected_after: None, restarted: false });
+                // A status that does not come (a busy node, a leader change) is asked again on
+                // the next tick.
+                let busiest = status_client.cluster_status().await.ok().map(|s| busiest_leader(&s));
+                if let Some(Ok((victim, shards))) = busiest {
+                    let at_ms = now_ms();
+                    let at = Instant::now();
+                    cluster.kill(victim).await.map_err(|e| anyhow!(e))?;
+                    line.event(&format!(
+                        "kill -9 node {victim} (leader of shards {shards:?}) with {finished} of {orders} orders finished"
+                    ));
+                    kill = Some(Kill { victim, shards, at_ms, at, elected_after: None, restarted: false });
+                }
             }
             Some(k) => {
                 if k.elected_after.is_none() {
