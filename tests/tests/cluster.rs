@@ -286,6 +286,10 @@ async fn bad_input_gets_a_clear_error_and_the_cluster_keeps_serving() -> Result<
     ensure!(code == 1 && err.contains("not found"), "CLI unknown instance: {code} {err}");
     let (code, _, _) = shop(&["--addr", &addr, "flow", "frobnicate"])?;
     ensure!(code == 2, "CLI usage error exits 2, got {code}");
+    let (code, _, err) = shop(&["--addr", &addr, "cluster", "remove-node", "--id", "99"])?;
+    ensure!(code == 1 && err.contains("not a member"), "CLI unknown node id: {code} {err}");
+    let err = client.add_node(9, "127.0.0.1:1").await.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(err.contains("cannot reach node 9"), "adding a node that does not run: {err:?}");
     // A node started with a member list that contradicts the cluster's is refused.
     let port = fetter_tests::free_ports(1)?;
     let peers = format!("1={},4=127.0.0.1:{port}", c.local.addr(1));

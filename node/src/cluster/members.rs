@@ -60,11 +60,11 @@ pub(crate) async fn add_node(
     }
     let info = node_info(addr)
         .await
-        .map_err(|e| Status::failed_precondition(format!("cannot reach node {id} at {addr}: {e}")))?;
+        .map_err(|e| Status::failed_precondition(format!("cannot reach node {} at {addr}: {e}", id.0)))?;
     if info.node_id != id.0 {
         return Err(Status::invalid_argument(format!(
-            "the node at {addr} is node {}, not node {id}",
-            info.node_id
+            "the node at {addr} is node {}, not node {}",
+            info.node_id, id.0
         )));
     }
     if info.cluster_id != cluster_id {
@@ -112,7 +112,7 @@ pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Statu
         .map_err(|e| Status::internal(e.to_string()))?
         .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
     if info.member(id).is_none() {
-        return Err(Status::not_found(format!("node {id} is not a member of this cluster")));
+        return Err(Status::not_found(format!("node {} is not a member of this cluster", id.0)));
     }
     if info.members.len() <= 1 {
         return Err(Status::failed_precondition("the last node of a cluster cannot be removed"));
