@@ -267,7 +267,6 @@ impl RaftNode {
             actions,
             self.peers.clone(),
             Duration::from_millis(self.config.timing.propose_timeout_ms),
-            Duration::from_millis(self.config.timing.election_timeout_max_ms),
         );
         let mut handles = lock(&self.handles);
         let handle = handles.entry(group).or_insert(handle).clone();

@@ -173,11 +173,6 @@ impl Ctx {
     /// Commits `command`; halts the activation if the journal refuses or cannot take it.
     async fn commit(&self, command: ShardCommand) -> ShardOutcome {
         match self.inner.group.propose_shard(command).await {
-            // A reply that reaches a leader frozen since (SIGSTOP, a long pause) must not let
-            // the flow go on: another node may own it by now.
-            Ok(Ok(_)) if !self.inner.group.leads_with_recent_quorum() => {
-                self.halt(Halt::Fenced("leadership not confirmed by a quorum recently".into())).await
-            }
             Ok(Ok(outcome)) => outcome,
             Ok(Err(rejection)) => {
                 self.halt(Halt::Fenced(format!("journal refused a step: {rejection}"))).await
@@ -390,6 +385,12 @@ where
                 state: EffectState::Started,
             }),
         );
+        // The reply may reach a leader that was frozen since (SIGSTOP, a long pause) and has been
+        // replaced: a quorum must confirm it still leads before the work may start.
+        if let Err(e) = ctx.inner.group.confirm_leadership().await {
+            let reason = format!("leadership not confirmed before an at-most-once effect: {e}");
+            return ctx.halt(Halt::Fenced(reason)).await;
+        }
     }
     let result: Result<T, FlowError> = match &retry {
         None => work().await.map_err(Into::into),

@@ -129,10 +129,10 @@ struct Inner {
     actions: broadcast::Sender<Arc<Vec<Action>>>,
     peers: Peers,
     propose_timeout: Duration,
-    /// The followers' leader lease (the election timeout maximum).
-    lease: Duration,
     /// While handing leadership over: the target's node id (0: not handing over).
     handing_over: std::sync::atomic::AtomicU64,
+    /// While handing over: every proposal is refused (before: only new work is).
+    handover_closed: std::sync::atomic::AtomicBool,
 }
 
 impl GroupHandle {
@@ -144,7 +144,6 @@ impl GroupHandle {
         actions: broadcast::Sender<Arc<Vec<Action>>>,
         peers: Peers,
         propose_timeout: Duration,
-        lease: Duration,
     ) -> GroupHandle {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         tokio::spawn(batcher(group, raft.clone(), rx, propose_timeout));
@@ -159,8 +158,8 @@ impl GroupHandle {
                 actions,
                 peers,
                 propose_timeout,
-                lease,
                 handing_over: std::sync::atomic::AtomicU64::new(0),
+                handover_closed: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -183,7 +182,15 @@ impl GroupHandle {
         let (reply, rx) = oneshot::channel();
         let group = self.inner.group;
         if let Some(to) = self.handing_over_to() {
-            return Err(Error::NotLeader { group, leader: Some(to), leader_addr: self.addr_of(to) });
+            // First new work stops (an activation, the start of an at-most-once effect), so the
+            // steps in flight can still finish here; then everything.
+            let new_work = matches!(
+                command,
+                Command::Shard(ShardCommand::Activate { .. } | ShardCommand::EffectStarted { .. })
+            );
+            if new_work || self.inner.handover_closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(Error::NotLeader { group, leader: Some(to), leader_addr: self.addr_of(to) });
+            }
         }
         self.inner
             .proposals
@@ -243,15 +250,17 @@ impl GroupHandle {
         Ok(read_log_id.map(|l| l.index))
     }
 
-    /// Whether this node leads the group, is not handing it over, and a quorum acknowledged it
-    /// within the followers' leader lease (the election timeout maximum): no other node can have
-    /// been elected since. A leader that was frozen longer answers `false` until it hears from a
-    /// quorum again.
-    pub fn leads_with_recent_quorum(&self) -> bool {
-        let status = self.inner.status.borrow();
-        status.is_leader
-            && self.handing_over_to().is_none()
-            && status.since_quorum_ack().is_some_and(|d| d <= self.inner.lease)
+    /// Confirms with a quorum, now, that this node still leads the group (a heartbeat round);
+    /// refused while it hands leadership over. A leader that was frozen and replaced learns it
+    /// here instead of acting on a stale belief.
+    pub async fn confirm_leadership(&self) -> Result<(), Error> {
+        if let Some(to) = self
+            .handing_over_to()
+            .filter(|_| self.inner.handover_closed.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            return Err(Error::NotLeader { group: self.inner.group, leader: Some(to), leader_addr: None });
+        }
+        self.read_index_here().await.map(|_| ())
     }
 
     /// A read of this replica's applied state, possibly stale.

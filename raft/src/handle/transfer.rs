@@ -15,6 +15,8 @@ use super::{Error, GroupHandle};
 use crate::ids::NodeId;
 use crate::transport::proto::RpcKind;
 
+/// How long steps already in flight may still commit on the old leader once no new work starts.
+const DRAIN: Duration = Duration::from_millis(150);
 /// How long one election of the target may take before it stands again.
 const ELECTION_ROUND: Duration = Duration::from_millis(500);
 
@@ -52,7 +54,11 @@ impl GroupHandle {
         let wait = (lease + Duration::from_millis(50)).saturating_sub(led_for);
         tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
         self.inner.handing_over.store(to.0, std::sync::atomic::Ordering::SeqCst);
+        // Steps in flight (an at-most-once effect that started) get a moment to commit here.
+        tokio::time::sleep(DRAIN.min(deadline.saturating_duration_since(Instant::now()))).await;
+        self.inner.handover_closed.store(true, std::sync::atomic::Ordering::SeqCst);
         let outcome = self.hand_over(me, to, &addr, deadline).await;
+        self.inner.handover_closed.store(false, std::sync::atomic::Ordering::SeqCst);
         self.inner.handing_over.store(0, std::sync::atomic::Ordering::SeqCst);
         outcome
     }
