@@ -183,7 +183,9 @@ impl GroupHandle {
             payload,
         };
         let budget = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        match self.inner.peers.send(addr, request, budget).await {
+        // A call of its own, never in a Raft batch: a forwarded proposal waits for its commit, and
+        // heartbeats batched behind it would wait too.
+        match self.inner.peers.call(addr, request, budget).await {
             Ok(ProtoResult::Ok(bytes)) => Ok(bytes),
             Ok(ProtoResult::Error(e)) => {
                 Err(Error::Unavailable { group, reason: format!("{addr} refused: {}", e.message) })
