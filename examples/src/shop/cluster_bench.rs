@@ -455,7 +455,7 @@ struct Figures {
 #[derive(Default)]
 struct Kills {
     failover: Vec<u64>,
-    elected: Vec<u64>,
+    elected: Vec<Option<u64>>,
     even: Vec<Option<u64>>,
     orders: u64,
     failed: u64,
@@ -579,7 +579,9 @@ async fn measure(clients: &[Client], opts: &ClusterBenchOptions, run_id: &str) -
     println!("  concurrency 1: p50 {c1_p50:.2} ms, p99 {:.2} ms", percentile_ms(&c1, 0.99));
     let retries = warmup.retries.count() + load.retries.count() + sequential.retries.count();
     if retries > 0 {
-        println!("  {retries} client calls retried: {}", load.retries.top_text(3));
+        let texts = [&warmup, &load, &sequential].map(|l| l.retries.top_text(3));
+        let texts: Vec<&str> = texts.iter().map(String::as_str).filter(|t| !t.is_empty()).collect();
+        println!("  {retries} client calls retried: {}", texts.join("; "));
     }
     Ok(Figures {
         nodes,
@@ -629,6 +631,8 @@ async fn kill_rounds(
     let load = Load::new(format!("k{run_id}"), u64::MAX);
     let mut workers = load.spawn(clients, opts.concurrency);
     let mut kills = Kills::default();
+    // Status polls must not hang on a busy node while the failover is timed.
+    let status_client = clients[clients.len() - 1].clone().with_timeout(Duration::from_secs(2));
     let rounds = async {
         for round in 1..=opts.kill {
             tokio::time::sleep(BEFORE_KILL).await;
@@ -638,16 +642,17 @@ async fn kill_rounds(
             let kill_ms = now_ms();
             let killed = Instant::now();
             cluster.kill(victim).await.map_err(|e| anyhow!(e))?;
-            // Until a node other than the victim makes progress on one of its shards.
+            // Until a node other than the victim makes progress on one of its shards (and, for
+            // at most 15 s, until the cluster reports new leaders for all of them).
             let (mut elected, mut failover) = (None, None);
-            while failover.is_none() || elected.is_none() {
+            while failover.is_none() || (elected.is_none() && killed.elapsed() < Duration::from_secs(15)) {
                 if killed.elapsed() > READY {
                     bail!(
                         "round {round}: shards {shards:?} of node {victim} made no progress within {READY:?}"
                     );
                 }
                 if elected.is_none() {
-                    if let Ok(status) = clients[(victim as usize) % clients.len()].cluster_status().await {
+                    if let Ok(status) = status_client.cluster_status().await {
                         if shards_moved(&status, victim, &shards) {
                             elected = Some(u64::try_from(killed.elapsed().as_millis()).unwrap_or(u64::MAX));
                         }
@@ -658,13 +663,14 @@ async fn kill_rounds(
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let (failover, elected) = (failover.unwrap_or_default(), elected.unwrap_or_default());
+            let failover = failover.unwrap_or_default();
             cluster.start(victim).await.map_err(|e| anyhow!(e))?;
             cluster.wait_ready(READY).await.map_err(|e| anyhow!("round {round}: {e}"))?;
             let back = killed.elapsed();
             let even = wait_leaders_even(&clients[0], nodes, READY).await;
             println!(
-                "    round {round}: kill -9 node {victim} (led shards {shards:?}): failover {failover} ms (new leaders seen after {elected} ms); restarted, ready after {:.1} s, leaders even {}",
+                "    round {round}: kill -9 node {victim} (led shards {shards:?}): failover {failover} ms (new leaders seen after {}); restarted, ready after {:.1} s, leaders even {}",
+                elected.map_or_else(|| "-".to_string(), |ms| format!("{ms} ms")),
                 back.as_secs_f64(),
                 even.map_or_else(|| format!("NOT within {READY:?}"), |ms| format!("after {ms} ms more"))
             );

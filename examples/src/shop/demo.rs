@@ -473,11 +473,11 @@ fn summary(
         }
     }
     println!(
-        "throughput: {orders} orders in {:.1} s = {:.0} flows/s (services take {SERVICE_LATENCY_MS} ms, {} in flight, one node down for {:.0} s)",
+        "throughput: {orders} orders in {:.1} s = {:.0} flows/s (services take {SERVICE_LATENCY_MS} ms, {} in flight, node {} killed half-way)",
         elapsed.as_secs_f64(),
         orders as f64 / elapsed.as_secs_f64(),
         opts.concurrency,
-        opts.restart_after.as_secs_f64()
+        kill.map_or_else(|| "-".to_string(), |k| k.victim.to_string())
     );
     println!("node logs: {}/node-<i>.log", cluster.data_dir().display());
     if !twice.is_empty() {
