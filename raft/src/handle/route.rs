@@ -38,14 +38,32 @@ impl GroupHandle {
     /// hints), within the group's proposal budget. See the module documentation for when this is
     /// allowed instead of [`GroupHandle::propose`].
     pub async fn submit(&self, command: Command) -> Result<Reply, Error> {
-        let group = self.inner.group;
         let deadline = Instant::now() + self.inner.propose_timeout;
+        let command = &command;
+        self.via_leader(deadline, |remote| async move {
+            match remote {
+                None => self.propose(command.clone()).await,
+                Some((node, addr)) => self.forward(node, &addr, command, deadline).await,
+            }
+        })
+        .await
+    }
+
+    /// Runs `attempt` on the leader this replica knows of (`None`: this node; else the leader's
+    /// id and address), following "not leader" hints and retrying after a refused or broken
+    /// connection, waiting out elections, until `deadline`; then [`Error::NoLeader`].
+    async fn via_leader<T, F, Fut>(&self, deadline: Instant, attempt: F) -> Result<T, Error>
+    where
+        F: Fn(Option<(NodeId, String)>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let group = self.inner.group;
         let mut target = self.leader_target();
         let mut last: String;
         loop {
-            let outcome = match &target {
-                Target::Here => self.propose(command.clone()).await,
-                Target::Remote(node, addr) => self.forward(*node, addr, &command, deadline).await,
+            let outcome = match target {
+                Target::Here => attempt(None).await,
+                Target::Remote(node, ref addr) => attempt(Some((node, addr.clone()))).await,
                 Target::Unknown => Err(Error::NotLeader { group, leader: None, leader_addr: None }),
             };
             match outcome {
@@ -100,45 +118,19 @@ impl GroupHandle {
     pub(crate) async fn read_barrier(&self) -> Result<(), Error> {
         let group = self.inner.group;
         let deadline = Instant::now() + self.inner.propose_timeout;
-        let mut target = self.leader_target();
-        let mut last: String;
-        loop {
-            let outcome = match &target {
-                Target::Here => self.read_index_here().await,
-                Target::Remote(_, addr) => self.remote_read_index(addr, deadline).await,
-                Target::Unknown => Err(Error::NotLeader { group, leader: None, leader_addr: None }),
-            };
-            match outcome {
-                Ok(index) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    return match self.inner.raft.wait(Some(left)).applied_index_at_least(index, "read").await
-                    {
-                        Ok(_) => Ok(()),
-                        Err(openraft::metrics::WaitError::Timeout(..)) => Err(Error::Timeout(group)),
-                        Err(openraft::metrics::WaitError::ShuttingDown) => Err(Error::ShuttingDown(group)),
-                    };
+        let index = self
+            .via_leader(deadline, |remote| async move {
+                match remote {
+                    None => self.read_index_here().await,
+                    Some((_, addr)) => self.remote_read_index(&addr, deadline).await,
                 }
-                Err(Error::NotLeader { leader, leader_addr, .. }) => {
-                    last = format!("not leader (hint: {leader:?})");
-                    target = match (leader, leader_addr) {
-                        (Some(l), _) if l == self.node_id() => Target::Here,
-                        (Some(l), Some(addr)) => Target::Remote(l, addr),
-                        _ => Target::Unknown,
-                    };
-                }
-                Err(Error::Unavailable { reason, .. }) if reason.starts_with("unreachable") => {
-                    last = reason;
-                    target = Target::Unknown;
-                }
-                Err(e) => return Err(e),
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::NoLeader { group, reason: last });
-            }
-            if matches!(target, Target::Unknown) {
-                tokio::time::sleep(NO_LEADER_PAUSE).await;
-                target = self.leader_target();
-            }
+            })
+            .await?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.inner.raft.wait(Some(left)).applied_index_at_least(index, "read").await {
+            Ok(_) => Ok(()),
+            Err(openraft::metrics::WaitError::Timeout(..)) => Err(Error::Timeout(group)),
+            Err(openraft::metrics::WaitError::ShuttingDown) => Err(Error::ShuttingDown(group)),
         }
     }
 
