@@ -395,11 +395,8 @@ impl Fetter for Api {
         let s = self.shared()?;
         let (_, cluster_id, _) = self.late.inner.get().ok_or_else(|| Status::unavailable("starting"))?;
         let info = s
-            .meta
-            .read(meta::read_cluster)
-            .await
-            .map_err(journal_status)?
-            .map_err(|e| Status::internal(e.to_string()))?
+            .cluster_info()
+            .await?
             .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
         let me = s.node.id();
         let members = info

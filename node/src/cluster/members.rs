@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use fetter_raft::handle::{GroupHandle, MembershipOp};
 use fetter_raft::ids::{Incarnation, NodeId, ShardId};
-use fetter_raft::meta::{self, Member, MetaCommand, MetaRejection, ShardPlacement};
+use fetter_raft::meta::{Member, MetaCommand, MetaRejection, ShardPlacement};
 use tonic::Status;
 
 use super::api::journal_status;
@@ -105,11 +105,8 @@ pub(crate) async fn add_node(
 /// Removes node `id` (alive or dead) and moves its replicas to the other nodes.
 pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Status> {
     let info = shared
-        .meta
-        .read(meta::read_cluster)
-        .await
-        .map_err(journal_status)?
-        .map_err(|e| Status::internal(e.to_string()))?
+        .cluster_info()
+        .await?
         .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
     if info.member(id).is_none() {
         return Err(Status::not_found(format!("node {} is not a member of this cluster", id.0)));

@@ -222,6 +222,17 @@ pub(crate) struct Shared {
     pub(crate) liveness: Liveness,
 }
 
+impl Shared {
+    /// What group 0 records of the cluster, read linearizably (`None` before initialization).
+    pub(crate) async fn cluster_info(&self) -> Result<Option<meta::ClusterInfo>, tonic::Status> {
+        self.meta
+            .read(meta::read_cluster)
+            .await
+            .map_err(api::journal_status)?
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
 /// A running cluster node.
 pub struct ClusterNode {
     shared: Arc<Shared>,
@@ -569,14 +580,7 @@ async fn initialize_meta(
     }
     let members = ready_members(shared, cluster_id, peers).await?;
     shared.meta.initialize(peers.clone()).await.map_err(|e| e.to_string())?;
-    if shared
-        .meta
-        .read(meta::read_cluster)
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?
-        .is_some()
-    {
+    if shared.cluster_info().await.map_err(|e| e.message().to_string())?.is_some() {
         return Ok(());
     }
     let ids: Vec<NodeId> = peers.keys().copied().collect();
@@ -598,14 +602,7 @@ async fn initialize_own_shards(
     peers: &BTreeMap<NodeId, String>,
 ) -> Result<(), String> {
     let me = shared.node.id();
-    if shared
-        .meta
-        .read(meta::read_cluster)
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?
-        .is_none()
-    {
+    if shared.cluster_info().await.map_err(|e| e.message().to_string())?.is_none() {
         return Err("group 0 does not list the cluster yet".into());
     }
     let ids: Vec<NodeId> = peers.keys().copied().collect();
