@@ -146,7 +146,7 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
             return Err("node ids start at 1".into());
         }
         let addr = addr.trim();
-        if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+        if !crate::cluster::is_host_port(addr) {
             return Err(format!("{addr:?} is not host:port (in --peers {s:?})"));
         }
         if peers.insert(NodeId(id), addr.to_string()).is_some() {

@@ -427,7 +427,7 @@ impl Fetter for Api {
     ) -> Result<Response<proto::AddNodeResponse>, Status> {
         let (s, cluster_id, _) = self.late.inner.get().ok_or_else(|| Status::unavailable("starting"))?;
         let r = request.into_inner();
-        if r.addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+        if !super::is_host_port(&r.addr) {
             return Err(Status::invalid_argument(format!("{:?} is not host:port", r.addr)));
         }
         super::members::add_node(s, &cluster_id.0, NodeId(r.id), &r.addr).await?;

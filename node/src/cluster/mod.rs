@@ -187,6 +187,11 @@ fn write_stored(dir: &Path, stored: &Stored) -> Result<(), StartError> {
     Ok(())
 }
 
+/// Whether `addr` has the `host:port` shape of a node address.
+pub(crate) fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+}
+
 /// The cluster id of a cluster created with `peers` and `shards`: the same on every initial
 /// member, different for any other member list or shard count.
 pub fn derive_cluster_id(peers: &BTreeMap<NodeId, String>, shards: u32) -> ClusterId {
