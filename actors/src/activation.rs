@@ -11,7 +11,7 @@ use std::panic::AssertUnwindSafe;
 use fetter_raft::handle::{self, GroupHandle};
 use fetter_raft::ids::{Epoch, FlowId};
 use fetter_raft::kv::KvError;
-use fetter_raft::shard::{self, FlowStatus, Rejection, ShardCommand, ShardOutcome};
+use fetter_raft::shard::{self, FlowStatus, Rejection, ShardCommand};
 use futures::FutureExt;
 
 use crate::ctx::{Ctx, Halt};
@@ -113,9 +113,14 @@ pub async fn run(
             )
         }
     };
-    match group.propose_shard(command).await {
-        Ok(Ok(ShardOutcome::Done)) | Ok(Ok(_)) => Ok(outcome),
-        Ok(Err(r)) => Ok(Outcome::Fenced(format!("finish refused: {r}"))),
+    // The effect results not yet committed go into the same entry as the flow's end.
+    let mut commands = ctx.take_pending();
+    commands.push(command);
+    match group.propose_shard_all(commands).await {
+        Ok(replies) => match replies.into_iter().find_map(Result::err) {
+            None => Ok(outcome),
+            Some(r) => Ok(Outcome::Fenced(format!("finish refused: {r}"))),
+        },
         Err(e) => Ok(Outcome::Fenced(format!("finish not committed: {e}"))),
     }
 }

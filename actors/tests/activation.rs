@@ -329,3 +329,71 @@ async fn a_fenced_activation_commits_nothing_more() -> Result<()> {
     n.node.shutdown().await;
     Ok(())
 }
+
+/// Two at-least-once effects, then an at-most-once one.
+struct Steps {
+    first: Service,
+    second: Service,
+    once: Service,
+}
+
+impl Flow for Steps {
+    const TYPE: &'static str = "steps";
+    type Input = ();
+    type Output = u32;
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<u32, FlowError> {
+        let a = ctx.effect("first", || self.first.call()).await?;
+        let b = ctx.effect("second", || self.second.call()).await?;
+        let c = ctx.effect("once", || self.once.call()).at_most_once().await?;
+        Ok(a + b + c)
+    }
+}
+
+fn applied(n: &common::Node) -> u64 {
+    n.group.status().borrow().last_applied.unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_result_is_durable_before_the_next_work_starts() -> Result<()> {
+    let n = single_node().await?;
+    let (second, mut second_started) = Service::holding();
+    let steps = Steps { first: Service::default(), second: second.clone(), once: Service::default() };
+    let first = steps.first.clone();
+    let registry = Registry::new().register(steps)?;
+    let flow = FlowId::new("steps", "s-1");
+    start(&n.group, &flow, "null").await?;
+    crash_during(&n.group, &registry, &flow, &mut second_started).await?;
+    // `first` was recorded before `second`'s work began, so the crash does not run it again.
+    let recorded = n.group.read(|kv| shard::get_effect(kv, &flow, "first")).await??;
+    ensure!(
+        matches!(recorded.map(|r| r.state), Some(EffectState::Completed(_))),
+        "first is committed while second runs"
+    );
+    second.release(10);
+    ensure!(activation::activate(&n.group, &registry, &flow).await? == Outcome::Succeeded);
+    ensure!((first.count(), second.count()) == (1, 2), "only the interrupted work ran again");
+    n.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_result_shares_a_log_entry_with_the_next_step() -> Result<()> {
+    let n = single_node().await?;
+    let steps = Steps { first: Service::default(), second: Service::default(), once: Service::default() };
+    let registry = Registry::new().register(steps)?;
+    let flow = FlowId::new("steps", "s-2");
+    start(&n.group, &flow, "null").await?;
+    let before = applied(&n);
+    ensure!(activation::activate(&n.group, &registry, &flow).await? == Outcome::Succeeded);
+    // Activate; `first` alone (before `second` runs); `second` with `once`'s Started marker;
+    // `once`'s outcome (at once: at-most-once); the flow's end. Six commands, five entries.
+    let entries = applied(&n) - before;
+    ensure!(entries == 5, "{entries} entries for one activation");
+    let record = status(&n.group, &flow).await?;
+    ensure!(record.status == FlowStatus::Succeeded);
+    let effects = n.group.read(|kv| shard::list_effects(kv, &flow)).await??;
+    ensure!(effects.len() == 3, "every effect is recorded: {effects:?}");
+    n.node.shutdown().await;
+    Ok(())
+}

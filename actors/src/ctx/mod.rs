@@ -57,6 +57,10 @@ struct Inner {
     events: Mutex<wait::EventView>,
     next_auto_id: AtomicU64,
     halt: watch::Sender<Option<Halt>>,
+    /// Results of at-least-once effects not yet committed: they go into the log entry of the
+    /// activation's next write, which always comes before the next effect's work runs, before
+    /// the flow waits and with its end ([`Ctx::commit`], [`Ctx::flush`]).
+    pending: Mutex<Vec<ShardCommand>>,
 }
 
 impl Ctx {
@@ -77,6 +81,7 @@ impl Ctx {
                 events: Mutex::new(wait::EventView::new(events)),
                 next_auto_id: AtomicU64::new(0),
                 halt,
+                pending: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -170,15 +175,50 @@ impl Ctx {
         };
     }
 
-    /// Commits `command`; halts the activation if the journal refuses or cannot take it.
+    /// Commits `command`, in one log entry after the pending results; halts the activation if
+    /// the journal refuses or cannot take any of them.
     async fn commit(&self, command: ShardCommand) -> ShardOutcome {
-        match self.inner.group.propose_shard(command).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(rejection)) => {
-                self.halt(Halt::Fenced(format!("journal refused a step: {rejection}"))).await
+        let mut commands = self.take_pending();
+        commands.push(command);
+        match self.commit_all(commands).await {
+            Some(outcome) => outcome,
+            None => self.halt(Halt::Fenced("the journal answered no step".into())).await,
+        }
+    }
+
+    /// Commits the pending results, if any (before work that the outside world sees).
+    async fn flush(&self) {
+        let commands = self.take_pending();
+        if !commands.is_empty() {
+            self.commit_all(commands).await;
+        }
+    }
+
+    /// Commits `commands` in one entry and returns the last one's outcome; halts on a refusal.
+    async fn commit_all(&self, commands: Vec<ShardCommand>) -> Option<ShardOutcome> {
+        match self.inner.group.propose_shard_all(commands).await {
+            Ok(replies) => {
+                let mut last = None;
+                for reply in replies {
+                    match reply {
+                        Ok(outcome) => last = Some(outcome),
+                        Err(rejection) => {
+                            return self
+                                .halt(Halt::Fenced(format!("journal refused a step: {rejection}")))
+                                .await
+                        }
+                    }
+                }
+                last
             }
             Err(e) => self.halt(Halt::Fenced(format!("step not committed: {e}"))).await,
         }
+    }
+
+    /// Takes the results not yet committed (the activation's end commits them with the flow's
+    /// outcome).
+    pub(crate) fn take_pending(&self) -> Vec<ShardCommand> {
+        std::mem::take(&mut *lock(&self.inner.pending))
     }
 
     /// Fails the flow with `replay_drift` naming `id`.
@@ -392,6 +432,10 @@ where
             return ctx.halt(Halt::Fenced(reason)).await;
         }
     }
+    if !at_most_once {
+        // Results recorded so far become durable before the outside world sees this work.
+        ctx.flush().await;
+    }
     let result: Result<T, FlowError> = match &retry {
         None => work().await.map_err(Into::into),
         Some(policy) => {
@@ -444,7 +488,16 @@ where
             (command, EffectState::Failed(error.clone().into()))
         }
     };
-    ctx.commit(command).await;
+    if at_most_once {
+        // The outcome of at-most-once work is recorded at once: until then, a crash makes it
+        // unknown.
+        ctx.commit(command).await;
+    } else {
+        // At-least-once: a crash before the next write runs `work` again, as a crash before any
+        // commit of its result would (DESIGN.md §1.3); the next write comes before any other
+        // work starts.
+        lock(&ctx.inner.pending).push(command);
+    }
     ctx.remember(&id, Some(EffectRecord { kind: EffectKind::Effect, type_name, state }));
     result
 }

@@ -38,6 +38,9 @@ const MAX_COMMANDS_PER_ENTRY: usize = 1024;
 /// because every extra entry costs a full round of replication, fsync and apply.
 const MAX_ENTRIES_IN_FLIGHT: usize = 1;
 
+/// Pause between two leadership rounds of [`GroupHandle::confirm_leadership`].
+const CONFIRM_PAUSE: Duration = Duration::from_millis(10);
+
 /// Why a proposal or read did not produce a reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum Error {
@@ -109,9 +112,10 @@ impl GroupStatus {
     }
 }
 
+/// Commands that go into the same log entry, in order, and their replies.
 struct Proposal {
-    command: Command,
-    reply: oneshot::Sender<Result<Reply, Error>>,
+    commands: Vec<Command>,
+    reply: oneshot::Sender<Result<Vec<Reply>, Error>>,
 }
 
 /// The handle of one group. Cheap to clone.
@@ -179,25 +183,60 @@ impl GroupHandle {
     /// use this, so a deposed leader's flows never commit through another node
     /// ([`GroupHandle::submit`] forwards).
     pub async fn propose(&self, command: Command) -> Result<Reply, Error> {
+        let mut replies = self.propose_all(vec![command]).await?;
+        replies.pop().ok_or_else(|| Error::Internal {
+            group: self.inner.group,
+            reason: "no reply for a proposed command".to_string(),
+        })
+    }
+
+    /// Proposes `commands` on this node in one log entry (they commit together or not at all,
+    /// and apply in order); returns one reply per command. Same rules as [`GroupHandle::propose`].
+    pub async fn propose_all(&self, commands: Vec<Command>) -> Result<Vec<Reply>, Error> {
         let (reply, rx) = oneshot::channel();
         let group = self.inner.group;
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
         if let Some(to) = self.handing_over_to() {
             // First new work stops (an activation, the start of an at-most-once effect), so the
             // steps in flight can still finish here; then everything.
-            let new_work = matches!(
-                command,
-                Command::Shard(ShardCommand::Activate { .. } | ShardCommand::EffectStarted { .. })
-            );
+            let new_work = commands.iter().any(|c| {
+                matches!(
+                    c,
+                    Command::Shard(ShardCommand::Activate { .. } | ShardCommand::EffectStarted { .. })
+                )
+            });
             if new_work || self.inner.handover_closed.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(Error::NotLeader { group, leader: Some(to), leader_addr: self.addr_of(to) });
             }
         }
         self.inner
             .proposals
-            .send(Proposal { command, reply })
+            .send(Proposal { commands, reply })
             .await
             .map_err(|_| Error::ShuttingDown(group))?;
         rx.await.map_err(|_| Error::ShuttingDown(group))?
+    }
+
+    /// Proposes shard commands in one log entry ([`GroupHandle::propose_all`]) and returns the
+    /// shard's replies.
+    pub async fn propose_shard_all(&self, commands: Vec<ShardCommand>) -> Result<Vec<ShardReply>, Error> {
+        let count = commands.len();
+        let replies = self.propose_all(commands.into_iter().map(Command::Shard).collect()).await?;
+        let mut out = Vec::with_capacity(count);
+        for reply in replies {
+            match reply {
+                Reply::Shard(r) => out.push(r),
+                other => {
+                    return Err(Error::Internal {
+                        group: self.inner.group,
+                        reason: format!("shard command answered with {other:?}"),
+                    })
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Proposes a shard command and returns the shard's reply.
@@ -253,14 +292,33 @@ impl GroupHandle {
     /// Confirms with a quorum, now, that this node still leads the group (a heartbeat round);
     /// refused while it hands leadership over. A leader that was frozen and replaced learns it
     /// here instead of acting on a stale belief.
+    ///
+    /// openraft bounds each round by the heartbeat interval, so on a loaded node a round can
+    /// miss its quorum while nothing is wrong. Such a round is repeated (a later round that
+    /// succeeds proves leadership just as well) until the proposal timeout; a definite answer
+    /// (another leader, shutting down, handing over) ends it at once.
     pub async fn confirm_leadership(&self) -> Result<(), Error> {
-        if let Some(to) = self
-            .handing_over_to()
-            .filter(|_| self.inner.handover_closed.load(std::sync::atomic::Ordering::SeqCst))
-        {
-            return Err(Error::NotLeader { group: self.inner.group, leader: Some(to), leader_addr: None });
+        let deadline = Instant::now() + self.inner.propose_timeout;
+        loop {
+            if let Some(to) = self
+                .handing_over_to()
+                .filter(|_| self.inner.handover_closed.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                return Err(Error::NotLeader {
+                    group: self.inner.group,
+                    leader: Some(to),
+                    leader_addr: None,
+                });
+            }
+            match self.read_index_here().await {
+                Ok(_) => return Ok(()),
+                Err(Error::Unavailable { reason, .. }) if Instant::now() < deadline => {
+                    tracing::debug!(group = %self.inner.group, %reason, "leadership round without quorum; again");
+                    tokio::time::sleep(CONFIRM_PAUSE).await;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        self.read_index_here().await.map(|_| ())
     }
 
     /// A read of this replica's applied state, possibly stale.
@@ -337,25 +395,27 @@ async fn batcher(group: GroupId, raft: Raft, mut rx: mpsc::Receiver<Proposal>, t
     while let Some(first) = rx.recv().await {
         // Waiting for a slot lets more proposals queue up: the batch grows with the load.
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-        let mut batch = vec![first];
-        while batch.len() < MAX_COMMANDS_PER_ENTRY {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
+        let mut commands = Vec::new();
+        let mut waiters = Vec::new();
+        let mut next = Some(first);
+        while let Some(p) = next.take() {
+            waiters.push((p.commands.len(), p.reply));
+            commands.extend(p.commands);
+            if commands.len() < MAX_COMMANDS_PER_ENTRY {
+                next = rx.try_recv().ok();
             }
         }
         let raft = raft.clone();
         tokio::spawn(async move {
-            let (commands, waiters): (Vec<_>, Vec<_>) =
-                batch.into_iter().map(|p| (p.command, p.reply)).unzip();
             let count = commands.len();
             let request = Request { now_ms: now_ms(), commands };
             let outcome = tokio::time::timeout(timeout, raft.client_write(request)).await;
             drop(permit);
             match outcome {
                 Ok(Ok(resp)) if resp.data.replies.len() == count => {
-                    for (w, r) in waiters.into_iter().zip(resp.data.replies) {
-                        let _ = w.send(Ok(r));
+                    let mut replies = resp.data.replies.into_iter();
+                    for (n, w) in waiters {
+                        let _ = w.send(Ok(replies.by_ref().take(n).collect()));
                     }
                 }
                 Ok(Ok(resp)) => {
@@ -363,18 +423,18 @@ async fn batcher(group: GroupId, raft: Raft, mut rx: mpsc::Receiver<Proposal>, t
                         group,
                         reason: format!("{} replies for {count} commands", resp.data.replies.len()),
                     };
-                    for w in waiters {
+                    for (_, w) in waiters {
                         let _ = w.send(Err(e.clone()));
                     }
                 }
                 Ok(Err(e)) => {
                     let e = write_error(group, e);
-                    for w in waiters {
+                    for (_, w) in waiters {
                         let _ = w.send(Err(e.clone()));
                     }
                 }
                 Err(_) => {
-                    for w in waiters {
+                    for (_, w) in waiters {
                         let _ = w.send(Err(Error::Timeout(group)));
                     }
                 }
