@@ -37,6 +37,10 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// Bound on one attempt on one node (on top of a requested wait): a node that does not answer
 /// within it (frozen, partitioned) is given up for the next one.
 const ATTEMPT: Duration = Duration::from_secs(5);
+/// Extra time one attempt of `AddNode` / `RemoveNode` may take: the node reconfigures every
+/// group (a learner catching up included) before it answers, and a retry on another node while
+/// the first still works would only race it.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
@@ -516,14 +520,14 @@ impl Client {
     /// Adds node `id` at `addr` to the cluster.
     pub async fn add_node(&self, id: u64, addr: &str) -> Result<(), ClientError> {
         let request = proto::AddNodeRequest { id, addr: addr.to_string() };
-        self.call(request, Duration::ZERO, |mut c, r| async move { c.add_node(r).await }).await?;
+        self.call(request, MEMBERSHIP_WAIT, |mut c, r| async move { c.add_node(r).await }).await?;
         Ok(())
     }
 
     /// Removes node `id` from the cluster.
     pub async fn remove_node(&self, id: u64) -> Result<(), ClientError> {
         let request = proto::RemoveNodeRequest { id };
-        self.call(request, Duration::ZERO, |mut c, r| async move { c.remove_node(r).await }).await?;
+        self.call(request, MEMBERSHIP_WAIT, |mut c, r| async move { c.remove_node(r).await }).await?;
         Ok(())
     }
 

@@ -427,3 +427,123 @@ async fn a_node_added_to_a_full_cluster_gets_replicas_and_leaders() -> Result<()
     c.stop().await;
     Ok(())
 }
+
+/// As [`leaders_even_over`], as seen by the nodes `client` reaches (a removed node's own view
+/// is stale): waits until `nodes` live nodes lead numbers of shards that differ by at most one.
+async fn leaders_even_via(
+    client: &fetter::Client,
+    nodes: usize,
+    within: Duration,
+) -> Result<BTreeMap<u64, usize>> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let status = client.cluster_status().await?;
+        let mut per: BTreeMap<u64, usize> =
+            status.members.iter().filter(|m| m.alive).map(|m| (m.id, 0)).collect();
+        for l in status.shards.iter().filter_map(|s| s.leader) {
+            *per.entry(l).or_default() += 1;
+        }
+        let (min, max) = (per.values().min().copied().unwrap_or(0), per.values().max().copied().unwrap_or(0));
+        if per.len() == nodes && max - min <= 1 && per.values().sum::<usize>() == SHARDS as usize {
+            return Ok(per);
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "leaders not even within {within:?}: {per:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_node_is_removed_mid_run_and_its_replicas_and_leaders_move_to_the_others() -> Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    // Four initial members (each shard: three voters and a learner), so that without one every
+    // shard still has its three voters.
+    let mut c = TestCluster::start(EXE, 4, &["--service-latency-ms", "20"]).await?;
+    let all: Vec<u64> = vec![1, 2, 3, 4];
+    let logs = |c: &TestCluster| c.logs();
+    // The victim: one of the nodes leading the most shards once leaders are spread.
+    let per = match leaders_even_over(&c, 4, Duration::from_secs(60)).await {
+        Ok(per) => per,
+        Err(e) => return Err(anyhow!("{e}\n{}", logs(&c))),
+    };
+    let most = per.values().max().copied().unwrap_or(0);
+    let busiest: Vec<u64> = per.iter().filter(|(_, n)| **n == most).map(|(id, _)| *id).collect();
+    let victim = busiest[rng.random_range(0..busiest.len())];
+    let rest: Vec<u64> = all.iter().copied().filter(|id| *id != victim).collect();
+    // Every client of the test talks to the nodes that stay.
+    let client =
+        fetter::Client::connect(rest.iter().map(|id| c.local.addr(*id))).map_err(|e| anyhow!("{e}"))?;
+    let starter = start_orders_paced(client.clone(), ORDERS, Duration::from_millis(15));
+    let done = wait_mid_run(&client, rng.random_range(30..150)).await?;
+    let status = client.cluster_status().await?;
+    let led: Vec<u32> = status.shards.iter().filter(|s| s.leader == Some(victim)).map(|s| s.id).collect();
+    let votes: Vec<u32> =
+        status.shards.iter().filter(|s| s.replicas.contains(&victim)).map(|s| s.id).collect();
+    ensure!(!led.is_empty() && !votes.is_empty(), "node {victim} leads {led:?} and votes in {votes:?}");
+    println!("remove live node {victim} (leads {led:?}, votes in {votes:?}) with {done} orders finished");
+    // Through a node that stays (a client of one node: no retry of the call on another one).
+    let started = tokio::time::Instant::now();
+    if let Err(e) = c.client_of(rest[0])?.remove_node(victim).await {
+        return Err(anyhow!("RemoveNode({victim}) failed after {:?}: {e}\n{}", started.elapsed(), logs(&c)));
+    }
+    let removed_at = now_ms();
+    println!("RemoveNode({victim}) took {:?}", started.elapsed());
+    // The remaining nodes no longer list it anywhere; every shard has three of them and a leader.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = client.cluster_status().await?;
+        let mut members: Vec<u64> = status.members.iter().map(|m| m.id).collect();
+        members.sort_unstable();
+        let alive = status.members.iter().all(|m| m.alive);
+        let placed = status.shards.len() == SHARDS as usize
+            && status.shards.iter().all(|s| {
+                let mut replicas = s.replicas.clone();
+                replicas.sort_unstable();
+                replicas == rest && s.leader.is_some_and(|l| rest.contains(&l))
+            });
+        if members == rest && alive && placed {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "node {victim}'s replicas did not move to {rest:?}: {status:?}\n{}",
+            logs(&c)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let per = match leaders_even_via(&client, 3, Duration::from_secs(30)).await {
+        Ok(per) => per,
+        Err(e) => return Err(anyhow!("{e}\n{}", logs(&c))),
+    };
+    ensure!(!per.contains_key(&victim), "the removed node leads nothing: {per:?}");
+    starter.await??;
+    finish_and_check(&c, &client).await?;
+    // The remaining cluster serves new work.
+    let created = client
+        .start_flow("order", "o-after", &order_input(ORDERS + 1), true, Some(Duration::from_secs(60)))
+        .await?;
+    ensure!(
+        created.flow.is_some_and(|f| f.status == "succeeded"),
+        "an order started after the removal succeeds"
+    );
+    // The removed process still runs but does nothing for the cluster: no call to the services
+    // once its in-flight calls (a few ms of service latency) are over.
+    ensure!(c.local.is_running(victim), "the removed node keeps running");
+    let late: Vec<_> =
+        c.ledger()?.into_iter().filter(|e| e.node == victim && e.ts_ms >= removed_at + 1_000).collect();
+    ensure!(late.is_empty(), "the removed node called the services: {late:?}");
+    // Asked directly, it says so (within a ping round or two of the removal).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let asked = c.client_of(victim)?.with_timeout(Duration::from_secs(2)).cluster_status().await;
+        match asked {
+            Err(e) if e.to_string().contains("was removed from the cluster") => break,
+            other => ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the removed node should refuse requests, saying it was removed; it answers {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.stop().await;
+    Ok(())
+}

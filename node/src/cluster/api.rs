@@ -17,7 +17,7 @@ use fetter_raft::shard::{Action, EffectKind, EffectRecord, EffectState, ErrorInf
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use super::{convert, node_info, Shared};
+use super::{convert, lazy_channel, node_info_over, Shared};
 use crate::proto;
 use crate::proto::fetter_server::{Fetter, FetterServer};
 
@@ -33,6 +33,8 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Clone, Default)]
 pub struct Liveness {
     alive: Arc<RwLock<HashMap<NodeId, bool>>>,
+    /// Most members that answered the last ping round do not list this node: it was removed.
+    removed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Liveness {
@@ -52,6 +54,20 @@ impl Liveness {
     fn set(&self, node: NodeId, alive: bool) {
         if let Ok(mut m) = self.alive.write() {
             m.insert(node, alive);
+        }
+    }
+
+    /// Whether the other members say this node was removed from the cluster (as of the last
+    /// ping round).
+    pub fn removed(&self) -> bool {
+        self.removed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Forgets every node that is not in `members` (a removed node is not a live member, even
+    /// while its process runs).
+    fn retain(&self, members: &BTreeMap<NodeId, String>) {
+        if let Ok(mut m) = self.alive.write() {
+            m.retain(|node, _| members.contains_key(node));
         }
     }
 }
@@ -83,7 +99,22 @@ impl Api {
     }
 
     fn shared(&self) -> Result<&Arc<Shared>, Status> {
-        self.late.inner.get().map(|(s, _, _)| s).ok_or_else(|| Status::unavailable("the node is starting"))
+        let shared = self
+            .late
+            .inner
+            .get()
+            .map(|(s, _, _)| s)
+            .ok_or_else(|| Status::unavailable("the node is starting"))?;
+        if shared.liveness.removed() {
+            // UNAVAILABLE: a client that knows other nodes goes on to them.
+            return Err(Status::unavailable(format!(
+                "node {} was removed from the cluster and serves nothing; ask another node (to \
+                 bring this machine back, start it with an empty data directory, a new id and \
+                 --join)",
+                shared.node.id().0
+            )));
+        }
+        Ok(shared)
     }
 }
 
@@ -471,7 +502,14 @@ impl Fetter for Api {
 }
 
 /// Pings every member group 0 lists, every `every`, and records who answered.
-pub(crate) async fn ping_members(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, every: Duration) {
+pub(crate) async fn ping_members(
+    shared: Arc<Shared>,
+    cluster_id: String,
+    mut stop: watch::Receiver<bool>,
+    every: Duration,
+) {
+    // One long-lived channel per member address: a ping is one request, not a new connection.
+    let mut channels: HashMap<String, tonic::transport::Channel> = HashMap::new();
     loop {
         let members: BTreeMap<NodeId, String> = shared
             .meta
@@ -480,14 +518,41 @@ pub(crate) async fn ping_members(shared: Arc<Shared>, mut stop: watch::Receiver<
             .flatten()
             .map(|i| i.members.into_iter().map(|m| (m.node, m.addr)).collect())
             .unwrap_or_default();
+        channels.retain(|addr, _| members.values().any(|a| a == addr));
+        shared.liveness.retain(&members);
         let me = shared.node.id();
-        let pings = members
-            .iter()
-            .filter(|(id, _)| **id != me)
-            .map(|(id, addr)| async move { (*id, node_info(addr).await.is_ok_and(|i| i.node_id == id.0)) });
-        for (id, alive) in futures::future::join_all(pings).await {
+        let cluster_id = &cluster_id;
+        let pings = members.iter().filter(|(id, _)| **id != me).map(|(id, addr)| {
+            let channel = match channels.get(addr) {
+                Some(c) => Ok(c.clone()),
+                None => lazy_channel(addr).inspect(|c| {
+                    channels.insert(addr.clone(), c.clone());
+                }),
+            };
+            async move {
+                let info = match channel {
+                    Ok(channel) => node_info_over(channel).await.ok().filter(|i| i.node_id == id.0),
+                    Err(_) => None,
+                };
+                // Whether the member lists this node (only an answer from this cluster counts).
+                let lists_me = info
+                    .as_ref()
+                    .filter(|i| i.initialized && i.cluster_id == *cluster_id)
+                    .map(|i| i.members.iter().any(|m| m.id == me.0));
+                (*id, info.is_some(), lists_me)
+            }
+        });
+        let pings: Vec<_> = pings.collect();
+        let (mut listed, mut unlisted) = (0, 0);
+        for (id, alive, lists_me) in futures::future::join_all(pings).await {
             shared.liveness.set(id, alive);
+            match lists_me {
+                Some(true) => listed += 1,
+                Some(false) => unlisted += 1,
+                None => {}
+            }
         }
+        shared.liveness.removed.store(unlisted > listed, std::sync::atomic::Ordering::Relaxed);
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,

@@ -102,6 +102,9 @@ pub(crate) async fn add_node(
     Ok(())
 }
 
+/// Bound on handing a group's leadership over before its leader is removed.
+const MOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Removes node `id` (alive or dead) and moves its replicas to the other nodes.
 pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Status> {
     let info = shared
@@ -114,7 +117,9 @@ pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Statu
     if info.members.len() <= 1 {
         return Err(Status::failed_precondition("the last node of a cluster cannot be removed"));
     }
-    for (shard, group) in groups(shared) {
+    // The groups are independent: each one's change runs at once (a dozen sequential
+    // reconfigurations took longer than a client's attempt).
+    let changes = groups(shared).map(|(shard, group)| async move {
         let (voters, nodes) = group.members();
         if voters.contains(&id) {
             let mut next: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != id).collect();
@@ -131,6 +136,16 @@ pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Statu
                     group.group()
                 )));
             }
+            if group.status().borrow().leader == Some(id) && shared.liveness.is_alive(id) {
+                // A live leader hands over first: removing it would cost an election timeout.
+                let to =
+                    voters.iter().copied().filter(|v| *v != id).min_by_key(|v| !shared.liveness.is_alive(*v));
+                if let Some(to) = to {
+                    if let Err(e) = group.move_leadership(to, shared.lease, MOVE_TIMEOUT).await {
+                        tracing::info!(group = %group.group(), error = %e, "no handover before the removal");
+                    }
+                }
+            }
             group
                 .change_members(MembershipOp::SetVoters { voters: next.clone() })
                 .await
@@ -142,8 +157,9 @@ pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Statu
         group
             .change_members(MembershipOp::RemoveNodes { nodes: BTreeSet::from([id]) })
             .await
-            .map_err(journal_status)?;
-    }
+            .map_err(journal_status)
+    });
+    futures::future::try_join_all(changes).await?;
     shared
         .meta
         .submit_meta(MetaCommand::RemoveMember(id))

@@ -14,7 +14,9 @@
 //! a new id.
 //!
 //! **Groups.** Every node opens group 0 and every shard group; a group whose membership does not
-//! include the node stays idle. With up to three nodes every node replicates every shard.
+//! include the node stays idle. A shard group has at most three voters (its placement) and every
+//! other member replicates it as a learner: the initial members beyond three from the bootstrap
+//! on, a node added later from its `AddNode`. So every member replicates every shard.
 //! A shard actor runs on every node for every shard and acts only while its node leads.
 //!
 //! **Requests.** Any node answers any request: the control panel submits to the shard's leader
@@ -35,7 +37,7 @@ use std::time::Duration;
 use fetter_actors::control::ControlPanel;
 use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg};
 use fetter_actors::Registry;
-use fetter_raft::handle::GroupHandle;
+use fetter_raft::handle::{GroupHandle, MembershipOp};
 use fetter_raft::ids::{ClusterId, GroupId, NodeId, ShardId};
 use fetter_raft::meta::{self, ClusterParams, Member, MetaCommand, ShardPlacement};
 use fetter_raft::node::{NodeConfig, RaftNode, Timing};
@@ -225,6 +227,8 @@ pub(crate) struct Shared {
     pub(crate) shards: Vec<GroupHandle>,
     pub(crate) max_payload_bytes: u64,
     pub(crate) liveness: Liveness,
+    /// The followers' leader lease (the election timeout maximum), for leadership moves.
+    pub(crate) lease: Duration,
 }
 
 impl Shared {
@@ -254,13 +258,29 @@ async fn node_info(addr: &str) -> Result<proto::NodeInfoResponse, String> {
         .timeout(PEER_CALL);
     let call = async {
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-        FetterClient::new(channel)
-            .node_info(proto::NodeInfoRequest {})
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| s.message().to_string())
+        node_info_over(channel).await
     };
     tokio::time::timeout(PEER_CALL * 2, call).await.map_err(|_| format!("{addr}: no answer"))?
+}
+
+/// A channel to `addr` that connects on first use and reconnects after a failure (for calls
+/// repeated every few hundred milliseconds, such as liveness pings).
+fn lazy_channel(addr: &str) -> Result<tonic::transport::Channel, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(PEER_CALL)
+        .timeout(PEER_CALL);
+    Ok(endpoint.connect_lazy())
+}
+
+/// `NodeInfo` over an open (or lazy) channel, bounded by [`PEER_CALL`].
+async fn node_info_over(channel: tonic::transport::Channel) -> Result<proto::NodeInfoResponse, String> {
+    let mut client = FetterClient::new(channel);
+    match tokio::time::timeout(PEER_CALL, client.node_info(proto::NodeInfoRequest {})).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(s.message().to_string()),
+        Err(_) => Err("no answer".to_string()),
+    }
 }
 
 impl ClusterNode {
@@ -376,13 +396,19 @@ impl ClusterNode {
             shards: groups,
             max_payload_bytes: options.max_payload_bytes,
             liveness: liveness.clone(),
+            lease: Duration::from_millis(options.timing.election_timeout_max_ms),
         });
         late.set(shared.clone(), cluster_id.clone(), shards);
 
         let (stop, stop_rx) = watch::channel(false);
         let lease = Duration::from_millis(options.timing.election_timeout_max_ms);
         let mut tasks = vec![
-            tokio::spawn(api::ping_members(shared.clone(), stop_rx.clone(), PING_EVERY)),
+            tokio::spawn(api::ping_members(
+                shared.clone(),
+                cluster_id.0.clone(),
+                stop_rx.clone(),
+                PING_EVERY,
+            )),
             tokio::spawn(reconcile::balance_leaders(shared.clone(), lease, stop_rx.clone())),
         ];
         if let Some(peers) = &options.peers {
@@ -618,9 +644,15 @@ async fn initialize_own_shards(
         let group = &shared.shards[shard.0 as usize];
         let voters: BTreeMap<NodeId, String> =
             place.replicas.iter().filter_map(|id| peers.get(id).map(|a| (*id, a.clone()))).collect();
-        group.initialize(voters).await.map_err(|e| e.to_string())?;
+        group.initialize(voters.clone()).await.map_err(|e| e.to_string())?;
         let configure = ShardCommand::Configure { shard_id: shard, shard_count: params.shard_count };
         group.submit_shard(configure).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        // Every other initial member replicates the group as a learner (as a node added later
+        // does), so it knows the leader and can take a voter's place.
+        for (id, addr) in peers.iter().filter(|(id, _)| !voters.contains_key(id)) {
+            let op = MembershipOp::AddLearner { node: *id, addr: addr.clone() };
+            group.change_members(op).await.map_err(|e| e.to_string())?;
+        }
     }
     Ok(())
 }

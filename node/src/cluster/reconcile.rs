@@ -5,10 +5,10 @@
 //! when live nodes vote in numbers of shards that differ by more than one (a node was added to a
 //! full cluster), it gives one voter seat of the busiest node to the least busy one (a learner
 //! already caught up). Then leaders: when the numbers of shards led by live nodes differ by more
-//! than one, it moves one shard's leadership from the
+//! than one, it plans the moves that even them out — each one shard's leadership from the
 //! busiest node to the least busy live node that replicates the shard (a leadership transfer, no
-//! election timeout), then looks again. A node that comes back therefore takes back its share
-//! within seconds.
+//! election timeout) — runs them at once, then looks again. A node that comes back therefore
+//! takes back its share within a round or two.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,33 +30,52 @@ fn voters(group: &GroupHandle) -> Vec<NodeId> {
     metrics.membership_config.membership().voter_ids().map(NodeId).collect()
 }
 
-/// One move that brings leaders closer to even, if any: (shard index, from, to).
-fn next_move(shared: &Shared) -> Option<(usize, NodeId, NodeId)> {
+/// The leadership moves that make leaders even, planned together so that they can run at
+/// once: (shard index, from, to). Each takes a shard of the node leading the most to the live
+/// node leading the fewest that replicates it; no shard moves twice in one plan. Empty while a
+/// shard has no leader (an election in progress: look again later).
+fn plan_moves(shared: &Shared) -> Vec<(usize, NodeId, NodeId)> {
     let me = shared.node.id();
-    let mut led: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
-    led.insert(me, Vec::new());
+    // Per live node: how many shards it leads (after the planned moves) and which of them may
+    // still move.
+    let mut led: BTreeMap<NodeId, (usize, Vec<usize>)> = BTreeMap::new();
+    led.insert(me, (0, Vec::new()));
     for member in shared.liveness.alive_members() {
-        led.insert(member, Vec::new());
+        led.insert(member, (0, Vec::new()));
     }
     for (k, group) in shared.shards.iter().enumerate() {
-        // An election in progress: look again later.
-        let leader = group.status().borrow().leader?;
-        if let Some(list) = led.get_mut(&leader) {
-            list.push(k);
+        let Some(leader) = group.status().borrow().leader else { return Vec::new() };
+        if let Some((count, movable)) = led.get_mut(&leader) {
+            *count += 1;
+            movable.push(k);
         }
     }
-    let (busiest, shards) = led.iter().max_by_key(|(_, s)| s.len())?;
-    let least = led.iter().map(|(n, s)| (s.len(), *n)).min()?;
-    if shards.len() <= least.0 + 1 {
+    let mut moves = Vec::new();
+    while let Some((k, from, to)) = one_move(shared, &mut led) {
+        moves.push((k, from, to));
+    }
+    moves
+}
+
+/// Takes one move out of `led` (see [`plan_moves`]), if leaders are not yet even.
+fn one_move(
+    shared: &Shared,
+    led: &mut BTreeMap<NodeId, (usize, Vec<usize>)>,
+) -> Option<(usize, NodeId, NodeId)> {
+    let (&busiest, (most, _)) = led.iter().max_by_key(|(_, (count, _))| *count)?;
+    let (fewest, least) = led.iter().map(|(n, (count, _))| (*count, *n)).min()?;
+    if *most <= fewest + 1 {
         return None;
     }
     // A shard of the busiest node that the least busy node replicates.
-    for &k in shards {
-        if voters(&shared.shards[k]).contains(&least.1) {
-            return Some((k, *busiest, least.1));
-        }
+    let (count, movable) = led.get_mut(&busiest)?;
+    let pos = movable.iter().position(|&k| voters(&shared.shards[k]).contains(&least))?;
+    let k = movable.remove(pos);
+    *count -= 1;
+    if let Some((count, _)) = led.get_mut(&least) {
+        *count += 1;
     }
-    None
+    Some((k, busiest, least))
 }
 
 /// One voter seat to move so that the live nodes vote in numbers of shards that differ by at
@@ -125,11 +144,21 @@ pub(crate) async fn balance_leaders(shared: Arc<Shared>, lease: Duration, mut st
             }
             continue;
         }
-        let Some((k, from, to)) = next_move(&shared) else { continue };
-        tracing::info!(shard = k, from = from.0, to = to.0, "moving shard leadership to even out leaders");
-        if let Err(e) = shared.shards[k].move_leadership(to, lease, MOVE_TIMEOUT).await {
-            tracing::info!(shard = k, error = %e, "leadership move did not complete");
-        }
+        let moves = plan_moves(&shared).into_iter().map(|(k, from, to)| {
+            let group = &shared.shards[k];
+            async move {
+                tracing::info!(
+                    shard = k,
+                    from = from.0,
+                    to = to.0,
+                    "moving shard leadership to even out leaders"
+                );
+                if let Err(e) = group.move_leadership(to, lease, MOVE_TIMEOUT).await {
+                    tracing::info!(shard = k, error = %e, "leadership move did not complete");
+                }
+            }
+        });
+        futures::future::join_all(moves).await;
     }
 }
 

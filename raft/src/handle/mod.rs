@@ -459,14 +459,17 @@ fn spawn_status_watch(raft: Raft) -> watch::Receiver<GroupStatus> {
         loop {
             let status = {
                 let m = metrics.borrow_and_update();
-                let is_leader = m.current_leader == Some(m.id);
+                // A leader that removed itself from the group keeps its own id as
+                // `current_leader` (its vote) but is no longer in the `Leader` state.
+                let is_leader = m.current_leader == Some(m.id) && m.state == openraft::ServerState::Leader;
+                let leader = m.current_leader.filter(|l| *l != m.id || is_leader);
                 since = match since {
                     Some((term, at)) if is_leader && term == m.current_term => Some((term, at)),
                     _ if is_leader => Some((m.current_term, Instant::now())),
                     _ => None,
                 };
                 GroupStatus {
-                    leader: m.current_leader.map(NodeId),
+                    leader: leader.map(NodeId),
                     term: m.current_term,
                     is_leader,
                     quorum_acked_at: if is_leader {
