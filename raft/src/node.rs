@@ -32,16 +32,19 @@ pub struct Timing {
 }
 
 impl Timing {
-    /// Fast failover: heartbeat 200 ms, election 300–600 ms. Benchmarks use this.
+    /// Fast failover: heartbeat 100 ms, election 300–600 ms. Benchmarks use this.
     ///
     /// openraft 0.9 lets a follower that heard from a leader stand for election only after the
     /// leader lease (the election timeout maximum) *plus* a randomized election timeout: a leader
-    /// that dies is replaced after 0.9–1.2 s here, whatever the heartbeat. openraft also bounds
-    /// every AppendEntries call and every leadership round by the heartbeat interval: at 100 ms a
-    /// loaded 2-core machine missed that bound often enough to cost elections.
+    /// that dies is replaced after 0.9–1.2 s here. openraft also bounds every AppendEntries call
+    /// and every leadership round by the heartbeat interval, which a loaded 2-core machine
+    /// sometimes misses at 100 ms (a missed leadership round is repeated, see
+    /// `GroupHandle::confirm_leadership`). Measured with `shop bench --nodes 3 --kill 5`: a 200 ms
+    /// heartbeat removed those misses but made failover ~200 ms slower (p50 1.24 s vs 1.01 s)
+    /// at the same throughput.
     pub fn production() -> Timing {
         Timing {
-            heartbeat_ms: 200,
+            heartbeat_ms: 100,
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
             propose_timeout_ms: 5_000,
