@@ -350,8 +350,10 @@ impl Flow for Steps {
     }
 }
 
-fn applied(n: &common::Node) -> u64 {
-    n.group.status().borrow().last_applied.unwrap_or(0)
+/// The index of the last committed entry (asked from Raft, not from the metrics, which lag).
+async fn committed(n: &common::Node) -> Result<u64> {
+    let (read_log_id, _) = n.group.raft().get_read_log_id().await?;
+    Ok(read_log_id.map_or(0, |l| l.index))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,11 +386,11 @@ async fn an_effect_result_shares_a_log_entry_with_the_next_step() -> Result<()> 
     let registry = Registry::new().register(steps)?;
     let flow = FlowId::new("steps", "s-2");
     start(&n.group, &flow, "null").await?;
-    let before = applied(&n);
+    let before = committed(&n).await?;
     ensure!(activation::activate(&n.group, &registry, &flow).await? == Outcome::Succeeded);
     // Activate; `first` alone (before `second` runs); `second` with `once`'s Started marker;
     // `once`'s outcome (at once: at-most-once); the flow's end. Six commands, five entries.
-    let entries = applied(&n) - before;
+    let entries = committed(&n).await? - before;
     ensure!(entries == 5, "{entries} entries for one activation");
     let record = status(&n.group, &flow).await?;
     ensure!(record.status == FlowStatus::Succeeded);

@@ -504,3 +504,33 @@ async fn leadership_moves_to_a_chosen_voter_within_a_round_trip() -> Result<()> 
     c.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_leadership_transfer_leaves_the_leader_taking_proposals() -> Result<()> {
+    let mut c = Cluster::start(3, 1, 10_000).await?;
+    start_log_flow(&c).await?;
+    let leader = c.leader(g(0)).await?;
+    let h = c.handle(leader, g(0))?;
+    let lease = Duration::from_millis(fetter_raft::node::Timing::relaxed().election_timeout_max_ms);
+    let since = h.status().borrow().leading_since.ok_or_else(|| anyhow!("leading since"))?;
+    tokio::time::sleep((lease + Duration::from_millis(100)).saturating_sub(since.elapsed())).await;
+    // The target is gone: the handover waits for it to catch up, and its caller gives up (as an
+    // RPC handler is dropped when the remote caller times out) while proposals are refused.
+    let target = c.running().into_iter().find(|id| *id != leader).ok_or_else(|| anyhow!("a follower"))?;
+    c.stop(target).await?;
+    // Entries it never got: it cannot catch up.
+    for i in 0..3 {
+        expect_ok(h.propose_shard(message(100 + i)).await?)?;
+    }
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(400),
+        h.transfer_leadership(NodeId(target), lease, Duration::from_secs(30)),
+    )
+    .await;
+    ensure!(abandoned.is_err(), "the transfer was still under way when dropped: {abandoned:?}");
+    // The leader takes proposals again at once (it is still the leader: nobody else stood).
+    ensure!(c.leader(g(0)).await? == leader, "leadership stayed");
+    expect_ok(h.propose_shard(message(1)).await?)?;
+    c.shutdown().await;
+    Ok(())
+}

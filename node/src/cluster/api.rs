@@ -35,6 +35,8 @@ pub struct Liveness {
     alive: Arc<RwLock<HashMap<NodeId, bool>>>,
     /// Most members that answered the last ping round do not list this node: it was removed.
     removed: Arc<std::sync::atomic::AtomicBool>,
+    /// This node is stopping: it answers pings "unavailable", so no one moves work to it.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Liveness {
@@ -55,6 +57,16 @@ impl Liveness {
         if let Ok(mut m) = self.alive.write() {
             m.insert(node, alive);
         }
+    }
+
+    /// Marks this node as stopping (see [`Liveness::stopping`]).
+    pub(crate) fn set_stopping(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this node is stopping.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether the other members say this node was removed from the cluster (as of the last
@@ -479,6 +491,9 @@ impl Fetter for Api {
         _request: Request<proto::NodeInfoRequest>,
     ) -> Result<Response<proto::NodeInfoResponse>, Status> {
         let (s, cluster_id, shards) = self.late.inner.get().ok_or_else(|| Status::unavailable("starting"))?;
+        if s.liveness.stopping() {
+            return Err(Status::unavailable(format!("node {} is stopping", s.node.id().0)));
+        }
         let info = s.meta.read_local(meta::read_cluster).map_err(|e| Status::internal(e.to_string()))?;
         let members = info
             .as_ref()

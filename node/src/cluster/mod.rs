@@ -467,6 +467,8 @@ impl ClusterNode {
     /// Stops gracefully: hands the leadership of every group this node leads to another live
     /// node (so their flows move on without waiting for an election timeout), then stops.
     pub async fn shutdown_gracefully(self) {
+        // Peers' pings fail from now on: none moves a leadership here while this node leaves.
+        self.shared.liveness.set_stopping();
         let _ = self.stop.send(true);
         let moved = reconcile::hand_over_all(&self.shared, self.lease).await;
         tracing::info!(groups = moved, "leadership handed over");
@@ -475,6 +477,7 @@ impl ClusterNode {
 
     /// Stops actors, background tasks, Raft and the server.
     pub async fn shutdown(self) {
+        self.shared.liveness.set_stopping();
         let _ = self.stop.send(true);
         for actor in &self.actors {
             actor.stop(None);

@@ -17,8 +17,21 @@ use crate::transport::proto::RpcKind;
 
 /// How long steps already in flight may still commit on the old leader once no new work starts.
 const DRAIN: Duration = Duration::from_millis(150);
+/// How long the target may take to catch up with the leader's log before the handover is
+/// given up (proposals are refused meanwhile).
+const CATCH_UP: Duration = Duration::from_millis(500);
 /// How long one election of the target may take before it stands again.
 const ELECTION_ROUND: Duration = Duration::from_millis(500);
+
+/// Ends a handover: the group takes proposals again.
+struct Reopen<'a>(&'a GroupHandle);
+
+impl Drop for Reopen<'_> {
+    fn drop(&mut self) {
+        self.0.inner.handover_closed.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.0.inner.handing_over.store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 impl GroupHandle {
     /// Hands leadership of this group from this node (its leader) to the voter `to`, within
@@ -54,18 +67,21 @@ impl GroupHandle {
         let wait = (lease + Duration::from_millis(50)).saturating_sub(led_for);
         tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
         self.inner.handing_over.store(to.0, std::sync::atomic::Ordering::SeqCst);
+        // Proposals are taken again when this ends in any way — also when the caller drops this
+        // future (a remote caller that gave up cancels the RPC handler running it).
+        let _reopen = Reopen(self);
         // Steps in flight (an at-most-once effect that started) get a moment to commit here.
         tokio::time::sleep(DRAIN.min(deadline.saturating_duration_since(Instant::now()))).await;
         self.inner.handover_closed.store(true, std::sync::atomic::Ordering::SeqCst);
-        let outcome = self.hand_over(me, to, &addr, deadline).await;
-        self.inner.handover_closed.store(false, std::sync::atomic::Ordering::SeqCst);
-        self.inner.handing_over.store(0, std::sync::atomic::Ordering::SeqCst);
-        outcome
+        self.hand_over(me, to, &addr, deadline).await
     }
 
     async fn hand_over(&self, me: NodeId, to: NodeId, addr: &str, deadline: Instant) -> Result<(), Error> {
         let group = self.inner.group;
         // The target must hold every entry this leader has, or the leader refuses its vote.
+        // Proposals wait meanwhile, so a target that does not catch up soon (gone, stopping,
+        // far behind) is given up on quickly; a later move can try again.
+        let catch_up_by = deadline.min(Instant::now() + CATCH_UP);
         loop {
             let m = self.inner.raft.metrics().borrow().clone();
             if m.current_leader != Some(me.0) {
@@ -76,7 +92,7 @@ impl GroupHandle {
             if matched >= m.last_log_index {
                 break;
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= catch_up_by {
                 return Err(Error::Unavailable { group, reason: format!("node {to} did not catch up") });
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
