@@ -20,7 +20,6 @@
 //! cluster remove-node --id <n>
 //! ```
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
@@ -766,16 +765,8 @@ fn cluster_status_text(status: &proto::ClusterStatusResponse) -> String {
         .collect();
     out.push_str(&table(&["SHARD", "LEADER", "REPLICAS"], &rows));
     out.push_str("leaders per node:\n");
-    let mut per_node: BTreeMap<u64, usize> =
-        status.members.iter().filter(|m| m.alive).map(|m| (m.id, 0)).collect();
-    let mut leaderless = 0;
-    for shard in &status.shards {
-        match shard.leader {
-            Some(leader) => *per_node.entry(leader).or_default() += 1,
-            None => leaderless += 1,
-        }
-    }
-    for (node, count) in &per_node {
+    let leaderless = status.shards.iter().filter(|s| s.leader.is_none()).count();
+    for (node, count) in &status.leaders_per_node() {
         out.push_str(&format!("  node {node}: {count}\n"));
     }
     if leaderless > 0 {

@@ -27,6 +27,19 @@ pub use fetter_raft::placement;
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod proto {
     tonic::include_proto!("fetter.v1");
+
+    impl ClusterStatusResponse {
+        /// Shards led per node: every live member (leading none included) and any other node
+        /// named as a leader.
+        pub fn leaders_per_node(&self) -> std::collections::BTreeMap<u64, usize> {
+            let mut per: std::collections::BTreeMap<u64, usize> =
+                self.members.iter().filter(|m| m.alive).map(|m| (m.id, 0)).collect();
+            for leader in self.shards.iter().filter_map(|s| s.leader) {
+                *per.entry(leader).or_default() += 1;
+            }
+            per
+        }
+    }
 }
 
 /// What a flow author needs.

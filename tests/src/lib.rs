@@ -93,15 +93,7 @@ impl TestCluster {
 
     /// Shards led per node (nodes leading none included if alive).
     pub async fn leaders_per_node(&self) -> Result<BTreeMap<u64, usize>> {
-        let status = self.status().await?;
-        let mut per: BTreeMap<u64, usize> =
-            status.members.iter().filter(|m| m.alive).map(|m| (m.id, 0)).collect();
-        for s in &status.shards {
-            if let Some(l) = s.leader {
-                *per.entry(l).or_default() += 1;
-            }
-        }
-        Ok(per)
+        Ok(self.status().await?.leaders_per_node())
     }
 
     /// The node leading the most shards.

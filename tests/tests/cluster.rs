@@ -91,9 +91,19 @@ async fn leaders_even(c: &TestCluster, within: Duration) -> Result<BTreeMap<u64,
 
 /// Waits until `nodes` live nodes lead numbers of shards that differ by at most one.
 async fn leaders_even_over(c: &TestCluster, nodes: usize, within: Duration) -> Result<BTreeMap<u64, usize>> {
+    leaders_even_via(&c.client()?, nodes, within).await
+}
+
+/// [`leaders_even_over`] as seen through `client` (a test that removes a node asks only the
+/// others: the removed node's view is stale).
+async fn leaders_even_via(
+    client: &fetter::Client,
+    nodes: usize,
+    within: Duration,
+) -> Result<BTreeMap<u64, usize>> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let per = c.leaders_per_node().await?;
+        let per = client.cluster_status().await?.leaders_per_node();
         let (min, max) = (per.values().min().copied().unwrap_or(0), per.values().max().copied().unwrap_or(0));
         if per.len() == nodes && max - min <= 1 && per.values().sum::<usize>() == SHARDS as usize {
             return Ok(per);
@@ -426,30 +436,6 @@ async fn a_node_added_to_a_full_cluster_gets_replicas_and_leaders() -> Result<()
     ensure!(done.flow.is_some_and(|f| f.status == "succeeded"), "node 4 serves requests");
     c.stop().await;
     Ok(())
-}
-
-/// As [`leaders_even_over`], as seen by the nodes `client` reaches (a removed node's own view
-/// is stale): waits until `nodes` live nodes lead numbers of shards that differ by at most one.
-async fn leaders_even_via(
-    client: &fetter::Client,
-    nodes: usize,
-    within: Duration,
-) -> Result<BTreeMap<u64, usize>> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let status = client.cluster_status().await?;
-        let mut per: BTreeMap<u64, usize> =
-            status.members.iter().filter(|m| m.alive).map(|m| (m.id, 0)).collect();
-        for l in status.shards.iter().filter_map(|s| s.leader) {
-            *per.entry(l).or_default() += 1;
-        }
-        let (min, max) = (per.values().min().copied().unwrap_or(0), per.values().max().copied().unwrap_or(0));
-        if per.len() == nodes && max - min <= 1 && per.values().sum::<usize>() == SHARDS as usize {
-            return Ok(per);
-        }
-        ensure!(tokio::time::Instant::now() < deadline, "leaders not even within {within:?}: {per:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

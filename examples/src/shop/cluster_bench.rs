@@ -102,21 +102,9 @@ fn free_ports(n: u64) -> Result<u16> {
     bail!("no {n} consecutive free loopback ports found")
 }
 
-/// Shards led per live member (members leading none included).
-pub(super) fn leaders_per_node(status: &proto::ClusterStatusResponse) -> BTreeMap<u64, usize> {
-    let mut per: BTreeMap<u64, usize> =
-        status.members.iter().filter(|m| m.alive).map(|m| (m.id, 0)).collect();
-    for shard in &status.shards {
-        if let Some(leader) = shard.leader {
-            *per.entry(leader).or_default() += 1;
-        }
-    }
-    per
-}
-
 /// The node leading the most shards (the lowest id among equals) and the shards it leads.
 pub(super) fn busiest_leader(status: &proto::ClusterStatusResponse) -> Result<(u64, Vec<u32>)> {
-    let per = leaders_per_node(status);
+    let per = status.leaders_per_node();
     let victim = per
         .iter()
         .max_by_key(|(id, n)| (**n, std::cmp::Reverse(**id)))
@@ -602,7 +590,7 @@ async fn wait_leaders_even(client: &Client, nodes: usize, within: Duration) -> O
     let t0 = Instant::now();
     while t0.elapsed() < within {
         if let Ok(status) = client.cluster_status().await {
-            let per = leaders_per_node(&status);
+            let per = status.leaders_per_node();
             let (min, max) =
                 (per.values().min().copied().unwrap_or(0), per.values().max().copied().unwrap_or(0));
             let led = status.shards.iter().all(|s| s.leader.is_some());

@@ -31,8 +31,7 @@ use fetter::local::LocalCluster;
 use fetter::{proto, Client};
 
 use super::cluster_bench::{
-    busiest_leader, failover_ms, leaders_per_node, log_tails, now_ms, ports_free, retry, run_order,
-    shards_moved, Retries,
+    busiest_leader, failover_ms, log_tails, now_ms, ports_free, retry, run_order, shards_moved, Retries,
 };
 use crate::ledger::{Ledger, LedgerEntry};
 
@@ -235,7 +234,7 @@ async fn run(cluster: &mut LocalCluster, opts: &DemoOptions, ledger: &Path, line
     let shard_count = u32::try_from(status.shards.len())?;
     line.event(&format!(
         "cluster ready: {shard_count} shards, leaders {}; submitting {orders} orders, {} at a time",
-        leaders_text(&leaders_per_node(&status)),
+        leaders_text(&status.leaders_per_node()),
         opts.concurrency
     ));
 
@@ -316,10 +315,10 @@ async fn run(cluster: &mut LocalCluster, opts: &DemoOptions, ledger: &Path, line
             let (min, max) = (per.values().min().copied(), per.values().max().copied());
             per.len() < NODES as usize || max.unwrap_or(0) - min.unwrap_or(0) > 1
         };
-        let mut per = leaders_per_node(&client.cluster_status().await?);
+        let mut per = client.cluster_status().await?.leaders_per_node();
         while Instant::now() < deadline && uneven(&per) {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            per = leaders_per_node(&client.cluster_status().await?);
+            per = client.cluster_status().await?.leaders_per_node();
         }
         eprintln!(
             "node {} is back after {:.1} s; leaders {}",
