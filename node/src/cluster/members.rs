@@ -16,6 +16,7 @@ use fetter_raft::meta::{Member, MetaCommand, MetaRejection, ShardPlacement};
 use tonic::Status;
 
 use super::api::journal_status;
+use super::reconcile::MOVE_TIMEOUT;
 use super::{node_info, Shared, REPLICAS};
 
 fn meta_status(r: MetaRejection) -> Status {
@@ -23,6 +24,12 @@ fn meta_status(r: MetaRejection) -> Status {
         e @ MetaRejection::NodeIdReused { .. } => Status::already_exists(e.to_string()),
         e => Status::failed_precondition(e.to_string()),
     }
+}
+
+/// Commits `command` in group 0 (through its leader); its refusal as a gRPC status.
+async fn submit_meta(shared: &Shared, command: MetaCommand) -> Result<(), Status> {
+    shared.meta.submit_meta(command).await.map_err(journal_status)?.map_err(meta_status)?;
+    Ok(())
 }
 
 /// Records `voters` of `shard` as its desired placement in group 0.
@@ -34,13 +41,7 @@ pub(crate) async fn record_placement(
     let replicas: Vec<NodeId> = voters.iter().copied().collect();
     let Some(preferred_leader) = replicas.first().copied() else { return Ok(()) };
     let placement = ShardPlacement { replicas, preferred_leader };
-    shared
-        .meta
-        .submit_meta(MetaCommand::SetPlacement { shard, placement })
-        .await
-        .map_err(journal_status)?
-        .map_err(meta_status)?;
-    Ok(())
+    submit_meta(shared, MetaCommand::SetPlacement { shard, placement }).await
 }
 
 fn groups(shared: &Shared) -> impl Iterator<Item = (Option<ShardId>, &GroupHandle)> {
@@ -74,12 +75,7 @@ pub(crate) async fn add_node(
         )));
     }
     let member = Member { node: id, addr: addr.to_string(), incarnation: Incarnation(info.incarnation) };
-    shared
-        .meta
-        .submit_meta(MetaCommand::AddMember(member))
-        .await
-        .map_err(journal_status)?
-        .map_err(meta_status)?;
+    submit_meta(shared, MetaCommand::AddMember(member)).await?;
     for (shard, group) in groups(shared) {
         group
             .change_members(MembershipOp::AddLearner { node: id, addr: addr.to_string() })
@@ -101,9 +97,6 @@ pub(crate) async fn add_node(
     tracing::info!(node = id.0, addr, "node added");
     Ok(())
 }
-
-/// Bound on handing a group's leadership over before its leader is removed.
-const MOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Removes node `id` (alive or dead) and moves its replicas to the other nodes.
 pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Status> {
@@ -160,12 +153,7 @@ pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Statu
             .map_err(journal_status)
     });
     futures::future::try_join_all(changes).await?;
-    shared
-        .meta
-        .submit_meta(MetaCommand::RemoveMember(id))
-        .await
-        .map_err(journal_status)?
-        .map_err(meta_status)?;
+    submit_meta(shared, MetaCommand::RemoveMember(id)).await?;
     tracing::info!(node = id.0, "node removed");
     Ok(())
 }

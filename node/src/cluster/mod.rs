@@ -251,11 +251,16 @@ pub struct ClusterNode {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-async fn node_info(addr: &str) -> Result<proto::NodeInfoResponse, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+/// How this node reaches a peer's API: connecting and each call bounded by [`PEER_CALL`].
+fn peer_endpoint(addr: &str) -> Result<tonic::transport::Endpoint, String> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(PEER_CALL)
-        .timeout(PEER_CALL);
+        .timeout(PEER_CALL))
+}
+
+async fn node_info(addr: &str) -> Result<proto::NodeInfoResponse, String> {
+    let endpoint = peer_endpoint(addr)?;
     let call = async {
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         node_info_over(channel).await
@@ -266,11 +271,7 @@ async fn node_info(addr: &str) -> Result<proto::NodeInfoResponse, String> {
 /// A channel to `addr` that connects on first use and reconnects after a failure (for calls
 /// repeated every few hundred milliseconds, such as liveness pings).
 fn lazy_channel(addr: &str) -> Result<tonic::transport::Channel, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(PEER_CALL)
-        .timeout(PEER_CALL);
-    Ok(endpoint.connect_lazy())
+    Ok(peer_endpoint(addr)?.connect_lazy())
 }
 
 /// `NodeInfo` over an open (or lazy) channel, bounded by [`PEER_CALL`].

@@ -23,7 +23,7 @@ use super::Shared;
 /// How often the reconciler looks.
 const EVERY: Duration = Duration::from_secs(1);
 /// Bound on one leadership move.
-const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn voters(group: &GroupHandle) -> Vec<NodeId> {
     let metrics = group.raft().metrics().borrow().clone();
