@@ -222,26 +222,23 @@ impl GroupHandle {
     /// Proposes shard commands in one log entry ([`GroupHandle::propose_all`]) and returns the
     /// shard's replies.
     pub async fn propose_shard_all(&self, commands: Vec<ShardCommand>) -> Result<Vec<ShardReply>, Error> {
-        let count = commands.len();
         let replies = self.propose_all(commands.into_iter().map(Command::Shard).collect()).await?;
-        let mut out = Vec::with_capacity(count);
-        for reply in replies {
-            match reply {
-                Reply::Shard(r) => out.push(r),
-                other => {
-                    return Err(Error::Internal {
-                        group: self.inner.group,
-                        reason: format!("shard command answered with {other:?}"),
-                    })
-                }
-            }
-        }
-        Ok(out)
+        replies.into_iter().map(|r| self.shard_reply(r)).collect()
     }
 
     /// Proposes a shard command and returns the shard's reply.
     pub async fn propose_shard(&self, command: ShardCommand) -> Result<ShardReply, Error> {
-        match self.propose(Command::Shard(command)).await? {
+        self.shard_reply(self.propose(Command::Shard(command)).await?)
+    }
+
+    /// Proposes a metadata command and returns group 0's reply.
+    pub async fn propose_meta(&self, command: MetaCommand) -> Result<MetaReply, Error> {
+        self.meta_reply(self.propose(Command::Meta(command)).await?)
+    }
+
+    /// The shard's reply in `reply`; any other kind is a broken contract of the state machine.
+    fn shard_reply(&self, reply: Reply) -> Result<ShardReply, Error> {
+        match reply {
             Reply::Shard(r) => Ok(r),
             other => Err(Error::Internal {
                 group: self.inner.group,
@@ -250,9 +247,9 @@ impl GroupHandle {
         }
     }
 
-    /// Proposes a metadata command and returns group 0's reply.
-    pub async fn propose_meta(&self, command: MetaCommand) -> Result<MetaReply, Error> {
-        match self.propose(Command::Meta(command)).await? {
+    /// Group 0's reply in `reply` (see [`GroupHandle::shard_reply`]).
+    fn meta_reply(&self, reply: Reply) -> Result<MetaReply, Error> {
+        match reply {
             Reply::Meta(r) => Ok(r),
             other => Err(Error::Internal {
                 group: self.inner.group,

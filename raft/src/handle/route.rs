@@ -93,24 +93,12 @@ impl GroupHandle {
 
     /// [`GroupHandle::submit`] for a shard command.
     pub async fn submit_shard(&self, command: ShardCommand) -> Result<ShardReply, Error> {
-        match self.submit(Command::Shard(command)).await? {
-            Reply::Shard(r) => Ok(r),
-            other => Err(Error::Internal {
-                group: self.inner.group,
-                reason: format!("shard command answered with {other:?}"),
-            }),
-        }
+        self.shard_reply(self.submit(Command::Shard(command)).await?)
     }
 
     /// [`GroupHandle::submit`] for a metadata command.
     pub async fn submit_meta(&self, command: MetaCommand) -> Result<MetaReply, Error> {
-        match self.submit(Command::Meta(command)).await? {
-            Reply::Meta(r) => Ok(r),
-            other => Err(Error::Internal {
-                group: self.inner.group,
-                reason: format!("metadata command answered with {other:?}"),
-            }),
-        }
+        self.meta_reply(self.submit(Command::Meta(command)).await?)
     }
 
     /// Waits until this replica has applied everything committed before the call: the leader's
