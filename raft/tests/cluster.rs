@@ -477,16 +477,22 @@ async fn followers_forward_proposals_and_serve_linearizable_reads() -> Result<()
     Ok(())
 }
 
+/// Waits until the leader behind `h` has led for longer than the lease (a leader refuses votes
+/// while its own lease is fresh); returns the lease.
+async fn wait_out_own_lease(h: &fetter_raft::handle::GroupHandle) -> Result<Duration> {
+    let lease = Duration::from_millis(fetter_raft::node::Timing::relaxed().election_timeout_max_ms);
+    let since = h.status().borrow().leading_since.ok_or_else(|| anyhow!("leading since"))?;
+    tokio::time::sleep((lease + Duration::from_millis(100)).saturating_sub(since.elapsed())).await;
+    Ok(lease)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_moves_to_a_chosen_voter_within_a_round_trip() -> Result<()> {
     let c = Cluster::start(3, 1, 10_000).await?;
     start_log_flow(&c).await?;
     let old = c.leader(g(0)).await?;
     let h = c.handle(old, g(0))?;
-    let lease = Duration::from_millis(fetter_raft::node::Timing::relaxed().election_timeout_max_ms);
-    // Let the leader's own lease pass first (a leader refuses votes while it is fresh).
-    let since = h.status().borrow().leading_since.ok_or_else(|| anyhow!("leading since"))?;
-    tokio::time::sleep((lease + Duration::from_millis(100)).saturating_sub(since.elapsed())).await;
+    let lease = wait_out_own_lease(&h).await?;
     for (i, target) in c.running().into_iter().filter(|id| *id != old).enumerate() {
         let from = c.leader(g(0)).await?;
         // Asked through any node (here: the target itself, which forwards to the leader).
@@ -511,9 +517,7 @@ async fn an_abandoned_leadership_transfer_leaves_the_leader_taking_proposals() -
     start_log_flow(&c).await?;
     let leader = c.leader(g(0)).await?;
     let h = c.handle(leader, g(0))?;
-    let lease = Duration::from_millis(fetter_raft::node::Timing::relaxed().election_timeout_max_ms);
-    let since = h.status().borrow().leading_since.ok_or_else(|| anyhow!("leading since"))?;
-    tokio::time::sleep((lease + Duration::from_millis(100)).saturating_sub(since.elapsed())).await;
+    let lease = wait_out_own_lease(&h).await?;
     // The target is gone: the handover waits for it to catch up, and its caller gives up (as an
     // RPC handler is dropped when the remote caller times out) while proposals are refused.
     let target = c.running().into_iter().find(|id| *id != leader).ok_or_else(|| anyhow!("a follower"))?;
