@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fetter_raft::handle::{GroupHandle, MembershipOp};
+use fetter_raft::handle::MembershipOp;
 use fetter_raft::ids::NodeId;
 use tokio::sync::watch;
 
@@ -25,9 +25,9 @@ const EVERY: Duration = Duration::from_secs(1);
 /// Bound on one leadership move.
 pub(super) const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn voters(group: &GroupHandle) -> Vec<NodeId> {
-    let metrics = group.raft().metrics().borrow().clone();
-    metrics.membership_config.membership().voter_ids().map(NodeId).collect()
+/// This node and every member that answered the last ping.
+fn live_nodes(shared: &Shared) -> impl Iterator<Item = NodeId> {
+    std::iter::once(shared.node.id()).chain(shared.liveness.alive_members())
 }
 
 /// The leadership moves that make leaders even, planned together so that they can run at
@@ -35,14 +35,10 @@ fn voters(group: &GroupHandle) -> Vec<NodeId> {
 /// node leading the fewest that replicates it; no shard moves twice in one plan. Empty while a
 /// shard has no leader (an election in progress: look again later).
 fn plan_moves(shared: &Shared) -> Vec<(usize, NodeId, NodeId)> {
-    let me = shared.node.id();
     // Per live node: how many shards it leads (after the planned moves) and which of them may
     // still move.
-    let mut led: BTreeMap<NodeId, (usize, Vec<usize>)> = BTreeMap::new();
-    led.insert(me, (0, Vec::new()));
-    for member in shared.liveness.alive_members() {
-        led.insert(member, (0, Vec::new()));
-    }
+    let mut led: BTreeMap<NodeId, (usize, Vec<usize>)> =
+        live_nodes(shared).map(|n| (n, (0, Vec::new()))).collect();
     for (k, group) in shared.shards.iter().enumerate() {
         let Some(leader) = group.status().borrow().leader else { return Vec::new() };
         if let Some((count, movable)) = led.get_mut(&leader) {
@@ -69,7 +65,7 @@ fn one_move(
     }
     // A shard of the busiest node that the least busy node replicates.
     let (count, movable) = led.get_mut(&busiest)?;
-    let pos = movable.iter().position(|&k| voters(&shared.shards[k]).contains(&least))?;
+    let pos = movable.iter().position(|&k| shared.shards[k].members().0.contains(&least))?;
     let k = movable.remove(pos);
     *count -= 1;
     if let Some((count, _)) = led.get_mut(&least) {
@@ -81,14 +77,9 @@ fn one_move(
 /// One voter seat to move so that the live nodes vote in numbers of shards that differ by at
 /// most one (a node added to a full cluster gets seats): (shard index, from, to).
 fn next_seat_move(shared: &Shared) -> Option<(usize, NodeId, NodeId)> {
-    let me = shared.node.id();
-    let mut seats: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
-    seats.insert(me, Vec::new());
-    for member in shared.liveness.alive_members() {
-        seats.insert(member, Vec::new());
-    }
+    let mut seats: BTreeMap<NodeId, Vec<usize>> = live_nodes(shared).map(|n| (n, Vec::new())).collect();
     for (k, group) in shared.shards.iter().enumerate() {
-        for v in voters(group) {
+        for v in group.members().0 {
             if let Some(list) = seats.get_mut(&v) {
                 list.push(k);
             }
@@ -180,7 +171,7 @@ pub(crate) async fn hand_over_all(shared: &Shared, lease: Duration) -> usize {
         if !group.status().borrow().is_leader {
             continue;
         }
-        let candidates = voters(group);
+        let (candidates, _) = group.members();
         let target =
             candidates.iter().filter(|v| **v != me && led.contains_key(v)).min_by_key(|v| led[v]).copied();
         if let Some(to) = target {
