@@ -6,11 +6,11 @@
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::FlowId;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::task::JoinHandle;
 
 use crate::activation;
 use crate::registry::Registry;
 use crate::shard_actor::ShardMsg;
+use crate::task::Task;
 
 /// What a flow actor runs.
 pub(crate) struct FlowArgs {
@@ -21,29 +21,22 @@ pub(crate) struct FlowArgs {
 }
 
 /// The actor of one flow's activation. It takes no messages: it runs until its activation ends
-/// (then stops itself) or it is stopped.
+/// (then stops itself) or it is stopped or killed; its activation task goes with its state.
 pub(crate) struct FlowActor;
 
 impl Actor for FlowActor {
     type Msg = ();
-    type State = JoinHandle<()>;
+    type State = Task;
     type Arguments = FlowArgs;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<()>,
-        args: FlowArgs,
-    ) -> Result<JoinHandle<()>, ActorProcessingErr> {
-        Ok(tokio::spawn(async move {
+    async fn pre_start(&self, myself: ActorRef<()>, args: FlowArgs) -> Result<Task, ActorProcessingErr> {
+        Ok(Task::spawn(async move {
             let FlowArgs { group, registry, flow, shard } = args;
             let outcome = activation::activate(&group, &registry, &flow).await.map_err(|e| e.to_string());
-            let _ = shard.send_message(ShardMsg::Ended { flow, outcome });
+            // The shard actor matches the actor's identity: a report of an activation it already
+            // replaced is ignored.
+            let _ = shard.send_message(ShardMsg::Ended { flow, actor: myself.get_id(), outcome });
             myself.stop(None);
         }))
-    }
-
-    async fn post_stop(&self, _: ActorRef<()>, task: &mut JoinHandle<()>) -> Result<(), ActorProcessingErr> {
-        task.abort();
-        Ok(())
     }
 }

@@ -29,6 +29,7 @@ mod flow_actor;
 pub mod hooks;
 mod registry;
 pub mod shard_actor;
+mod task;
 
 pub use ctx::{Ctx, Effect, Message, RetryOn, RetryPolicy, State};
 pub use flow::{kind, Flow, FlowError};

@@ -9,12 +9,11 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use common::{node_with_shards, Go, Service, Shards, WAIT};
 use fetter_actors::control::{ControlPanel, Error, ListQuery, Started};
-use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg};
+use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardHandle};
 use fetter_actors::{Ctx, Flow, FlowError, Registry};
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{FlowId, ShardId};
 use fetter_raft::shard::{EffectKind, EffectRecord, EffectState, Event, FlowStatus};
-use ractor::ActorRef;
 
 /// Does one effect, then waits for `Go`; outputs its input plus the message.
 struct Waiter {
@@ -33,7 +32,7 @@ impl Flow for Waiter {
     }
 }
 
-async fn setup(work: &Service) -> Result<(Shards, ControlPanel, Vec<ActorRef<ShardMsg>>)> {
+async fn setup(work: &Service) -> Result<(Shards, ControlPanel, Vec<ShardHandle>)> {
     let node = node_with_shards(2).await?;
     let routes: HashMap<ShardId, GroupHandle> =
         node.groups.iter().enumerate().map(|(s, g)| (ShardId(s as u32), g.clone())).collect();
@@ -93,7 +92,7 @@ async fn start_get_and_message_with_idempotency() -> Result<()> {
     ensure!(view.events.iter().filter(|(_, e)| matches!(e, Event::Message { .. })).count() == 1);
     ensure!(work.count() == 1);
     for a in actors {
-        a.stop(None);
+        a.stop();
     }
     node.node.shutdown().await;
     Ok(())
@@ -125,7 +124,7 @@ async fn list_pages_over_all_shards_by_type_and_status() -> Result<()> {
         ListQuery { status: Some(vec![FlowStatus::Cancelled]), limit: 100, ..ListQuery::default() };
     ensure!(panel.list(&cancelled).await?.len() == 5);
     for a in actors {
-        a.stop(None);
+        a.stop();
     }
     node.node.shutdown().await;
     Ok(())
@@ -171,7 +170,7 @@ async fn repairs_fence_the_running_activation_and_check_the_callers_epoch() -> R
     let bad = panel.succeed(&flow, b"not json".to_vec(), None).await;
     ensure!(matches!(bad, Err(Error::BadJson { .. })), "{bad:?}");
     for a in actors {
-        a.stop(None);
+        a.stop();
     }
     node.node.shutdown().await;
     Ok(())

@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
 use common::{flow_on, Go, Service, WAIT};
-use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg};
+use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardHandle};
 use fetter_actors::{Ctx, Flow, FlowError, Registry};
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{ClusterId, FlowId, GroupId, NodeId, ShardId};
 use fetter_raft::node::{NodeConfig, RaftNode, Timing};
 use fetter_raft::shard::{self, FlowStatus, ShardCommand};
-use ractor::ActorRef;
+
 use std::sync::Mutex;
 
 const SHARDS: u32 = 2;
@@ -118,7 +118,7 @@ impl Flow for Receiver {
 struct Cluster {
     _dir: tempfile::TempDir,
     router: Arc<LeaderRouter>,
-    actors: BTreeMap<u64, Vec<ActorRef<ShardMsg>>>,
+    actors: BTreeMap<u64, Vec<ShardHandle>>,
 }
 
 impl Cluster {
@@ -143,7 +143,7 @@ impl Cluster {
 
     async fn stop(&mut self, id: u64) -> Result<()> {
         for a in self.actors.remove(&id).unwrap_or_default() {
-            a.stop(None);
+            a.stop();
         }
         let node = self.router.nodes.lock().map_err(|_| anyhow!("poisoned"))?.remove(&id);
         if let Some(node) = node {

@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
 use common::{flow_on, node_with_shards, single_node, start, Go, Service, WAIT};
-use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg, ShardStats};
+use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardHandle, ShardStats, Tuning};
 use fetter_actors::{Ctx, Flow, FlowError, Registry, RetryPolicy};
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{FlowId, ShardId};
-use fetter_raft::shard::{self, Event, FlowStatus, ShardCommand};
-use ractor::ActorRef;
+use fetter_raft::shard::{self, AdminOp, Event, FlowStatus, ShardCommand};
 
 /// Waits for `Go`, then does one effect.
 struct Waiter {
@@ -50,7 +49,7 @@ impl Flow for Napper {
     }
 }
 
-async fn run_actor(group: &GroupHandle, registry: Registry) -> Result<(ActorRef<ShardMsg>, ShardStats)> {
+async fn run_actor(group: &GroupHandle, registry: Registry) -> Result<(ShardHandle, ShardStats)> {
     let router: HashMap<ShardId, GroupHandle> = HashMap::from([(ShardId(0), group.clone())]);
     run_shard(ShardId(0), group, registry, Arc::new(router)).await
 }
@@ -60,7 +59,7 @@ async fn run_shard(
     group: &GroupHandle,
     registry: Registry,
     router: Arc<dyn Router>,
-) -> Result<(ActorRef<ShardMsg>, ShardStats)> {
+) -> Result<(ShardHandle, ShardStats)> {
     let args = ShardArgs::new(shard, group.clone(), router, registry, Duration::from_secs(2));
     Ok(ShardActor::start(args).await?)
 }
@@ -124,7 +123,7 @@ async fn ten_thousand_waiting_flows_have_no_live_activation_and_finish_when_thei
     }
     all_reach(&n.group, &flows, FlowStatus::Succeeded).await?;
     ensure!(work.count() == 10_000, "each flow's effect ran once: {}", work.count());
-    actor.stop(None);
+    actor.stop();
     n.node.shutdown().await;
     Ok(())
 }
@@ -139,7 +138,7 @@ async fn a_timer_fires_after_the_node_restarts() -> Result<()> {
     start(&n.group, &flow, "1500").await?;
     all_reach(&n.group, std::slice::from_ref(&flow), FlowStatus::Suspended).await?;
     // The node goes down while the flow sleeps; its in-memory timer is gone with it.
-    actor.stop(None);
+    actor.stop();
     let n = n.restart().await?;
     ensure!(work.count() == 0);
     let (actor, _) = run_actor(&n.group, registry).await?;
@@ -151,7 +150,7 @@ async fn a_timer_fires_after_the_node_restarts() -> Result<()> {
     let shard::EffectState::Completed(deadline) = deadline.state else { return Err(anyhow!("nap state")) };
     let deadline_ms: u64 = serde_json::from_slice(&deadline)?;
     ensure!(record.finished_ms.is_some_and(|f| f >= deadline_ms), "finished at or after the deadline");
-    actor.stop(None);
+    actor.stop();
     n.node.shutdown().await;
     Ok(())
 }
@@ -235,7 +234,7 @@ async fn a_child_on_another_shard_runs_once_and_its_result_reaches_the_parent() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for actor in actors {
-        actor.stop(None);
+        actor.stop();
     }
     node.node.shutdown().await;
     Ok(())
@@ -265,7 +264,7 @@ async fn finished_flows_are_collected_after_the_retention_period() -> Result<()>
     }
     let kept = n.group.read_local(|kv| shard::get_flow(kv, &waiting))?;
     ensure!(kept.map(|r| r.status) == Some(FlowStatus::Suspended), "an unfinished flow is kept");
-    actor.stop(None);
+    actor.stop();
     n.node.shutdown().await;
     Ok(())
 }
@@ -311,7 +310,7 @@ async fn run_retrying(flaky: Flaky, policy: RetryPolicy, expect: FlowStatus) -> 
     let flow = FlowId::new("retrying", "r-1");
     start(&n.group, &flow, "null").await?;
     all_reach(&n.group, std::slice::from_ref(&flow), expect).await?;
-    actor.stop(None);
+    actor.stop();
     n.node.shutdown().await;
     Ok((stats, flaky.calls.load(std::sync::atomic::Ordering::SeqCst)))
 }
@@ -357,7 +356,7 @@ async fn a_long_backoff_suspends_the_flow_on_a_durable_timer_that_fires_after_a_
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // The node goes down during the backoff; the retry happens after the restart.
-    actor.stop(None);
+    actor.stop();
     let n = n.restart().await?;
     ensure!(flaky.calls.load(std::sync::atomic::Ordering::SeqCst) == 1, "no retry before the restart");
     let (actor, _) = run_actor(&n.group, registry).await?;
@@ -365,7 +364,7 @@ async fn a_long_backoff_suspends_the_flow_on_a_durable_timer_that_fires_after_a_
     ensure!(flaky.calls.load(std::sync::atomic::Ordering::SeqCst) == 2, "one retry");
     let record = n.group.read_local(|kv| shard::get_flow(kv, &flow))?.ok_or_else(|| anyhow!("flow"))?;
     ensure!(record.finished_ms.is_some_and(|f| f >= backoff_ms), "retried at or after the backoff deadline");
-    actor.stop(None);
+    actor.stop();
     n.node.shutdown().await;
     Ok(())
 }
@@ -409,7 +408,185 @@ async fn a_postponed_flow_runs_again_once_its_time_has_come() -> Result<()> {
     let record = n.group.read_local(|kv| shard::get_flow(kv, &flow))?.ok_or_else(|| anyhow!("flow"))?;
     ensure!(record.finished_ms.is_some_and(|f| f >= until_ms), "ran again at or after its time");
     ensure!(work.count() == 1);
-    actor.stop(None);
+    actor.stop();
+    n.node.shutdown().await;
+    Ok(())
+}
+
+/// Does one effect and finishes.
+struct Quick {
+    work: Service,
+}
+
+impl Flow for Quick {
+    const TYPE: &'static str = "quick";
+    type Input = ();
+    type Output = u32;
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<u32, FlowError> {
+        ctx.effect("work", || self.work.call()).await
+    }
+}
+
+/// A shard actor with small pages, few activation slots, a short queue, a short timer horizon
+/// and room for few timers: every bound is reached with a hundred flows.
+async fn run_small(group: &GroupHandle, registry: Registry) -> Result<(ShardHandle, ShardStats)> {
+    let router: Arc<dyn Router> = Arc::new(HashMap::from([(ShardId(0), group.clone())]));
+    let mut args = ShardArgs::new(ShardId(0), group.clone(), router, registry, Duration::from_secs(2));
+    args.tuning = Tuning {
+        page: 10,
+        max_activations: 4,
+        max_queued: 8,
+        timer_horizon: Duration::from_millis(800),
+        timer_scan_every: Duration::from_millis(200),
+        max_timers_in_memory: 20,
+        max_firing: 4,
+    };
+    Ok(ShardActor::start(args).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_pages_of_running_flows_and_of_timers_all_finish_after_a_leader_change() -> Result<()> {
+    const N: usize = 50; // five pages of ten
+    let n = single_node().await?;
+    let (naps, quick) = (Service::default(), Service::default());
+    let registry =
+        Registry::new().register(Napper { work: naps.clone() })?.register(Quick { work: quick.clone() })?;
+    // The nappers suspend on timers 3 s away, beyond the horizon of 0.8 s.
+    let (actor, stats) = run_small(&n.group, registry.clone()).await?;
+    let nappers: Vec<FlowId> = (0..N).map(|i| FlowId::new("napper", format!("n-{i}"))).collect();
+    for flow in &nappers {
+        start(&n.group, flow, "3000").await?;
+    }
+    all_reach(&n.group, &nappers, FlowStatus::Suspended).await?;
+    ensure!(stats.timers_in_memory() == 0, "timers beyond the horizon are not in memory");
+    // The leader goes away; meanwhile fifty more flows are started and wait to be run.
+    actor.stop();
+    let quick_flows: Vec<FlowId> = (0..N).map(|i| FlowId::new("quick", format!("q-{i}"))).collect();
+    for flow in &quick_flows {
+        start(&n.group, flow, "null").await?;
+    }
+    let n = n.restart().await?;
+    ensure!(quick.count() == 0 && naps.count() == 0, "nothing ran without a leader's shard actor");
+    let (actor, stats) = run_small(&n.group, registry).await?;
+    // Bounds hold while the new leader works through five pages of each.
+    let watch = tokio::spawn({
+        let stats = stats.clone();
+        async move {
+            let (mut live, mut timers) = (0, 0);
+            loop {
+                live = live.max(stats.live_flows());
+                timers = timers.max(stats.timers_in_memory());
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                if live > 4 || timers > 20 + 4 {
+                    return (live, timers);
+                }
+            }
+        }
+    });
+    all_reach(&n.group, &quick_flows, FlowStatus::Succeeded).await?;
+    all_reach(&n.group, &nappers, FlowStatus::Succeeded).await?;
+    if watch.is_finished() {
+        let (live, timers) = watch.await?;
+        return Err(anyhow!("bounds exceeded: {live} live activations (max 4), {timers} timers in memory (max 20 held + 4 firing)"));
+    }
+    watch.abort();
+    ensure!(quick.count() == N as u32, "each quick flow ran once: {}", quick.count());
+    ensure!(naps.count() == N as u32, "each napper woke once: {}", naps.count());
+    for flow in &nappers {
+        let record = n.group.read_local(|kv| shard::get_flow(kv, flow))?.ok_or_else(|| anyhow!("flow"))?;
+        let nap =
+            n.group.read_local(|kv| shard::get_effect(kv, flow, "nap"))?.ok_or_else(|| anyhow!("nap"))?;
+        let shard::EffectState::Completed(deadline) = nap.state else { return Err(anyhow!("nap state")) };
+        let deadline_ms: u64 = serde_json::from_slice(&deadline)?;
+        ensure!(record.finished_ms.is_some_and(|f| f >= deadline_ms), "{flow} woke before its deadline");
+    }
+    actor.stop();
+    n.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_moved_earlier_fires_at_the_earlier_time() -> Result<()> {
+    let n = single_node().await?;
+    let work = Service::default();
+    let registry = Registry::new().register(Later { work: work.clone() })?;
+    let (actor, _) = run_actor(&n.group, registry).await?;
+    let flow = FlowId::new("later", "moved");
+    // Postponed by 20 s: within the default horizon, so its timer is held in memory.
+    start(&n.group, &flow, "20000").await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let record = n.group.read_local(|kv| shard::get_flow(kv, &flow))?.ok_or_else(|| anyhow!("flow"))?;
+        if matches!(record.status, FlowStatus::Postponed { .. }) {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "never postponed: {:?}", record.status);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // An operator restarts it afresh with 300 ms: the same timer, now due much earlier.
+    let restart = ShardCommand::Admin {
+        flow: flow.clone(),
+        expected_epoch: None,
+        op: AdminOp::Restart { input: Some(b"300".to_vec()), clear_effects: true },
+    };
+    n.group.propose_shard(restart).await?.map_err(|r| anyhow!("restart: {r}"))?;
+    let restarted = tokio::time::Instant::now();
+    let bound = Duration::from_secs(5);
+    let done = tokio::time::timeout(bound, async {
+        loop {
+            let record = n.group.read_local(|kv| shard::get_flow(kv, &flow))?;
+            if record.is_some_and(|r| r.status == FlowStatus::Succeeded) {
+                return Ok::<_, anyhow::Error>(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    ensure!(
+        matches!(done, Ok(Ok(()))),
+        "the flow re-postponed by 300 ms did not run within {bound:?} (it waited for the old 20 s timer)"
+    );
+    ensure!(restarted.elapsed() >= Duration::from_millis(300), "fired before its time");
+    ensure!(work.count() == 1);
+    actor.stop();
+    n.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_actor_that_panics_is_replaced_and_its_flows_finish() -> Result<()> {
+    let n = single_node().await?;
+    let work = Service::default();
+    let registry =
+        Registry::new().register(Waiter { work: work.clone() })?.register(Napper { work: work.clone() })?;
+    let (actor, stats) = run_actor(&n.group, registry).await?;
+    let waiters: Vec<FlowId> = (0..20).map(|i| FlowId::new("waiter", format!("w-{i}"))).collect();
+    for flow in &waiters {
+        start(&n.group, flow, "null").await?;
+    }
+    all_reach(&n.group, &waiters, FlowStatus::Suspended).await?;
+    let first = actor.current().ok_or_else(|| anyhow!("no shard actor"))?;
+    actor.inject_panic();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let replaced = actor.current().is_some_and(|now| now.get_id() != first.get_id());
+        if replaced && stats.restarts() == 1 {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "the shard actor was not replaced within 1 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The replacement runs the shard: woken flows, new flows and timers all finish.
+    for (i, flow) in waiters.iter().enumerate() {
+        send_go(&n.group, flow, i as u32).await?;
+    }
+    let napper = FlowId::new("napper", "after-panic");
+    start(&n.group, &napper, "100").await?;
+    all_reach(&n.group, &waiters, FlowStatus::Succeeded).await?;
+    all_reach(&n.group, std::slice::from_ref(&napper), FlowStatus::Succeeded).await?;
+    ensure!(work.count() == 21, "each flow's effect ran once: {}", work.count());
+    actor.stop();
     n.node.shutdown().await;
     Ok(())
 }

@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fetter_actors::control::ControlPanel;
-use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg, ShardStats};
+use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardHandle, ShardStats};
 use fetter_actors::Registry;
 use fetter_raft::handle::{self, GroupHandle};
 use fetter_raft::ids::FlowId;
 use fetter_raft::ids::{ClusterId, GroupId, NodeId, ShardId};
 use fetter_raft::node::{self, NodeConfig, RaftNode, Timing};
 use fetter_raft::shard::{Action, FlowStatus, Rejection, ShardCommand};
-use ractor::ActorRef;
 
 /// How to run an embedded engine.
 #[derive(Debug, Clone)]
@@ -80,7 +79,7 @@ pub enum Error {
 pub struct Engine {
     node: Arc<RaftNode>,
     groups: Vec<GroupHandle>,
-    actors: Vec<(ActorRef<ShardMsg>, ShardStats)>,
+    actors: Vec<(ShardHandle, ShardStats)>,
     panel: ControlPanel,
 }
 
@@ -170,6 +169,12 @@ impl Engine {
         self.actors.iter().map(|(_, stats)| stats.live_flows()).sum()
     }
 
+    /// Timers held in memory by the shard actors (due within their horizon, or being fired);
+    /// later timers cost only disk.
+    pub fn timers_in_memory(&self) -> usize {
+        self.actors.iter().map(|(_, stats)| stats.timers_in_memory()).sum()
+    }
+
     /// The node's store (fsync counter, disk).
     pub fn node(&self) -> &RaftNode {
         &self.node
@@ -183,7 +188,7 @@ impl Engine {
     /// Stops the actors and the node; every flow resumes when an engine opens the directory again.
     pub async fn shutdown(self) {
         for (actor, _) in &self.actors {
-            actor.stop(None);
+            actor.stop();
         }
         self.node.shutdown().await;
     }

@@ -2,8 +2,9 @@
 //!
 //! Runs `--flows` RPC orders (instant fakes: 4 effects + the captured transaction id = 5 steps)
 //! at `--concurrency`, then 200 orders one at a time, then (unless `--suspended 0`) starts
-//! `--suspended` flows that wait for a message, with sled's cache at 64 MiB, and reports live
-//! activations and RSS once all are suspended. The last line is one JSON object.
+//! `--suspended` flows that wait for a message for up to 24 hours (`message_within`: each has a
+//! durable timer), with sled's cache at 64 MiB, and reports live activations, timers held in
+//! memory and RSS once all are suspended. The last line is one JSON object.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,7 +29,7 @@ impl Message for Wake {
     const NAME: &'static str = "Wake";
 }
 
-/// A flow that waits for one message.
+/// A flow that waits for one message, for a day at most.
 struct Sleeper;
 
 impl Flow for Sleeper {
@@ -37,7 +38,7 @@ impl Flow for Sleeper {
     type Output = ();
 
     async fn run(&self, ctx: &Ctx, _: ()) -> Result<(), FlowError> {
-        let _: Wake = ctx.message().await?;
+        let _: Option<Wake> = ctx.message_within("wake", Duration::from_secs(24 * 3600)).await?;
         Ok(())
     }
 }
@@ -156,7 +157,7 @@ pub(crate) async fn bench(flows: u64, concurrency: usize, suspended: u64) -> Res
     println!("  concurrency 1: p50 {c1_p50:.2} ms");
     let peak_rss = rss_mib("VmHWM:");
 
-    let (mut suspended_rss, mut live) = (0.0, 0usize);
+    let (mut suspended_rss, mut live, mut timers) = (0.0, 0usize, 0usize);
     if suspended > 0 {
         let panel = engine.panel().clone();
         let started = Instant::now();
@@ -196,14 +197,15 @@ pub(crate) async fn bench(flows: u64, concurrency: usize, suspended: u64) -> Res
         }
         suspended_rss = rss_mib("VmRSS:");
         live = engine.live_flows();
+        timers = engine.timers_in_memory();
         println!(
-            "  {suspended} suspended flows (started in {:.1} s): {live} live activations, RSS {suspended_rss:.0} MiB (idle {idle_rss:.0} MiB)",
+            "  {suspended} suspended flows (started in {:.1} s): {live} live activations, {timers} timers in memory, RSS {suspended_rss:.0} MiB (idle {idle_rss:.0} MiB)",
             started.elapsed().as_secs_f64()
         );
     }
     println!("  peak RSS {peak_rss:.0} MiB");
     println!(
-        "{{\"flows\":{flows},\"concurrency\":{concurrency},\"flows_per_s\":{flows_per_s:.1},\"effects_per_s\":{effects_per_s:.1},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"c1_p50_ms\":{c1_p50:.3},\"peak_rss_mib\":{peak_rss:.1},\"idle_rss_mib\":{idle_rss:.1},\"suspended_100k_rss_mib\":{suspended_rss:.1},\"suspended_100k_live_actors\":{live}}}"
+        "{{\"flows\":{flows},\"concurrency\":{concurrency},\"flows_per_s\":{flows_per_s:.1},\"effects_per_s\":{effects_per_s:.1},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"c1_p50_ms\":{c1_p50:.3},\"peak_rss_mib\":{peak_rss:.1},\"idle_rss_mib\":{idle_rss:.1},\"suspended_100k_rss_mib\":{suspended_rss:.1},\"suspended_100k_live_actors\":{live},\"timers_in_memory\":{timers}}}"
     );
     engine.shutdown().await;
     Ok(())

@@ -35,14 +35,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fetter_actors::control::ControlPanel;
-use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardMsg};
+use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardHandle};
 use fetter_actors::Registry;
 use fetter_raft::handle::{GroupHandle, MembershipOp};
 use fetter_raft::ids::{ClusterId, GroupId, NodeId, ShardId};
 use fetter_raft::meta::{self, ClusterParams, Member, MetaCommand, ShardPlacement};
 use fetter_raft::node::{NodeConfig, RaftNode, Timing};
 use fetter_raft::shard::ShardCommand;
-use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -246,7 +245,7 @@ impl Shared {
 pub struct ClusterNode {
     shared: Arc<Shared>,
     lease: Duration,
-    actors: Vec<ActorRef<ShardMsg>>,
+    actors: Vec<ShardHandle>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -481,7 +480,7 @@ impl ClusterNode {
         self.shared.liveness.set_stopping();
         let _ = self.stop.send(true);
         for actor in &self.actors {
-            actor.stop(None);
+            actor.stop();
         }
         for task in self.tasks {
             task.abort();

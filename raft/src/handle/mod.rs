@@ -329,7 +329,7 @@ impl GroupHandle {
     }
 
     /// Actions emitted by applied commands of this group (every replica; the leader acts).
-    /// A receiver that lags must re-derive its work from state (`shard::derive_actions`).
+    /// A receiver that lags must re-derive its work from state (the running and timer indexes, the outbox).
     pub fn subscribe_actions(&self) -> broadcast::Receiver<Arc<Vec<Action>>> {
         self.inner.actions.subscribe()
     }

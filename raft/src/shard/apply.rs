@@ -1435,7 +1435,10 @@ mod tests {
         assert_eq!(actions, std::slice::from_ref(&arm_action));
         assert_eq!(s.status(&a), FlowStatus::Postponed { until_ms: T0 + 500 });
         assert_eq!(timers_of(&s.kv, &a).unwrap(), [(POSTPONE_TIMER_ID.to_string(), T0 + 500)]);
-        assert_eq!(derive_actions(&s.kv, 10).unwrap(), [arm_action]);
+        assert_eq!(
+            due_timers(&s.kv, u64::MAX, 10).unwrap(),
+            [(T0 + 500, a.clone(), POSTPONE_TIMER_ID.to_string())]
+        );
 
         // Events do not wake a postponed flow.
         assert_eq!(s.ok_actions(append(&a, "1", None)), (ShardOutcome::Appended { seq: 0 }, vec![]));
@@ -1532,6 +1535,49 @@ mod tests {
         let due = due_timers(&s.kv, 250, 10).unwrap();
         assert_eq!(due, [(100, f("t2"), "x".to_string()), (200, f("t3"), "x".to_string())]);
         assert_eq!(due_timers(&s.kv, u64::MAX, 1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn timers_and_running_flows_page_through_everything_once() {
+        let mut s = Shard::new();
+        let mut flows = Vec::new();
+        for i in 0..23 {
+            let flow = f(&format!("p{i}"));
+            s.running(&flow);
+            // Equal deadlines in pairs: the page boundary may split a deadline.
+            s.ok(arm(&flow, 1, "x", 100 + i / 2));
+            flows.push(flow);
+        }
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = timers_after(&s.kv, after.as_ref(), u64::MAX, 5).unwrap();
+            seen.extend(page.iter().map(|(_, flow, _)| flow.clone()));
+            if page.len() < 5 {
+                break;
+            }
+            after = page.last().cloned();
+        }
+        assert_eq!(seen.len(), 23, "every timer exactly once");
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 23);
+        // The bound applies inside a page too.
+        assert_eq!(timers_after(&s.kv, None, 101, 50).unwrap().len(), 4);
+
+        let mut running = Vec::new();
+        let mut after: Option<FlowId> = None;
+        loop {
+            let page = running_flows_after(&s.kv, after.as_ref(), 4).unwrap();
+            running.extend(page.iter().cloned());
+            if page.len() < 4 {
+                break;
+            }
+            after = page.last().cloned();
+        }
+        assert_eq!(running, running_flows(&s.kv, usize::MAX).unwrap());
+        assert_eq!(running.len(), 23);
     }
 
     #[test]
@@ -2189,45 +2235,25 @@ mod tests {
     }
 
     #[test]
-    fn derive_actions_from_state() {
+    fn a_new_leader_finds_its_work_in_state() {
         let mut kv = MemKv::new();
         run_all(&mut kv, &scenario());
-        let actions = derive_actions(&kv, 100).unwrap();
-        let mut activations: Vec<FlowId> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Activate { flow } => Some(flow.clone()),
-                _ => None,
-            })
-            .collect();
+        let mut activations = running_flows(&kv, 100).unwrap();
         activations.sort();
         // a is suspended (waiting for its timer), c postponed; b and kid (started by the batch) run.
         assert_eq!(activations, [f("b"), f("kid")]);
-        let timers: Vec<&Action> = actions.iter().filter(|a| matches!(a, Action::ArmTimer { .. })).collect();
         assert_eq!(
-            timers,
-            [
-                &Action::ArmTimer { flow: f("a"), timer_id: "nap".into(), deadline_ms: 500 },
-                &Action::ArmTimer { flow: f("c"), timer_id: POSTPONE_TIMER_ID.into(), deadline_ms: 900 },
-            ]
+            due_timers(&kv, u64::MAX, 100).unwrap(),
+            [(500, f("a"), "nap".to_string()), (900, f("c"), POSTPONE_TIMER_ID.to_string())]
         );
-        let mut targets: Vec<ShardId> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::DeliverOutbox { target } => Some(*target),
-                _ => None,
-            })
-            .collect();
         let mut expected = vec![target_of(&f("a")), target_of(&f("kid"))];
         expected.sort();
         expected.dedup();
-        targets.sort();
-        assert_eq!(targets, expected);
-        assert_eq!(
-            derive_actions(&kv, 1).unwrap().iter().filter(|a| matches!(a, Action::ArmTimer { .. })).count(),
-            1
-        );
-        assert!(derive_actions(&MemKv::new(), 10).unwrap().is_empty());
+        assert_eq!(outbox_targets(&kv).unwrap(), expected);
+        let empty = MemKv::new();
+        assert!(running_flows(&empty, 10).unwrap().is_empty());
+        assert!(due_timers(&empty, u64::MAX, 10).unwrap().is_empty());
+        assert!(outbox_targets(&empty).unwrap().is_empty());
     }
 
     #[test]

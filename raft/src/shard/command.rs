@@ -600,8 +600,9 @@ pub enum Rejection {
 pub type ShardReply = Result<ShardOutcome, Rejection>;
 
 /// Work the shard leader should do because of committed state. A pure function of the command
-/// and the state; followers ignore them, and a new leader derives the same work from state
-/// ([`super::derive_actions`]).
+/// and the state; followers ignore them, and a new leader derives the same work from state by
+/// paging through the running index ([`super::running_flows_after`]), the timer index
+/// ([`super::timers_after`]) and the outbox ([`super::outbox_targets`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {
     /// The flow is `Running` and needs an activation (started, woken, restarted, timer due).

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{Action, EffectRecord, Event, FlowRecord, OutboxEntry};
+use super::command::{EffectRecord, Event, FlowRecord, OutboxEntry};
 use super::keys;
 use super::txn;
 use crate::ids::{FlowId, ShardId};
@@ -106,8 +106,23 @@ pub fn due_timers(
     upto_ms: u64,
     limit: usize,
 ) -> Result<Vec<(u64, FlowId, String)>, KvError> {
+    timers_after(kv, None, upto_ms, limit)
+}
+
+/// One page of the timer index: up to `limit` timers strictly after `after` (a (deadline, flow,
+/// timer id) of a previous page; `None` starts at the earliest) with a deadline at or before
+/// `upto_ms`, in deadline order. A page shorter than `limit` is the last one.
+pub fn timers_after(
+    kv: &dyn KvRead,
+    after: Option<&(u64, FlowId, String)>,
+    upto_ms: u64,
+    limit: usize,
+) -> Result<Vec<(u64, FlowId, String)>, KvError> {
+    let start = after.map(|(deadline_ms, flow, timer_id)| {
+        keys::successor(&keys::timer_index(*deadline_ms, flow, timer_id))
+    });
     let mut out = Vec::new();
-    for (key, _) in kv.scan(keys::TIMERS, None, limit)? {
+    for (key, _) in kv.scan(keys::TIMERS, start.as_deref(), limit)? {
         let (deadline, flow, timer_id) =
             keys::parse_timer_index(&key).ok_or_else(|| txn::corrupt(&key, "bad timer index key"))?;
         if deadline > upto_ms {
@@ -177,24 +192,20 @@ pub fn list_flows(
 
 /// The flows that are `Running` (they need an activation), up to `limit`, in key order.
 pub fn running_flows(kv: &dyn KvRead, limit: usize) -> Result<Vec<FlowId>, KvError> {
-    kv.scan(keys::RUNNING, None, limit)?
+    running_flows_after(kv, None, limit)
+}
+
+/// One page of the running index: up to `limit` `Running` flows strictly after `after` (the last
+/// flow of a previous page; `None` starts at the first), in key order. A page shorter than
+/// `limit` is the last one.
+pub fn running_flows_after(
+    kv: &dyn KvRead,
+    after: Option<&FlowId>,
+    limit: usize,
+) -> Result<Vec<FlowId>, KvError> {
+    let start = after.map(|flow| keys::successor(&keys::running(flow)));
+    kv.scan(keys::RUNNING, start.as_deref(), limit)?
         .into_iter()
         .map(|(key, _)| keys::parse_running(&key).ok_or_else(|| txn::corrupt(&key, "bad running key")))
         .collect()
-}
-
-/// The work a new shard leader must do, derived from committed state alone: `Activate` for each
-/// `Running` flow, `ArmTimer` for the earliest armed timers, `DeliverOutbox` for each target with
-/// unacknowledged entries. `limit` bounds the activations and the timers (each); a leader that
-/// needs more reads [`running_flows`] and [`due_timers`] in pages.
-pub fn derive_actions(kv: &dyn KvRead, limit: usize) -> Result<Vec<Action>, KvError> {
-    let mut actions: Vec<Action> =
-        running_flows(kv, limit)?.into_iter().map(|flow| Action::Activate { flow }).collect();
-    for (deadline_ms, flow, timer_id) in due_timers(kv, u64::MAX, limit)? {
-        actions.push(Action::ArmTimer { flow, timer_id, deadline_ms });
-    }
-    for target in outbox_targets(kv)? {
-        actions.push(Action::DeliverOutbox { target });
-    }
-    Ok(actions)
 }
