@@ -391,11 +391,16 @@ impl Flow for RetryingOnce {
 async fn finished(group: &GroupHandle, flow: &FlowId) -> Result<shard::FlowRecord> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let record = group.read_local(|kv| shard::get_flow(kv, flow))?.ok_or_else(|| anyhow!("flow {flow}"))?;
+        let record =
+            group.read_local(|kv| shard::get_flow(kv, flow))?.ok_or_else(|| anyhow!("flow {flow}"))?;
         if record.status.is_finished() {
             return Ok(record);
         }
-        ensure!(tokio::time::Instant::now() < deadline, "{flow} not finished within {WAIT:?}: {:?}", record.status);
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{flow} not finished within {WAIT:?}: {:?}",
+            record.status
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
