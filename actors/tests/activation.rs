@@ -133,6 +133,54 @@ impl Flow for FirstAttemptFails {
     }
 }
 
+/// Runs an activation of `flow` (a [`FirstAttemptFails`]) in a task and kills it once its failed
+/// first attempt is recorded, while it sleeps its in-memory backoff; returns the recorded time of
+/// the next attempt.
+async fn crash_after_the_first_failed_attempt(
+    n: &common::Node,
+    registry: &Registry,
+    flow: &FlowId,
+) -> Result<u64> {
+    let task = tokio::spawn({
+        let (group, registry, flow) = (n.group.clone(), registry.clone(), flow.clone());
+        async move { activation::activate(&group, &registry, &flow).await }
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let retry_at_ms = loop {
+        let record = n.group.read(|kv| shard::get_effect(kv, flow, "ship")).await??;
+        if let Some(EffectState::AttemptFailed { attempt, error, retry_at_ms }) = record.map(|r| r.state) {
+            ensure!(attempt == 1 && error.kind == "transient", "attempt {attempt}: {error:?}");
+            break retry_at_ms;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "the failed attempt was never recorded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    task.abort();
+    let _ = task.await;
+    Ok(retry_at_ms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_that_the_redeployed_policy_does_not_retry_is_the_outcome() -> Result<()> {
+    let n = single_node().await?;
+    let policy = RetryPolicy::exponential(3, Duration::from_secs(1));
+    let v1 = FirstAttemptFails { attempts: Service::default(), then: Service::default(), policy };
+    let (attempts, then) = (v1.attempts.clone(), v1.then.clone());
+    let flow = FlowId::new("first-attempt-fails", "f-3");
+    start(&n.group, &flow, "null").await?;
+    crash_after_the_first_failed_attempt(&n, &Registry::new().register(v1)?, &flow).await?;
+    // Redeployed with a policy of one attempt: the recorded error settles the effect.
+    let policy = RetryPolicy::exponential(1, Duration::from_secs(1));
+    let v2 = FirstAttemptFails { attempts: attempts.clone(), then: then.clone(), policy };
+    let outcome = activation::activate(&n.group, &Registry::new().register(v2)?, &flow).await?;
+    ensure!(matches!(&outcome, Outcome::Failed(e) if e.kind == "transient"), "{outcome:?}");
+    ensure!((attempts.count(), then.count()) == (1, 0), "no second attempt");
+    let record = n.group.read(|kv| shard::get_effect(kv, &flow, "ship")).await??;
+    ensure!(matches!(record.map(|r| r.state), Some(EffectState::Failed(e)) if e.kind == "transient"));
+    n.node.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_during_an_in_memory_backoff_of_an_at_most_once_effect_retries_on_replay() -> Result<()> {
     let n = single_node().await?;
@@ -143,23 +191,7 @@ async fn a_crash_during_an_in_memory_backoff_of_an_at_most_once_effect_retries_o
     let registry = Registry::new().register(flaky)?;
     let flow = FlowId::new("first-attempt-fails", "f-1");
     start(&n.group, &flow, "null").await?;
-    let task = tokio::spawn({
-        let (group, registry, flow) = (n.group.clone(), registry.clone(), flow.clone());
-        async move { activation::activate(&group, &registry, &flow).await }
-    });
-    // The crash comes once the failed attempt is recorded, while the activation sleeps its backoff.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let retry_at_ms = loop {
-        let record = n.group.read(|kv| shard::get_effect(kv, &flow, "ship")).await??;
-        if let Some(EffectState::AttemptFailed { attempt, error, retry_at_ms }) = record.map(|r| r.state) {
-            ensure!(attempt == 1 && error.kind == "transient", "attempt {attempt}: {error:?}");
-            break retry_at_ms;
-        }
-        ensure!(tokio::time::Instant::now() < deadline, "the failed attempt was never recorded");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    task.abort();
-    let _ = task.await;
+    let retry_at_ms = crash_after_the_first_failed_attempt(&n, &registry, &flow).await?;
     ensure!((attempts.count(), then.count()) == (1, 0), "no second attempt before the crash");
     // The replay knows the first attempt's outcome: it waits what is left of the backoff and
     // makes the second attempt, instead of failing with effect_outcome_unknown.

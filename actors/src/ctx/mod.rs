@@ -436,6 +436,13 @@ where
             }
             work().await.map_err(Into::into)
         }
+        // The recorded attempt's error is the outcome if the code's policy (changed since) would
+        // not have retried it.
+        (Some(policy), Some(attempt))
+            if !policy.retries(&attempt.error) || attempt.failed >= policy.max_attempts =>
+        {
+            Err(attempt.error)
+        }
         (Some(policy), resumed) => {
             // The count of failed attempts lives in the effect's own record when attempts are
             // at-most-once (each one's error is committed before its backoff), else in a state.
@@ -448,12 +455,11 @@ where
             loop {
                 if failed > 0 {
                     let wait = policy.backoff(failed);
-                    let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
                     if wait > policy.suspend_after {
                         // A long wait is a durable timer: it suspends the flow, and a replay (for
                         // whatever reason it runs) waits for the same timer before the next
                         // attempt.
-                        let until = retry_at_ms.unwrap_or_else(|| now_ms().saturating_add(wait_ms));
+                        let until = retry_at_ms.unwrap_or_else(|| now_ms().saturating_add(millis(wait)));
                         let until = UNIX_EPOCH + Duration::from_millis(until);
                         ctx.sleep_until(format!("{id}#backoff-{failed}"), until).await?;
                     } else if let Some(at) = retry_at_ms {
@@ -469,7 +475,7 @@ where
                     Err(e) if policy.retries(&e) && failed + 1 < policy.max_attempts => {
                         failed += 1;
                         let wait = policy.backoff(failed);
-                        let at = now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+                        let at = now_ms().saturating_add(millis(wait));
                         tracing::debug!(flow = %flow, effect = id, attempt = failed, ?wait, error = %e, "retrying");
                         if at_most_once {
                             // The attempt's outcome is known: recording it before the backoff
@@ -523,6 +529,11 @@ where
     }
     ctx.remember(&id, Some(EffectRecord { kind: EffectKind::Effect, type_name, state }));
     result
+}
+
+/// `d` in whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// An attempt of an effect that failed with an error its retry policy retries.
