@@ -4,14 +4,15 @@
 
 mod common;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, ensure, Result};
 use common::{crash_during, single_node, start, status, Service, WAIT};
 use fetter_actors::activation::{self, Outcome};
-use fetter_actors::{kind, Ctx, Flow, FlowError, Registry};
+use fetter_actors::{kind, Ctx, Flow, FlowError, Registry, RetryPolicy};
 use fetter_raft::ids::{Epoch, FlowId};
 use fetter_raft::shard::{self, AdminOp, EffectState, FlowStatus, ShardCommand};
+use fetter_raft::sync::now_ms;
 
 /// reserve (at-least-once) → ship (at-most-once) → capture.
 struct Order {
@@ -104,6 +105,123 @@ async fn crash_during_an_at_most_once_effect_fails_the_flow_with_outcome_unknown
     let record = status(&n.group, &flow).await?;
     ensure!(record.status == FlowStatus::Failed);
     ensure!(record.error.map(|e| e.kind) == Some(kind::EFFECT_OUTCOME_UNKNOWN.to_string()));
+    n.node.shutdown().await;
+    Ok(())
+}
+
+/// An at-most-once effect with a retry policy: its first attempt fails with kind "transient", the
+/// later ones call `then`.
+struct FirstAttemptFails {
+    attempts: Service,
+    then: Service,
+    policy: RetryPolicy,
+}
+
+impl Flow for FirstAttemptFails {
+    const TYPE: &'static str = "first-attempt-fails";
+    type Input = ();
+    type Output = u32;
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<u32, FlowError> {
+        let attempt = || async {
+            if self.attempts.call().await? == 1 {
+                return Err(FlowError::new("transient", "the first attempt fails"));
+            }
+            self.then.call().await
+        };
+        ctx.effect("ship", attempt).at_most_once().retry(self.policy.clone()).await
+    }
+}
+
+/// Runs an activation of `flow` (a [`FirstAttemptFails`]) in a task and kills it once its failed
+/// first attempt is recorded, while it sleeps its in-memory backoff; returns the recorded time of
+/// the next attempt.
+async fn crash_after_the_first_failed_attempt(
+    n: &common::Node,
+    registry: &Registry,
+    flow: &FlowId,
+) -> Result<u64> {
+    let task = tokio::spawn({
+        let (group, registry, flow) = (n.group.clone(), registry.clone(), flow.clone());
+        async move { activation::activate(&group, &registry, &flow).await }
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let retry_at_ms = loop {
+        let record = n.group.read(|kv| shard::get_effect(kv, flow, "ship")).await??;
+        if let Some(EffectState::AttemptFailed { attempt, error, retry_at_ms }) = record.map(|r| r.state) {
+            ensure!(attempt == 1 && error.kind == "transient", "attempt {attempt}: {error:?}");
+            break retry_at_ms;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "the failed attempt was never recorded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    task.abort();
+    let _ = task.await;
+    Ok(retry_at_ms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_that_the_redeployed_policy_does_not_retry_is_the_outcome() -> Result<()> {
+    let n = single_node().await?;
+    let policy = RetryPolicy::exponential(3, Duration::from_secs(1));
+    let v1 = FirstAttemptFails { attempts: Service::default(), then: Service::default(), policy };
+    let (attempts, then) = (v1.attempts.clone(), v1.then.clone());
+    let flow = FlowId::new("first-attempt-fails", "f-3");
+    start(&n.group, &flow, "null").await?;
+    crash_after_the_first_failed_attempt(&n, &Registry::new().register(v1)?, &flow).await?;
+    // Redeployed with a policy of one attempt: the recorded error settles the effect.
+    let policy = RetryPolicy::exponential(1, Duration::from_secs(1));
+    let v2 = FirstAttemptFails { attempts: attempts.clone(), then: then.clone(), policy };
+    let outcome = activation::activate(&n.group, &Registry::new().register(v2)?, &flow).await?;
+    ensure!(matches!(&outcome, Outcome::Failed(e) if e.kind == "transient"), "{outcome:?}");
+    ensure!((attempts.count(), then.count()) == (1, 0), "no second attempt");
+    let record = n.group.read(|kv| shard::get_effect(kv, &flow, "ship")).await??;
+    ensure!(matches!(record.map(|r| r.state), Some(EffectState::Failed(e)) if e.kind == "transient"));
+    n.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_an_in_memory_backoff_of_an_at_most_once_effect_retries_on_replay() -> Result<()> {
+    let n = single_node().await?;
+    // 1 s is below the default suspend threshold (5 s): the backoff is slept in memory.
+    let policy = RetryPolicy::exponential(3, Duration::from_secs(1));
+    let flaky = FirstAttemptFails { attempts: Service::default(), then: Service::default(), policy };
+    let (attempts, then) = (flaky.attempts.clone(), flaky.then.clone());
+    let registry = Registry::new().register(flaky)?;
+    let flow = FlowId::new("first-attempt-fails", "f-1");
+    start(&n.group, &flow, "null").await?;
+    let retry_at_ms = crash_after_the_first_failed_attempt(&n, &registry, &flow).await?;
+    ensure!((attempts.count(), then.count()) == (1, 0), "no second attempt before the crash");
+    // The replay knows the first attempt's outcome: it waits what is left of the backoff and
+    // makes the second attempt, instead of failing with effect_outcome_unknown.
+    let outcome = activation::activate(&n.group, &registry, &flow).await?;
+    ensure!(outcome == Outcome::Succeeded, "{outcome:?}");
+    ensure!(now_ms() >= retry_at_ms, "the second attempt came at or after the recorded retry time");
+    ensure!((attempts.count(), then.count()) == (2, 1), "one attempt each");
+    let record = n.group.read(|kv| shard::get_effect(kv, &flow, "ship")).await??;
+    ensure!(record.map(|r| r.state) == Some(EffectState::Completed(b"1".to_vec())));
+    n.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_a_retried_at_most_once_attempt_fails_the_flow_with_outcome_unknown() -> Result<()> {
+    let n = single_node().await?;
+    let (then, mut then_started) = Service::holding();
+    let policy = RetryPolicy::exponential(3, Duration::from_millis(10));
+    let flaky = FirstAttemptFails { attempts: Service::default(), then: then.clone(), policy };
+    let attempts = flaky.attempts.clone();
+    let registry = Registry::new().register(flaky)?;
+    let flow = FlowId::new("first-attempt-fails", "f-2");
+    start(&n.group, &flow, "null").await?;
+    // The second attempt is in flight at the crash: its outcome is unknown.
+    crash_during(&n.group, &registry, &flow, &mut then_started).await?;
+    then.release(10);
+    let outcome = activation::activate(&n.group, &registry, &flow).await?;
+    let Outcome::Failed(error) = outcome else { return Err(anyhow!("expected a failure, got {outcome:?}")) };
+    ensure!(error.kind == kind::EFFECT_OUTCOME_UNKNOWN && error.message.contains("\"ship\""), "{error}");
+    ensure!((attempts.count(), then.count()) == (2, 1), "no third attempt");
     n.node.shutdown().await;
     Ok(())
 }

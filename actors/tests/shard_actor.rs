@@ -369,6 +369,77 @@ async fn a_long_backoff_suspends_the_flow_on_a_durable_timer_that_fires_after_a_
     Ok(())
 }
 
+/// Like [`Retrying`], but the effect is at-most-once: every attempt commits its `Started` marker
+/// before the work runs.
+struct RetryingOnce {
+    flaky: Flaky,
+    policy: RetryPolicy,
+}
+
+impl Flow for RetryingOnce {
+    const TYPE: &'static str = "retrying-once";
+    type Input = ();
+    type Output = u32;
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<u32, FlowError> {
+        ctx.effect("call", || self.flaky.call()).at_most_once().retry(self.policy.clone()).await
+    }
+}
+
+/// Waits (bounded) until `flow` has finished, and returns its record.
+async fn finished(group: &GroupHandle, flow: &FlowId) -> Result<shard::FlowRecord> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let record =
+            group.read_local(|kv| shard::get_flow(kv, flow))?.ok_or_else(|| anyhow!("flow {flow}"))?;
+        if record.status.is_finished() {
+            return Ok(record);
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{flow} not finished within {WAIT:?}: {:?}",
+            record.status
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_at_most_once_effect_retries_after_a_backoff_that_suspends_the_flow() -> Result<()> {
+    let n = single_node().await?;
+    let flaky = Flaky { calls: Arc::default(), failures: 1, kind: "transient" };
+    // 100 ms is above the suspend threshold: the backoff is a durable timer, and the attempt after
+    // it runs in a new activation that replays the effect's record.
+    let mut policy = RetryPolicy::exponential(3, Duration::from_millis(100));
+    policy.suspend_after = Duration::from_millis(50);
+    let registry = Registry::new().register(RetryingOnce { flaky: flaky.clone(), policy })?;
+    let (actor, _) = run_actor(&n.group, registry).await?;
+    let flow = FlowId::new("retrying-once", "o-1");
+    start(&n.group, &flow, "null").await?;
+    let record = finished(&n.group, &flow).await?;
+    ensure!(
+        record.status == FlowStatus::Succeeded,
+        "one failed attempt, then success: the flow ended {:?} with {:?}",
+        record.status,
+        record.error
+    );
+    let calls = flaky.calls.load(std::sync::atomic::Ordering::SeqCst);
+    ensure!(calls == 2, "the work ran once per attempt: {calls} calls");
+    let backoff = n.group.read_local(|kv| shard::get_effect(kv, &flow, "call#backoff-1"))?;
+    ensure!(
+        backoff.is_some_and(|b| b.kind == shard::EffectKind::Sleep),
+        "the backoff went through a durable timer"
+    );
+    let effect = n.group.read_local(|kv| shard::get_effect(kv, &flow, "call"))?;
+    ensure!(
+        effect.as_ref().is_some_and(|e| e.state == shard::EffectState::Completed(b"2".to_vec())),
+        "the second attempt's value is the effect's outcome: {effect:?}"
+    );
+    actor.stop(None);
+    n.node.shutdown().await;
+    Ok(())
+}
+
 /// Postpones itself once, then does one effect.
 struct Later {
     work: Service,

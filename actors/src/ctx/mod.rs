@@ -17,7 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{Epoch, FlowId};
-use fetter_raft::shard::{EffectKind, EffectRecord, EffectState, Event, ShardCommand, ShardOutcome};
+use fetter_raft::shard::{
+    EffectKind, EffectRecord, EffectState, ErrorInfo, Event, ShardCommand, ShardOutcome,
+};
 use fetter_raft::sync::{lock, now_ms};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -297,10 +299,13 @@ impl<T, F> Effect<'_, T, F> {
         self
     }
 
-    /// Retry failed attempts under `policy`. The number of failed attempts is recorded (state
-    /// `"<id>#attempts"`), so a replay continues the count; a backoff longer than
-    /// `policy.suspend_after` is a durable timer (`"<id>#backoff-<n>"`) that suspends the flow
-    /// instead of sleeping in memory. Only the last attempt's outcome is recorded as the effect.
+    /// Retry failed attempts under `policy`. The number of failed attempts is recorded, so a
+    /// replay continues the count: at-least-once in the state `"<id>#attempts"`; at-most-once in
+    /// the effect's record, which goes from `Started` to `AttemptFailed` (the error and when the
+    /// next attempt may start) before the backoff, and to `Started` again before the next
+    /// attempt's work — so only an attempt whose outcome was never recorded is unknown. A backoff
+    /// longer than `policy.suspend_after` is a durable timer (`"<id>#backoff-<n>"`) that suspends
+    /// the flow instead of sleeping in memory. The last attempt's outcome is the effect's.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = Some(policy);
         self
@@ -394,6 +399,8 @@ where
     let flow = ctx.inner.flow.clone();
     let epoch = ctx.inner.epoch;
     let type_name = std::any::type_name::<T>().to_string();
+    // A failed attempt recorded by an earlier activation: the retries continue from it.
+    let mut resumed: Option<FailedAttempt> = None;
     if let Some(record) = ctx.recorded(&id) {
         if let Err(d) = Ctx::check_kind(&record, EffectKind::Effect) {
             return ctx.drift(&id, d).await;
@@ -407,56 +414,78 @@ where
             }
             // Started by an at-most-once version of the code; this version allows a re-run.
             EffectState::Started => {}
-        }
-    } else if at_most_once {
-        ctx.commit(ShardCommand::EffectStarted {
-            flow: flow.clone(),
-            epoch,
-            effect_id: id.clone(),
-            kind: EffectKind::Effect,
-            type_name: type_name.clone(),
-        })
-        .await;
-        ctx.remember(
-            &id,
-            Some(EffectRecord {
-                kind: EffectKind::Effect,
-                type_name: type_name.clone(),
-                state: EffectState::Started,
-            }),
-        );
-        // The reply may reach a leader that was frozen since (SIGSTOP, a long pause) and has been
-        // replaced: a quorum must confirm it still leads before the work may start.
-        if let Err(e) = ctx.inner.group.confirm_leadership().await {
-            let reason = format!("leadership not confirmed before an at-most-once effect: {e}");
-            return ctx.halt(Halt::Fenced(reason)).await;
+            EffectState::AttemptFailed { attempt, error, retry_at_ms } => {
+                resumed = Some(FailedAttempt {
+                    failed: *attempt,
+                    error: FlowError::from_info(error.clone()),
+                    retry_at_ms: *retry_at_ms,
+                });
+            }
         }
     }
     if !at_most_once {
         // Results recorded so far become durable before the outside world sees this work.
         ctx.flush().await;
     }
-    let result: Result<T, FlowError> = match &retry {
-        None => work().await.map_err(Into::into),
-        Some(policy) => {
+    let result: Result<T, FlowError> = match (&retry, resumed) {
+        // The code no longer retries this effect: the recorded attempt's error is its outcome.
+        (None, Some(attempt)) => Err(attempt.error),
+        (None, None) => {
+            if at_most_once {
+                start_attempt(ctx, &id, &type_name).await;
+            }
+            work().await.map_err(Into::into)
+        }
+        // The recorded attempt's error is the outcome if the code's policy (changed since) would
+        // not have retried it.
+        (Some(policy), Some(attempt))
+            if !policy.retries(&attempt.error) || attempt.failed >= policy.max_attempts =>
+        {
+            Err(attempt.error)
+        }
+        (Some(policy), resumed) => {
+            // The count of failed attempts lives in the effect's own record when attempts are
+            // at-most-once (each one's error is committed before its backoff), else in a state.
             let attempts = ctx.state::<u32>(format!("{id}#attempts"));
-            let mut failed = attempts.get().await?.unwrap_or(0);
+            let (mut failed, mut retry_at_ms) = match resumed {
+                Some(attempt) => (attempt.failed, Some(attempt.retry_at_ms)),
+                None if at_most_once => (0, None),
+                None => (attempts.get().await?.unwrap_or(0), None),
+            };
             loop {
-                // A long wait is a durable timer: it suspends the flow, and a replay (for
-                // whatever reason it runs) waits for the same timer before the next attempt.
-                let wait = policy.backoff(failed);
-                if failed > 0 && wait > policy.suspend_after {
-                    ctx.sleep(format!("{id}#backoff-{failed}"), wait).await?;
+                if failed > 0 {
+                    let wait = policy.backoff(failed);
+                    if wait > policy.suspend_after {
+                        // A long wait is a durable timer: it suspends the flow, and a replay (for
+                        // whatever reason it runs) waits for the same timer before the next
+                        // attempt.
+                        let until = retry_at_ms.unwrap_or_else(|| now_ms().saturating_add(millis(wait)));
+                        let until = UNIX_EPOCH + Duration::from_millis(until);
+                        ctx.sleep_until(format!("{id}#backoff-{failed}"), until).await?;
+                    } else if let Some(at) = retry_at_ms {
+                        // A short wait is slept in memory; an activation that replays a failed
+                        // attempt waits only what is left of it.
+                        tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await;
+                    }
+                }
+                if at_most_once {
+                    start_attempt(ctx, &id, &type_name).await;
                 }
                 match work().await.map_err(Into::into) {
                     Err(e) if policy.retries(&e) && failed + 1 < policy.max_attempts => {
                         failed += 1;
-                        attempts.set(&failed).await?;
                         let wait = policy.backoff(failed);
+                        let at = now_ms().saturating_add(millis(wait));
                         tracing::debug!(flow = %flow, effect = id, attempt = failed, ?wait, error = %e, "retrying");
-                        if wait <= policy.suspend_after {
-                            tokio::time::sleep(wait).await;
+                        if at_most_once {
+                            // The attempt's outcome is known: recording it before the backoff
+                            // lets whichever activation runs next start the next attempt instead
+                            // of finding a bare `Started` (outcome unknown).
+                            attempt_failed(ctx, &id, &type_name, failed, &e, at).await;
+                        } else {
+                            attempts.set(&failed).await?;
                         }
+                        retry_at_ms = Some(at);
                     }
                     other => break other,
                 }
@@ -500,6 +529,73 @@ where
     }
     ctx.remember(&id, Some(EffectRecord { kind: EffectKind::Effect, type_name, state }));
     result
+}
+
+/// `d` in whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// An attempt of an effect that failed with an error its retry policy retries.
+struct FailedAttempt {
+    /// Failed attempts so far (1-based).
+    failed: u32,
+    /// The last attempt's error.
+    error: FlowError,
+    /// When the next attempt may start (ms since the Unix epoch).
+    retry_at_ms: u64,
+}
+
+/// Commits the `Started` marker of an at-most-once attempt (on an absent effect or after a failed
+/// attempt) and makes sure this node still leads before the work may run.
+async fn start_attempt(ctx: &Ctx, id: &str, type_name: &str) {
+    ctx.commit(ShardCommand::EffectStarted {
+        flow: ctx.inner.flow.clone(),
+        epoch: ctx.inner.epoch,
+        effect_id: id.to_string(),
+        kind: EffectKind::Effect,
+        type_name: type_name.to_string(),
+    })
+    .await;
+    let record = EffectRecord {
+        kind: EffectKind::Effect,
+        type_name: type_name.to_string(),
+        state: EffectState::Started,
+    };
+    ctx.remember(id, Some(record));
+    // The reply may reach a leader that was frozen since (SIGSTOP, a long pause) and has been
+    // replaced: a quorum must confirm it still leads before the work may start.
+    if let Err(e) = ctx.inner.group.confirm_leadership().await {
+        let reason = format!("leadership not confirmed before an at-most-once effect: {e}");
+        ctx.halt::<()>(Halt::Fenced(reason)).await;
+    }
+}
+
+/// Commits that the at-most-once attempt in flight failed with `error` (attempt `failed`) and
+/// that the next one may start at `retry_at_ms`.
+async fn attempt_failed(
+    ctx: &Ctx,
+    id: &str,
+    type_name: &str,
+    failed: u32,
+    error: &FlowError,
+    retry_at_ms: u64,
+) {
+    let error: ErrorInfo = error.clone().into();
+    ctx.commit(ShardCommand::EffectAttemptFailed {
+        flow: ctx.inner.flow.clone(),
+        epoch: ctx.inner.epoch,
+        effect_id: id.to_string(),
+        attempt: failed,
+        error: error.clone(),
+        retry_at_ms,
+    })
+    .await;
+    let state = EffectState::AttemptFailed { attempt: failed, error, retry_at_ms };
+    ctx.remember(
+        id,
+        Some(EffectRecord { kind: EffectKind::Effect, type_name: type_name.to_string(), state }),
+    );
 }
 
 /// A state value of a flow; see [`Ctx::state`].

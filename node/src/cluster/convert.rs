@@ -65,6 +65,15 @@ pub(crate) fn flow(view: &FlowView, leader: Option<NodeId>) -> proto::Flow {
                 EffectState::Failed(err) => {
                     ("failed", serde_json::json!({"kind": err.kind, "message": err.message}).to_string())
                 }
+                EffectState::AttemptFailed { attempt, error, retry_at_ms } => {
+                    let value = serde_json::json!({
+                        "kind": error.kind,
+                        "message": error.message,
+                        "attempt": attempt,
+                        "retry_at_ms": retry_at_ms,
+                    });
+                    ("retrying", value.to_string())
+                }
             };
             proto::Effect { id: id.clone(), kind: kind_name(e.kind).into(), state: state.into(), value_json }
         })

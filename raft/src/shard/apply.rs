@@ -118,6 +118,9 @@ impl Cx<'_> {
                     type_name,
                     EffectState::Failed(error.clone()),
                 ),
+            ShardCommand::EffectAttemptFailed { flow, epoch, effect_id, attempt, error, retry_at_ms } => {
+                self.effect_attempt_failed(flow, *epoch, effect_id, *attempt, error, *retry_at_ms)
+            }
             ShardCommand::StateSet { flow, epoch, state_id, type_name, value } => {
                 self.state_set(flow, *epoch, state_id, type_name, value)
             }
@@ -362,11 +365,49 @@ impl Cx<'_> {
         type_name: &str,
     ) -> Res<ShardOutcome> {
         self.activation(flow, epoch)?;
-        if self.effect(flow, effect_id)?.is_some() {
-            return Err(Rejection::EffectAlreadyStarted { effect_id: effect_id.into() }.into());
+        if let Some(stored) = self.effect(flow, effect_id)? {
+            // The at-most-once guard: only a known outcome of the previous attempt (a retried
+            // error) lets another attempt start. A `Started` effect may have run its work with an
+            // outcome nobody recorded, and a `Completed`/`Failed` one is settled.
+            if !matches!(stored.state, EffectState::AttemptFailed { .. }) {
+                return Err(Rejection::EffectAlreadyStarted { effect_id: effect_id.into() }.into());
+            }
+            Self::check_kind(&stored, effect_id, kind)?;
         }
         let record = EffectRecord { kind, type_name: type_name.into(), state: EffectState::Started };
         self.put_effect(flow, effect_id, &record)?;
+        Ok(ShardOutcome::Done)
+    }
+
+    /// `Started` → `AttemptFailed`: the attempt in flight returned an error that will be retried.
+    fn effect_attempt_failed(
+        &mut self,
+        flow: &FlowId,
+        epoch: Epoch,
+        effect_id: &str,
+        attempt: u32,
+        error: &ErrorInfo,
+        retry_at_ms: u64,
+    ) -> Res<ShardOutcome> {
+        self.activation(flow, epoch)?;
+        if attempt == 0 {
+            return Err(invalid("attempts are counted from 1"));
+        }
+        let mut stored = match self.effect(flow, effect_id)? {
+            Some(stored) => stored,
+            None => return Err(Rejection::EffectNotStarted { effect_id: effect_id.into() }.into()),
+        };
+        match stored.state {
+            EffectState::Started => {}
+            EffectState::Completed(_) | EffectState::Failed(_) => {
+                return Err(Rejection::EffectAlreadyRecorded { effect_id: effect_id.into() }.into())
+            }
+            EffectState::AttemptFailed { .. } => {
+                return Err(Rejection::EffectNotStarted { effect_id: effect_id.into() }.into())
+            }
+        }
+        stored.state = EffectState::AttemptFailed { attempt, error: error.clone(), retry_at_ms };
+        self.put_effect(flow, effect_id, &stored)?;
         Ok(ShardOutcome::Done)
     }
 
@@ -395,7 +436,9 @@ impl Cx<'_> {
         self.activation(flow, epoch)?;
         if let Some(stored) = self.effect(flow, effect_id)? {
             Self::check_kind(&stored, effect_id, kind)?;
-            if stored.state != EffectState::Started {
+            // An outcome settles a started attempt, or a failed one that will not be retried
+            // (the code's policy allows no more attempts).
+            if matches!(stored.state, EffectState::Completed(_) | EffectState::Failed(_)) {
                 return Err(Rejection::EffectAlreadyRecorded { effect_id: effect_id.into() }.into());
             }
         }
@@ -972,6 +1015,17 @@ mod tests {
         }
     }
 
+    fn eff_attempt_failed(flow: &FlowId, epoch: u64, id: &str, attempt: u32) -> ShardCommand {
+        ShardCommand::EffectAttemptFailed {
+            flow: flow.clone(),
+            epoch: e(epoch),
+            effect_id: id.into(),
+            attempt,
+            error: err("transient"),
+            retry_at_ms: T0 + 100,
+        }
+    }
+
     fn state_set(flow: &FlowId, epoch: u64, id: &str, value: &str) -> ShardCommand {
         ShardCommand::StateSet {
             flow: flow.clone(),
@@ -1216,6 +1270,7 @@ mod tests {
             fail(flow, epoch),
             send(flow, epoch, "m", &f("other")),
             start_child(flow, epoch, "c", &f("child")),
+            eff_attempt_failed(flow, epoch, "x", 1),
         ]
     }
 
@@ -1324,6 +1379,83 @@ mod tests {
 
         let ids: Vec<String> = list_effects(&s.kv, &a).unwrap().into_iter().map(|(id, _)| id).collect();
         assert_eq!(ids, ["id", "reserve", "ship", "u"]);
+    }
+
+    #[test]
+    fn a_failed_attempt_lets_the_next_one_start_and_a_started_one_stays_guarded() {
+        let mut s = Shard::new();
+        let a = f("a");
+        s.running(&a);
+        let attempt_failed = |n: u32| EffectRecord {
+            kind: EffectKind::Effect,
+            type_name: "T".into(),
+            state: EffectState::AttemptFailed { attempt: n, error: err("transient"), retry_at_ms: T0 + 100 },
+        };
+
+        // Only an attempt in flight can fail and be retried.
+        assert_eq!(
+            s.rej(eff_attempt_failed(&a, 1, "ship", 1)),
+            Rejection::EffectNotStarted { effect_id: "ship".into() }
+        );
+        s.ok(eff_started(&a, 1, "ship"));
+        assert!(matches!(s.rej(eff_attempt_failed(&a, 1, "ship", 0)), Rejection::Invalid(_)));
+        s.ok(eff_attempt_failed(&a, 1, "ship", 1));
+        assert_eq!(get_effect(&s.kv, &a, "ship").unwrap().unwrap(), attempt_failed(1));
+        assert_eq!(
+            s.rej(eff_attempt_failed(&a, 1, "ship", 2)),
+            Rejection::EffectNotStarted { effect_id: "ship".into() },
+            "a failed attempt is not failed again before the next one starts"
+        );
+
+        // The next attempt starts, in a later activation too (the backoff suspended the flow).
+        s.ok(activate(&a, 2));
+        s.ok(eff_started(&a, 2, "ship"));
+        assert_eq!(get_effect(&s.kv, &a, "ship").unwrap().unwrap().state, EffectState::Started);
+        // The guard holds for the attempt in flight: its outcome is unknown until recorded.
+        assert_eq!(
+            s.rej(eff_started(&a, 2, "ship")),
+            Rejection::EffectAlreadyStarted { effect_id: "ship".into() }
+        );
+        s.ok(eff_attempt_failed(&a, 2, "ship", 2));
+        s.ok(eff_started(&a, 2, "ship"));
+        s.ok(eff_completed(&a, 2, "ship", "\"track\""));
+        assert_eq!(
+            get_effect(&s.kv, &a, "ship").unwrap().unwrap().state,
+            EffectState::Completed(p("\"track\""))
+        );
+        assert_eq!(
+            s.rej(eff_attempt_failed(&a, 2, "ship", 3)),
+            Rejection::EffectAlreadyRecorded { effect_id: "ship".into() }
+        );
+        assert_eq!(
+            s.rej(eff_started(&a, 2, "ship")),
+            Rejection::EffectAlreadyStarted { effect_id: "ship".into() }
+        );
+
+        // A failed attempt that will not be retried becomes the effect's outcome.
+        s.ok(eff_started(&a, 2, "pay"));
+        s.ok(eff_attempt_failed(&a, 2, "pay", 1));
+        s.ok(eff_failed(&a, 2, "pay"));
+        assert_eq!(get_effect(&s.kv, &a, "pay").unwrap().unwrap().state, EffectState::Failed(err("boom")));
+
+        // The next attempt must be of the same kind.
+        s.ok(eff_started(&a, 2, "id"));
+        s.ok(eff_attempt_failed(&a, 2, "id", 1));
+        let other_kind = ShardCommand::EffectStarted {
+            flow: a.clone(),
+            epoch: e(2),
+            effect_id: "id".into(),
+            kind: EffectKind::Uuid,
+            type_name: "T".into(),
+        };
+        assert_eq!(
+            s.rej(other_kind),
+            Rejection::KindMismatch {
+                effect_id: "id".into(),
+                recorded: EffectKind::Effect,
+                requested: EffectKind::Uuid
+            }
+        );
     }
 
     #[test]
@@ -2214,6 +2346,8 @@ mod tests {
             (103, activate(&a, 1)),
             (104, activate(&b, 1)),
             (105, activate(&c, 1)),
+            (106, eff_started(&a, 1, "ship")),
+            (106, eff_attempt_failed(&a, 1, "ship", 1)),
             (106, eff_started(&a, 1, "ship")),
             (107, eff_completed(&a, 1, "ship", "1")),
             (108, state_set(&a, 1, "pos", "3")),

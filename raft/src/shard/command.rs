@@ -100,6 +100,17 @@ pub enum EffectState {
     Completed(Payload),
     /// The work returned an error.
     Failed(ErrorInfo),
+    /// An attempt of an effect with a retry policy returned an error that the policy retries:
+    /// its outcome is known, so the next attempt may start (a new `Started`) at or after
+    /// `retry_at_ms`. (Appended last: bincode encodes the variant's position.)
+    AttemptFailed {
+        /// How many attempts have failed (1-based): the failed one was attempt `attempt`.
+        attempt: u32,
+        /// The error that attempt returned.
+        error: ErrorInfo,
+        /// Wall-clock time (ms since the Unix epoch) the proposer chose for the next attempt.
+        retry_at_ms: u64,
+    },
 }
 
 /// One recorded effect of a flow.
@@ -211,7 +222,9 @@ pub enum ShardCommand {
         /// The new epoch (stored + 1).
         epoch: Epoch,
     },
-    /// At-most-once marker: rejected if the effect is already recorded in any state.
+    /// At-most-once marker committed before an attempt's work runs: accepted on an absent
+    /// effect or on one whose previous attempt failed (`AttemptFailed`); rejected on `Started`
+    /// (the outcome of the attempt in flight is unknown), `Completed` and `Failed`.
     EffectStarted {
         /// Which flow.
         flow: FlowId,
@@ -224,8 +237,8 @@ pub enum ShardCommand {
         /// Its declared type name.
         type_name: String,
     },
-    /// Record an effect's value. Allowed when absent or `Started`; rejected when already
-    /// `Completed`/`Failed`.
+    /// Record an effect's value. Allowed when absent, `Started` or `AttemptFailed`; rejected
+    /// when already `Completed`/`Failed`.
     EffectCompleted {
         /// Which flow.
         flow: FlowId,
@@ -422,6 +435,24 @@ pub enum ShardCommand {
         /// The cluster's shard count (`> shard_id`).
         shard_count: u32,
     },
+    /// An attempt of a `Started` effect returned an error its retry policy retries: the effect
+    /// becomes `AttemptFailed`, after which `EffectStarted` may start the next attempt. Rejected
+    /// unless the effect is `Started`. (Appended last: bincode encodes the variant's position,
+    /// and committed logs must keep decoding.)
+    EffectAttemptFailed {
+        /// Which flow.
+        flow: FlowId,
+        /// The activation's epoch.
+        epoch: Epoch,
+        /// The effect id.
+        effect_id: String,
+        /// How many attempts have failed, this one included (1-based).
+        attempt: u32,
+        /// The attempt's error.
+        error: ErrorInfo,
+        /// When the next attempt may start (ms since the Unix epoch, chosen by the proposer).
+        retry_at_ms: u64,
+    },
 }
 
 /// A control-panel mutation of one flow.
@@ -539,7 +570,7 @@ pub enum Rejection {
     /// An activation command for a flow that is not `Running`.
     #[error("flow is not running")]
     NotRunning,
-    /// `EffectStarted` on an effect that is already recorded (at-most-once guard).
+    /// `EffectStarted` on an effect that is started or has an outcome (the at-most-once guard).
     #[error("effect {effect_id} already started or recorded")]
     EffectAlreadyStarted {
         /// The effect.
@@ -594,6 +625,12 @@ pub enum Rejection {
     /// The command is not valid for this state (e.g. a child id equal to its parent).
     #[error("invalid command: {0}")]
     Invalid(String),
+    /// `EffectAttemptFailed` for an effect with no attempt in flight (not `Started`).
+    #[error("effect {effect_id} has no attempt in flight")]
+    EffectNotStarted {
+        /// The effect.
+        effect_id: String,
+    },
 }
 
 /// The reply to one shard command.
