@@ -435,7 +435,7 @@ async fn an_at_most_once_effect_retries_after_a_backoff_that_suspends_the_flow()
         effect.as_ref().is_some_and(|e| e.state == shard::EffectState::Completed(b"2".to_vec())),
         "the second attempt's value is the effect's outcome: {effect:?}"
     );
-    actor.stop(None);
+    actor.stop();
     n.node.shutdown().await;
     Ok(())
 }
