@@ -28,13 +28,25 @@ pub fn registry(
     node: u64,
     latency: Duration,
 ) -> Result<Registry, RegistryError> {
+    registry_with(ledger, node, latency, Duration::ZERO)
+}
+
+/// [`registry`] with logistics taking `ship_latency` to answer each shipment of `order` (a long
+/// at-most-once window, for tests of leadership moves).
+pub fn registry_with(
+    ledger: Option<ledger::Ledger>,
+    node: u64,
+    latency: Duration,
+    ship_latency: Duration,
+) -> Result<Registry, RegistryError> {
     use fakes::{Email, Logistics, Payments};
     let order = flows::order::OrderFlow::new(
         Payments::new(ledger.clone(), node),
         Logistics::new(ledger.clone(), node),
         Email::new(ledger.clone(), node),
         latency,
-    );
+    )
+    .with_ship_latency(ship_latency);
     let messaging = flows::order_messaging::OrderMessagingFlow::new(
         Payments::new(ledger.clone(), node),
         Logistics::new(ledger.clone(), node),

@@ -29,6 +29,9 @@ pub struct Timing {
     pub election_timeout_max_ms: u64,
     /// Bound on one proposal, from queueing to applied reply.
     pub propose_timeout_ms: u64,
+    /// How long a planned leadership hand-over waits for the at-most-once work in flight on the
+    /// group to finish and commit its outcome (new at-most-once work is refused meanwhile).
+    pub handover_drain_ms: u64,
 }
 
 impl Timing {
@@ -48,6 +51,7 @@ impl Timing {
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
             propose_timeout_ms: 5_000,
+            handover_drain_ms: 5_000,
         }
     }
 
@@ -58,6 +62,7 @@ impl Timing {
             election_timeout_min_ms: 1_000,
             election_timeout_max_ms: 2_000,
             propose_timeout_ms: 10_000,
+            handover_drain_ms: 5_000,
         }
     }
 }
@@ -272,6 +277,7 @@ impl RaftNode {
             actions,
             self.peers.clone(),
             Duration::from_millis(self.config.timing.propose_timeout_ms),
+            Duration::from_millis(self.config.timing.handover_drain_ms),
         );
         let mut handles = lock(&self.handles);
         let handle = handles.entry(group).or_insert(handle).clone();

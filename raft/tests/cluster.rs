@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Result};
 use std::collections::BTreeSet;
 
+use fetter_raft::handle;
 use fetter_raft::ids::{Epoch, GroupId, NodeId, ShardId};
 use fetter_raft::meta::{self, ClusterInfo, ClusterParams, Member, MetaCommand, MetaOutcome, ShardPlacement};
 use fetter_raft::shard::{self, EffectKind, Event, Rejection, ShardCommand, ShardOutcome};
@@ -16,7 +17,7 @@ use fetter_raft::transport::proto::raft_transport_client::RaftTransportClient;
 use fetter_raft::transport::proto::{raft_response, ErrorCode, RaftBatch, RaftRequest, RpcKind};
 use fetter_raft::transport::MAX_BATCH_REQUESTS;
 use fetter_raft::types::{Command, Reply};
-use harness::{eventually, expect_ok, flow_on, Cluster};
+use harness::{eventually, expect_ok, flow_on, Cluster, WAIT};
 
 fn g(shard: u32) -> GroupId {
     GroupId::of_shard(ShardId(shard))
@@ -30,6 +31,17 @@ fn message(i: u64) -> ShardCommand {
             payload: format!("{{\"i\":{i}}}").into_bytes(),
             idempotency_key: None,
         },
+    }
+}
+
+/// The `Started` marker of an at-most-once effect of the log flow (new work).
+fn effect_started(epoch: u64, effect_id: &str) -> ShardCommand {
+    ShardCommand::EffectStarted {
+        flow: flow_on(0, 1, "log"),
+        epoch: Epoch(epoch),
+        effect_id: effect_id.into(),
+        kind: EffectKind::Effect,
+        type_name: "u32".into(),
     }
 }
 
@@ -507,6 +519,43 @@ async fn leadership_moves_to_a_chosen_voter_within_a_round_trip() -> Result<()> 
         // The new leader commits at once; the old one forwards to it.
         expect_ok(c.handle(from, g(0))?.submit_shard(message(i as u64)).await?)?;
     }
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_waits_for_at_most_once_work_in_flight_and_refuses_new_work() -> Result<()> {
+    let c = Cluster::start(3, 1, 10_000).await?;
+    start_log_flow(&c).await?;
+    let old = c.leader(g(0)).await?;
+    let h = c.handle(old, g(0))?;
+    let lease = wait_out_own_lease(&h).await?;
+    let target = c.running().into_iter().find(|id| *id != old).ok_or_else(|| anyhow!("a follower"))?;
+    // At-most-once work is in flight here (its `Started` committed, its outcome not yet).
+    let in_flight = h.at_most_once_in_flight();
+    let transfer = tokio::spawn({
+        let h = h.clone();
+        async move { h.transfer_leadership(NodeId(target), lease, Duration::from_secs(10)).await }
+    });
+    // The hand-over has begun: new at-most-once work is refused ...
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let started = h.propose_shard(effect_started(1, "late")).await;
+        if matches!(started, Err(handle::Error::NotLeader { .. })) {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "new at-most-once work still taken: {started:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ... while the work in flight may still commit its outcome, however long it takes (within
+    // the drain), and leadership stays here meanwhile.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    ensure!(!transfer.is_finished(), "the hand-over did not wait for the work in flight");
+    expect_ok(h.propose_shard(message(7)).await?)?;
+    ensure!(c.leader(g(0)).await? == old, "leadership moved while at-most-once work was in flight");
+    drop(in_flight);
+    tokio::time::timeout(WAIT, transfer).await???;
+    ensure!(c.leader(g(0)).await? == target, "node {target} leads once the work in flight is done");
     c.shutdown().await;
     Ok(())
 }

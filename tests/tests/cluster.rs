@@ -197,6 +197,39 @@ async fn sigterm_hands_leadership_over_without_an_election_stall() -> Result<()>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_never_leaves_a_slow_shipment_unknown() -> Result<()> {
+    // Logistics takes 500 ms to answer: every planned leadership move (the SIGTERM hand-over,
+    // the leaders moving back to the restarted node) meets shipments in flight.
+    let mut c =
+        TestCluster::start(EXE, 3, &["--service-latency-ms", "5", "--ship-latency-ms", "500"]).await?;
+    let client = c.client()?;
+    leaders_even(&c, Duration::from_secs(30)).await?;
+    let starter = start_orders_paced(client.clone(), ORDERS, Duration::from_millis(100));
+    wait_mid_run(&client, 20).await?;
+    for node in 1..=3u64 {
+        let (exited, code) =
+            c.local.terminate(node, Duration::from_secs(30)).await.map_err(|e| anyhow!(e))?;
+        ensure!(
+            exited && code == Some(0),
+            "node {node} stopped cleanly on SIGTERM: {exited} {code:?}\n{}",
+            c.logs()
+        );
+        c.local.start(node).await.map_err(|e| anyhow!(e))?;
+        c.wait_ready().await?;
+        let per = leaders_even(&c, Duration::from_secs(30)).await?;
+        println!("node {node} restarted; leaders {per:?}; {} orders finished", finished(&client).await?);
+    }
+    starter.await??;
+    let (ok, failed) = finish_and_check(&c, &client).await?;
+    ensure!(
+        failed == 0,
+        "{failed} orders ended effect_outcome_unknown in a rolling restart ({ok} succeeded)"
+    );
+    c.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_frozen_past_the_election_timeout_commits_and_ships_nothing_when_it_wakes() -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
     let c = TestCluster::start(EXE, 3, &["--service-latency-ms", "50"]).await?;

@@ -427,6 +427,10 @@ where
         // Results recorded so far become durable before the outside world sees this work.
         ctx.flush().await;
     }
+    // A planned leadership hand-over of the shard waits (bounded) until this at-most-once work
+    // has committed its outcome, so a move never leaves it unknown; the guard lives until the
+    // outcome is committed below, or until the activation is dropped.
+    let _in_flight = at_most_once.then(|| ctx.inner.group.at_most_once_in_flight());
     let result: Result<T, FlowError> = match (&retry, resumed) {
         // The code no longer retries this effect: the recorded attempt's error is its outcome.
         (None, Some(attempt)) => Err(attempt.error),

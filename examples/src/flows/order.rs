@@ -30,15 +30,23 @@ pub struct OrderFlow {
     payments: Payments,
     logistics: Logistics,
     email: Email,
-    /// Simulated latency of the payment and email calls (0 for instant fakes); logistics
-    /// answers at once, so the at-most-once window of `ship` stays short.
+    /// Simulated latency of the payment and email calls (0 for instant fakes).
     latency: Duration,
+    /// Simulated latency of logistics' answer to `ship` (0 by default: the at-most-once window
+    /// of `ship` stays short). The call is received (and recorded) first, then answered.
+    ship_latency: Duration,
 }
 
 impl OrderFlow {
     /// An order flow over these services.
     pub fn new(payments: Payments, logistics: Logistics, email: Email, latency: Duration) -> Self {
-        OrderFlow { payments, logistics, email, latency }
+        OrderFlow { payments, logistics, email, latency, ship_latency: Duration::ZERO }
+    }
+
+    /// The same flow with logistics taking `ship_latency` to answer a shipment.
+    pub fn with_ship_latency(mut self, ship_latency: Duration) -> Self {
+        self.ship_latency = ship_latency;
+        self
     }
 
     async fn pause(&self) {
@@ -64,7 +72,11 @@ impl Flow for OrderFlow {
         // An error here means logistics answered "no"; an interrupted call never returns here.
         let shipped = ctx
             .effect("ship", || async {
-                self.logistics.ship(&flow, &order.order_id, &order.customer_id, &order.products)
+                let answer = self.logistics.ship(&flow, &order.order_id, &order.customer_id, &order.products);
+                if !self.ship_latency.is_zero() {
+                    tokio::time::sleep(self.ship_latency).await;
+                }
+                answer
             })
             .at_most_once()
             .await;

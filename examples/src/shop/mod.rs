@@ -33,6 +33,10 @@ struct ShopNode {
     /// Simulated latency of the payment and email calls of `order`, in milliseconds.
     #[arg(long, default_value_t = 0)]
     service_latency_ms: u64,
+    /// Simulated latency of logistics' answer to a shipment of `order` (the call is received at
+    /// once, answered this much later), in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    ship_latency_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,7 +119,8 @@ pub fn main() -> ExitCode {
     let app = App::with_options("shop", |opts: &ShopNode, node| {
         let ledger = open_ledger(opts.ledger.as_ref()).map_err(|e| format!("{e:#}"))?;
         let latency = Duration::from_millis(opts.service_latency_ms);
-        Ok(crate::registry(ledger, node.0, latency)?)
+        let ship_latency = Duration::from_millis(opts.ship_latency_ms);
+        Ok(crate::registry_with(ledger, node.0, latency, ship_latency)?)
     });
     app.run_with(|command: ShopCommand| async move {
         fetter::app::init_tracing("warn,openraft=error");

@@ -118,6 +118,16 @@ struct Proposal {
     reply: oneshot::Sender<Result<Vec<Reply>, Error>>,
 }
 
+/// At-most-once work in flight ([`GroupHandle::at_most_once_in_flight`]); dropping it ends it.
+#[must_use = "the work counts as in flight only while the guard lives"]
+pub struct InFlight(watch::Sender<usize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 /// The handle of one group. Cheap to clone.
 #[derive(Clone)]
 pub struct GroupHandle {
@@ -133,6 +143,11 @@ struct Inner {
     actions: broadcast::Sender<Arc<Vec<Action>>>,
     peers: Peers,
     propose_timeout: Duration,
+    /// Bound on a hand-over's wait for the at-most-once work in flight.
+    handover_drain: Duration,
+    /// At-most-once work in flight on this node (from its `Started` proposal until its outcome
+    /// is committed or the activation ends): a hand-over waits for it to reach 0.
+    at_most_once: watch::Sender<usize>,
     /// While handing leadership over: the target's node id (0: not handing over).
     handing_over: std::sync::atomic::AtomicU64,
     /// While handing over: every proposal is refused (before: only new work is).
@@ -148,6 +163,7 @@ impl GroupHandle {
         actions: broadcast::Sender<Arc<Vec<Action>>>,
         peers: Peers,
         propose_timeout: Duration,
+        handover_drain: Duration,
     ) -> GroupHandle {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         tokio::spawn(batcher(group, raft.clone(), rx, propose_timeout));
@@ -162,6 +178,8 @@ impl GroupHandle {
                 actions,
                 peers,
                 propose_timeout,
+                handover_drain,
+                at_most_once: watch::Sender::new(0),
                 handing_over: std::sync::atomic::AtomicU64::new(0),
                 handover_closed: std::sync::atomic::AtomicBool::new(false),
             }),
@@ -316,6 +334,15 @@ impl GroupHandle {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Marks at-most-once work in flight on this node until the returned guard is dropped. Take
+    /// it before proposing the work's `Started` and drop it once its outcome is committed (or the
+    /// activation ends): a planned hand-over of the group waits for every such guard, bounded by
+    /// the hand-over drain, so that a leadership move never leaves an outcome unknown.
+    pub fn at_most_once_in_flight(&self) -> InFlight {
+        self.inner.at_most_once.send_modify(|n| *n += 1);
+        InFlight(self.inner.at_most_once.clone())
     }
 
     /// A read of this replica's applied state, possibly stale.

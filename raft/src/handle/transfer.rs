@@ -15,8 +15,9 @@ use super::{Error, GroupHandle};
 use crate::ids::NodeId;
 use crate::transport::proto::RpcKind;
 
-/// How long steps already in flight may still commit on the old leader once no new work starts.
-const DRAIN: Duration = Duration::from_millis(150);
+/// How long steps already proposed (at-least-once results, the end of a flow) get to commit on
+/// the old leader once no new work starts, also when no at-most-once work is in flight.
+const MIN_DRAIN: Duration = Duration::from_millis(150);
 /// How long the target may take to catch up with the leader's log before the handover is
 /// given up (proposals are refused meanwhile).
 const CATCH_UP: Duration = Duration::from_millis(500);
@@ -35,8 +36,10 @@ impl Drop for Reopen<'_> {
 
 impl GroupHandle {
     /// Hands leadership of this group from this node (its leader) to the voter `to`, within
-    /// `timeout`. `lease` is the election timeout maximum (the followers' leader lease).
-    /// Proposals made here meanwhile are answered "not leader, ask `to`".
+    /// `timeout` plus the hand-over drain. `lease` is the election timeout maximum (the
+    /// followers' leader lease). New activations and at-most-once work are refused from the
+    /// start; the at-most-once work in flight may finish and commit (bounded by the drain); then
+    /// every proposal made here is answered "not leader, ask `to`".
     pub async fn transfer_leadership(
         &self,
         to: NodeId,
@@ -70,8 +73,22 @@ impl GroupHandle {
         // Proposals are taken again when this ends in any way — also when the caller drops this
         // future (a remote caller that gave up cancels the RPC handler running it).
         let _reopen = Reopen(self);
-        // Steps in flight (an at-most-once effect that started) get a moment to commit here.
-        tokio::time::sleep(DRAIN.min(deadline.saturating_duration_since(Instant::now()))).await;
+        // No new activation or at-most-once work starts from here on; the at-most-once work in
+        // flight finishes and commits its outcome here first (bounded by the drain), or its
+        // outcome would be unknown to the next leader. The drain does not count against
+        // `timeout`: the hand-over itself still gets all of it.
+        let drain_started = Instant::now();
+        tokio::time::sleep(MIN_DRAIN.min(deadline.saturating_duration_since(Instant::now()))).await;
+        let mut in_flight = self.inner.at_most_once.subscribe();
+        if tokio::time::timeout(self.inner.handover_drain, in_flight.wait_for(|n| *n == 0)).await.is_err() {
+            tracing::warn!(
+                group = %group,
+                in_flight = *in_flight.borrow(),
+                drain = ?self.inner.handover_drain,
+                "at-most-once work still in flight after the hand-over drain; moving anyway"
+            );
+        }
+        let deadline = deadline + drain_started.elapsed();
         self.inner.handover_closed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.hand_over(me, to, &addr, deadline).await
     }
@@ -140,7 +157,9 @@ impl GroupHandle {
             .ok_or_else(|| Error::Unavailable { group, reason: format!("no address for node {leader}") })?;
         let payload = crate::codec::encode(&to)
             .map_err(|e| Error::Internal { group, reason: format!("cannot encode node id: {e}") })?;
-        let bytes = self.call(&addr, RpcKind::TransferLeader, payload, Instant::now() + timeout).await?;
+        // The leader may first wait for at-most-once work in flight (the hand-over drain).
+        let call_deadline = Instant::now() + timeout + self.inner.handover_drain;
+        let bytes = self.call(&addr, RpcKind::TransferLeader, payload, call_deadline).await?;
         let moved: Result<(), Error> = crate::codec::decode(&bytes)
             .map_err(|e| Error::Internal { group, reason: format!("undecodable transfer reply: {e}") })?;
         moved
