@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
+use fetter::local::Signal;
 use fetter::prelude::FlowId;
 use fetter_tests::{check_orders, order_input, wait_all_finished, TestCluster, WAIT};
 use rand::{Rng, SeedableRng};
@@ -561,6 +562,43 @@ async fn listed_orders(client: &fetter::Client) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// Each panic in a node's log: its first line (`panicked at file:line`) and the next (the
+/// message).
+fn panics(c: &TestCluster) -> Vec<(u64, String)> {
+    c.local
+        .ids()
+        .into_iter()
+        .filter_map(|id| {
+            let text = std::fs::read_to_string(c.local.log_file(id)).ok()?;
+            let lines: Vec<&str> = text.lines().collect();
+            let at = lines.iter().position(|l| l.contains("panicked at"))?;
+            Some((id, lines[at..lines.len().min(at + 2)].join(" / ")))
+        })
+        .collect()
+}
+
+/// How long node `id`'s log is now (its processes append to one file).
+fn log_len(c: &TestCluster, id: u64) -> usize {
+    std::fs::read_to_string(c.local.log_file(id)).map_or(0, |l| l.len())
+}
+
+/// Waits until node `id`'s log contains `text` after its first `from` bytes.
+async fn wait_for_log(c: &TestCluster, id: u64, text: &str, from: usize) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let log = std::fs::read_to_string(c.local.log_file(id)).unwrap_or_default();
+        if log.get(from..).is_some_and(|l| l.contains(text)) {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "node {id}'s log has no {text:?} within {WAIT:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_started_on_another_clusters_directory_is_refused_and_the_cluster_keeps_serving() -> Result<()>
 {
@@ -586,20 +624,11 @@ async fn a_node_started_on_another_clusters_directory_is_refused_and_the_cluster
     let mut args = a.local.node_command(3);
     let dir_at = args.iter().position(|a| a == "--data-dir").ok_or_else(|| anyhow!("--data-dir"))? + 1;
     args[dir_at] = b_node_3.display().to_string();
-    a.local.spawn(3, args).map_err(|e| anyhow!(e))?;
+    a.local.spawn(3, args.clone()).map_err(|e| anyhow!(e))?;
     let exit = a.local.wait_exit(3, Duration::from_secs(60)).await;
     let log = std::fs::read_to_string(a.local.log_file(3))?;
     let alive = [1, 2].map(|id| a.local.is_running(id));
-    // Each panic's first line (`panicked at file:line`) and the line after it (the message).
-    let panicked: Vec<(u64, String)> = [1, 2]
-        .into_iter()
-        .filter_map(|id| {
-            let text = std::fs::read_to_string(a.local.log_file(id)).ok()?;
-            let lines: Vec<&str> = text.lines().collect();
-            let at = lines.iter().position(|l| l.contains("panicked at"))?;
-            Some((id, lines[at..lines.len().min(at + 2)].join(" / ")))
-        })
-        .collect();
+    let panicked = panics(&a);
     ensure!(
         panicked.is_empty() && alive == [true, true],
         "A's nodes must not panic: panicked {panicked:?}, running {alive:?}; node 3 exit {exit:?}\n{}",
@@ -611,12 +640,45 @@ async fn a_node_started_on_another_clusters_directory_is_refused_and_the_cluster
          {exit:?}\n{log}"
     );
 
+    println!("{}", log.lines().find(|l| l.starts_with("error:")).unwrap_or_default());
+
     // A keeps serving: its flows, none of B's, and a new one runs to completion.
     let mut expected = a_flows.clone();
     expected.extend(orders_succeed(&client, "a-after", 1).await?);
     expected.sort();
     let listed = listed_orders(&client).await?;
     ensure!(listed == expected, "A lists {listed:?}, expected {expected:?} (B had {b_flows:?})");
+    // Nothing that a node of another cluster sends reaches Raft. B's node 3 starts while A's
+    // members do not answer (frozen), so that its start-up check learns nothing; once they
+    // answer again, they refuse its calls, and it refuses theirs.
+    let logs = [1, 2, 3].map(|id| log_len(&a, id));
+    for id in [1, 2] {
+        a.local.signal(id, Signal::Stop).map_err(|e| anyhow!(e))?;
+    }
+    a.local.spawn(3, args).map_err(|e| anyhow!(e))?;
+    let started = wait_for_log(&a, 3, "serving on", logs[2]).await;
+    for id in [1, 2] {
+        a.local.signal(id, Signal::Cont).map_err(|e| anyhow!(e))?;
+    }
+    started?;
+    for id in [1, 2] {
+        wait_for_log(&a, id, "refused RPC from a foreign cluster", logs[id as usize - 1]).await?;
+    }
+    wait_for_log(&a, 3, "refused RPC from a foreign cluster", logs[2]).await?;
+    println!("node 3 on B's directory ran beside A; each refused the other's Raft calls");
+    expected.extend(orders_succeed(&client, "a-beside-b", 1).await?);
+    expected.sort();
+    let listed = listed_orders(&client).await?;
+    ensure!(listed == expected, "A lists {listed:?}, expected {expected:?} (B had {b_flows:?})");
+    let panicked = panics(&a);
+    let alive = [1, 2, 3].map(|id| a.local.is_running(id));
+    ensure!(
+        panicked.is_empty() && alive == [true, true, true],
+        "no node may panic: panicked {panicked:?}, running {alive:?}\n{}",
+        a.logs()
+    );
+    a.local.kill(3).await.map_err(|e| anyhow!(e))?;
+
     // Node 3 with its own directory rejoins as before.
     a.local.start(3).await.map_err(|e| anyhow!(e))?;
     a.wait_ready().await?;
