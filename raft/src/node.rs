@@ -76,8 +76,9 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// The sled directory.
     pub data_dir: PathBuf,
-    /// The cluster this node belongs to.
-    pub cluster_id: ClusterId,
+    /// The cluster this node belongs to; `None` for a new node of a cluster being created, which
+    /// learns it later ([`RaftNode::learn_cluster_id`]).
+    pub cluster_id: Option<ClusterId>,
     /// Raft timing.
     pub timing: Timing,
     /// Build a snapshot after this many entries since the last one.
@@ -95,7 +96,7 @@ impl NodeConfig {
             node_id,
             listen,
             data_dir,
-            cluster_id,
+            cluster_id: Some(cluster_id),
             timing: Timing::production(),
             snapshot_after_entries: 10_000,
             entries_kept_after_snapshot: 1_000,
@@ -110,15 +111,35 @@ pub enum Error {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] storage::Error),
-    /// The data directory belongs to another node or cluster.
-    #[error("data directory {dir} belongs to {stored}, but this node was started as {given}")]
-    IdentityMismatch {
+    /// The data directory's identity record cannot be read.
+    #[error("data directory {dir} holds an unreadable node identity ({reason})")]
+    UnreadableIdentity {
         /// The directory.
         dir: String,
-        /// What the directory says.
-        stored: String,
-        /// What the command line says.
-        given: String,
+        /// Why.
+        reason: String,
+    },
+    /// The data directory belongs to another node.
+    #[error("data directory {dir} is node {stored}'s, but this node was started as --id {given}")]
+    WrongNode {
+        /// The directory.
+        dir: String,
+        /// The node id it holds.
+        stored: u64,
+        /// The node id this node was started as.
+        given: u64,
+    },
+    /// The data directory belongs to another cluster.
+    #[error("data directory {dir} belongs to cluster {stored} node {node}, not to cluster {given}")]
+    WrongCluster {
+        /// The directory.
+        dir: String,
+        /// The node id.
+        node: u64,
+        /// The cluster id it holds.
+        stored: ClusterId,
+        /// The cluster id it was given.
+        given: ClusterId,
     },
     /// The node's identity record could not be encoded.
     #[error("cannot encode the node identity: {0}")]
@@ -160,6 +181,8 @@ pub struct RaftNode {
     raft_config: Arc<openraft::Config>,
     server_stop: Mutex<Option<oneshot::Sender<()>>>,
     server: Mutex<Option<JoinHandle<()>>>,
+    /// Serializes learning the cluster id (its row is written before it is used).
+    learning: tokio::sync::Mutex<()>,
 }
 
 impl RaftNode {
@@ -177,7 +200,7 @@ impl RaftNode {
         let store = Store::open_with_cache(&config.data_dir, config.cache_bytes)?;
         let identity = load_identity(&store, &config).await?;
         let raft_config = openraft::Config {
-            cluster_name: config.cluster_id.0.clone(),
+            cluster_name: identity.cluster_id().map_or_else(|| "fetter".to_string(), |c| c.0.clone()),
             heartbeat_interval: config.timing.heartbeat_ms,
             election_timeout_min: config.timing.election_timeout_min_ms,
             election_timeout_max: config.timing.election_timeout_max_ms,
@@ -227,6 +250,7 @@ impl RaftNode {
             raft_config: Arc::new(raft_config),
             server_stop: Mutex::new(Some(stop_tx)),
             server: Mutex::new(Some(server)),
+            learning: tokio::sync::Mutex::new(()),
             config,
         }))
     }
@@ -244,6 +268,45 @@ impl RaftNode {
     /// Who this node is on the wire.
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// The cluster this node belongs to (`None` until it learns it).
+    pub fn cluster_id(&self) -> Option<ClusterId> {
+        self.identity.cluster_id().cloned()
+    }
+
+    /// Records that this node belongs to `cluster_id`, durably before any request carries it or
+    /// is accepted with it. Learning the id already known does nothing; another one is refused.
+    pub async fn learn_cluster_id(&self, cluster_id: &ClusterId) -> Result<(), Error> {
+        let _one_at_a_time = self.learning.lock().await;
+        let dir = self.config.data_dir.display().to_string();
+        match self.identity.cluster_id() {
+            Some(known) if known == cluster_id => return Ok(()),
+            Some(known) => {
+                return Err(Error::WrongCluster {
+                    dir,
+                    node: self.id().0,
+                    stored: known.clone(),
+                    given: cluster_id.clone(),
+                })
+            }
+            None => {}
+        }
+        let stored = StoredIdentity {
+            node_id: self.id(),
+            cluster_id: cluster_id.clone(),
+            incarnation: self.identity.incarnation,
+        };
+        write_identity(&self.store, &stored).await?;
+        self.identity.learn(cluster_id.clone());
+        tracing::info!(node_id = self.id().0, cluster = %cluster_id, "cluster id learned");
+        Ok(())
+    }
+
+    /// Records the incarnation of every member as group 0 lists them: the transport refuses a
+    /// request from one of these ids that carries another incarnation.
+    pub fn set_member_incarnations(&self, members: HashMap<NodeId, Incarnation>) {
+        self.groups.set_incarnations(members);
     }
 
     /// The node's store (fsync counter, identity rows).
@@ -317,45 +380,60 @@ impl RaftNode {
     }
 }
 
+/// The cluster id stored while a node does not know it yet (an identity record's encoding has
+/// no optional field, and directories written before it was random hold a non-empty one).
+const UNKNOWN_CLUSTER: &str = "";
+
+/// Writes the identity record and waits until it is durable.
+async fn write_identity(store: &Store, identity: &StoredIdentity) -> Result<(), Error> {
+    let tree = store.db().open_tree("node").map_err(storage::Error::from)?;
+    tree.insert("identity", crate::codec::encode(identity)?).map_err(storage::Error::from)?;
+    store.db().flush_async().await.map_err(storage::Error::from)?;
+    Ok(())
+}
+
 /// Reads the directory's identity, or writes a new one (with a fresh incarnation) for a new
-/// directory. A directory of another node or cluster is refused.
+/// directory. A directory of another node or cluster is refused; a directory that does not know
+/// its cluster yet takes the one given, if any.
 async fn load_identity(store: &Store, config: &NodeConfig) -> Result<Identity, Error> {
     let tree = store.db().open_tree("node").map_err(storage::Error::from)?;
     let dir = config.data_dir.display().to_string();
     let stored = tree.get("identity").map_err(storage::Error::from)?;
     let identity = match stored {
         Some(bytes) => {
-            let stored: StoredIdentity =
-                crate::codec::decode(&bytes).map_err(|e| Error::IdentityMismatch {
-                    dir: dir.clone(),
-                    stored: format!("an unreadable identity ({e})"),
-                    given: format!("node {}", config.node_id.0),
-                })?;
-            if stored.node_id != config.node_id || stored.cluster_id != config.cluster_id {
-                return Err(Error::IdentityMismatch {
-                    dir,
-                    stored: format!("node {} of cluster {}", stored.node_id.0, stored.cluster_id),
-                    given: format!("node {} of cluster {}", config.node_id.0, config.cluster_id),
-                });
+            let mut stored: StoredIdentity = crate::codec::decode(&bytes)
+                .map_err(|e| Error::UnreadableIdentity { dir: dir.clone(), reason: e.to_string() })?;
+            if stored.node_id != config.node_id {
+                return Err(Error::WrongNode { dir, stored: stored.node_id.0, given: config.node_id.0 });
+            }
+            match &config.cluster_id {
+                Some(given) if stored.cluster_id.0 == UNKNOWN_CLUSTER => {
+                    stored.cluster_id = given.clone();
+                    write_identity(store, &stored).await?;
+                }
+                Some(given) if *given != stored.cluster_id => {
+                    return Err(Error::WrongCluster {
+                        dir,
+                        node: stored.node_id.0,
+                        stored: stored.cluster_id,
+                        given: given.clone(),
+                    });
+                }
+                _ => {}
             }
             stored
         }
         None => {
             let stored = StoredIdentity {
                 node_id: config.node_id,
-                cluster_id: config.cluster_id.clone(),
+                cluster_id: config.cluster_id.clone().unwrap_or_else(|| ClusterId(UNKNOWN_CLUSTER.into())),
                 incarnation: Incarnation(rand::random()),
             };
-            let bytes = crate::codec::encode(&stored)?;
-            tree.insert("identity", bytes).map_err(storage::Error::from)?;
             // Durable before the node says anything to anyone under this identity.
-            store.db().flush_async().await.map_err(storage::Error::from)?;
+            write_identity(store, &stored).await?;
             stored
         }
     };
-    Ok(Identity {
-        cluster_id: identity.cluster_id,
-        node_id: identity.node_id,
-        incarnation: identity.incarnation,
-    })
+    let cluster_id = Some(identity.cluster_id).filter(|c| c.0 != UNKNOWN_CLUSTER);
+    Ok(Identity::new(identity.node_id, identity.incarnation, cluster_id))
 }

@@ -10,8 +10,9 @@ use anyhow::{anyhow, ensure, Result};
 use std::collections::BTreeSet;
 
 use fetter_raft::handle;
-use fetter_raft::ids::{Epoch, GroupId, NodeId, ShardId};
+use fetter_raft::ids::{ClusterId, Epoch, GroupId, Incarnation, NodeId, ShardId};
 use fetter_raft::meta::{self, ClusterInfo, ClusterParams, Member, MetaCommand, MetaOutcome, ShardPlacement};
+use fetter_raft::node::{self, NodeConfig, RaftNode};
 use fetter_raft::shard::{self, EffectKind, Event, Rejection, ShardCommand, ShardOutcome};
 use fetter_raft::transport::proto::raft_transport_client::RaftTransportClient;
 use fetter_raft::transport::proto::{raft_response, ErrorCode, RaftBatch, RaftRequest, RpcKind};
@@ -387,6 +388,90 @@ async fn raft_service_refuses_bad_requests_and_keeps_serving() -> Result<()> {
     }
     c.converge(g(0)).await?;
     ensure!(events_len(&c, 2).await? == 10);
+    c.shutdown().await;
+    Ok(())
+}
+
+/// Starts a node on the directory of a node just stopped, once its background tasks have let go
+/// of the directory's lock; returns what the start itself says.
+async fn start_unlocked(config: NodeConfig) -> Result<Result<std::sync::Arc<RaftNode>, node::Error>> {
+    eventually("the stopped node's directory lock", || {
+        let config = config.clone();
+        async move {
+            match RaftNode::start(config).await {
+                Err(e) if e.to_string().contains("could not acquire lock") => None,
+                other => Some(other),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_requests_until_it_knows_its_cluster_and_from_another_incarnation_of_a_member(
+) -> Result<()> {
+    let c = Cluster::start(3, 1, 10_000).await?;
+    start_log_flow(&c).await?;
+    let me = c.node(1)?;
+    let cid = c.cluster_id.0.clone();
+    let vote = |incarnation: u64| RaftRequest {
+        group: 1,
+        cluster_id: cid.clone(),
+        from_node: 1,
+        incarnation,
+        kind: RpcKind::Vote as i32,
+        payload: vec![],
+    };
+    let refused = |answer: raft_response::Result| match answer {
+        raft_response::Result::Error(e) => Some(e.code()),
+        raft_response::Result::Ok(_) => None,
+    };
+    // The vote's payload is empty: a request that passes the identity checks is refused as
+    // malformed, one that does not as foreign or stale.
+    // A node that has not learned its cluster id refuses every request, also one that carries
+    // the cluster's id.
+    let dir = tempfile::tempdir()?;
+    let mut config =
+        NodeConfig::new(NodeId(9), "127.0.0.1:0".parse()?, dir.path().join("n9"), ClusterId("x".into()));
+    config.cluster_id = None;
+    let fresh = RaftNode::start(config.clone()).await?;
+    fresh.open_group(g(0)).await?;
+    let addr = fresh.addr().to_string();
+    let answer = me.peers().call(&addr, vote(me.identity().incarnation.0), Duration::from_secs(5)).await?;
+    ensure!(refused(answer) == Some(ErrorCode::ForeignCluster), "an unknowing node refuses");
+    // Once it learns the id, it serves it; another id is refused, also after a restart.
+    fresh.learn_cluster_id(&c.cluster_id).await?;
+    let answer = me.peers().call(&addr, vote(me.identity().incarnation.0), Duration::from_secs(5)).await?;
+    ensure!(refused(answer) == Some(ErrorCode::Malformed), "the node serves its cluster once it knows it");
+    let other = ClusterId("another".into());
+    let again = fresh.learn_cluster_id(&other).await;
+    ensure!(matches!(again, Err(node::Error::WrongCluster { .. })), "a second id is refused: {again:?}");
+    fresh.shutdown().await;
+    drop(fresh);
+    let restarted = start_unlocked(config.clone()).await??;
+    ensure!(restarted.cluster_id() == Some(c.cluster_id.clone()), "the learned id is durable");
+    restarted.shutdown().await;
+    drop(restarted);
+    config.cluster_id = Some(other);
+    let wrong = start_unlocked(config.clone()).await?.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(wrong.contains("another") && wrong.contains(&cid), "another cluster's start is refused: {wrong}");
+    config.cluster_id = None;
+    config.node_id = NodeId(8);
+    let wrong = start_unlocked(config).await?.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(
+        wrong.contains("node 9's") && wrong.contains("--id 8"),
+        "another node's start is refused: {wrong}"
+    );
+    // A member listed with another incarnation (another disk under its id) is refused.
+    let target = c.node(2)?;
+    let addr = target.addr().to_string();
+    let listed = me.identity().incarnation;
+    target.set_member_incarnations([(NodeId(1), Incarnation(listed.0 ^ 1))].into_iter().collect());
+    let answer = me.peers().call(&addr, vote(listed.0), Duration::from_secs(5)).await?;
+    ensure!(refused(answer) == Some(ErrorCode::StaleIncarnation), "another incarnation is refused");
+    target.set_member_incarnations([(NodeId(1), listed)].into_iter().collect());
+    let answer = me.peers().call(&addr, vote(listed.0), Duration::from_secs(5)).await?;
+    ensure!(refused(answer) == Some(ErrorCode::Malformed), "the listed incarnation passes");
     c.shutdown().await;
     Ok(())
 }

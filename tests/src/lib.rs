@@ -42,7 +42,7 @@ pub struct TestCluster {
     pub local: LocalCluster,
     /// The fake services' shared ledger.
     pub ledger: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     _turn: tokio::sync::OwnedMutexGuard<()>,
 }
 
@@ -50,20 +50,26 @@ impl TestCluster {
     /// Starts `nodes` nodes of `exe` (relaxed Raft timing, 6 shards) and waits until every
     /// shard has a leader. `node_args` go to every node.
     pub async fn start(exe: &str, nodes: u64, node_args: &[&str]) -> Result<TestCluster> {
+        // Two spare ports for nodes a test adds later.
+        let base = free_ports(nodes as u16 + 2)?;
+        TestCluster::start_at(exe, nodes, base, node_args).await
+    }
+
+    /// [`TestCluster::start`] with node `i` on port `base + i - 1` (a test that runs two
+    /// clusters on the same ports, one after the other, picks the ports itself).
+    pub async fn start_at(exe: &str, nodes: u64, base: u16, node_args: &[&str]) -> Result<TestCluster> {
         let turn = ONE_AT_A_TIME.clone().lock_owned().await;
         let dir = tempfile::tempdir()?;
         let ledger = dir.path().join("ledger.jsonl");
         let mut args: Vec<String> = vec!["--ledger".into(), ledger.display().to_string()];
         args.extend(node_args.iter().map(|s| s.to_string()));
-        // Two spare ports for nodes a test adds later.
-        let base = free_ports(nodes as u16 + 2)?;
         let mut local = LocalCluster::new(exe, dir.path().join("cluster"), nodes)
             .base_port(base)
             .shards(6)
             .timing("relaxed")
             .node_args(args);
         local.start_all().await.map_err(|e| anyhow!(e))?;
-        let mut c = TestCluster { local, ledger, _dir: dir, _turn: turn };
+        let mut c = TestCluster { local, ledger, dir, _turn: turn };
         c.wait_ready().await?;
         Ok(c)
     }
@@ -128,6 +134,13 @@ impl TestCluster {
     /// Stops every node.
     pub async fn stop(mut self) {
         self.local.stop_all().await;
+    }
+
+    /// Stops every node and hands over the directory that holds their data (node `i`'s in
+    /// `cluster/node-i`), which would otherwise be deleted; the next cluster may start.
+    pub async fn stop_keeping_data(mut self) -> tempfile::TempDir {
+        self.local.stop_all().await;
+        self.dir
     }
 }
 

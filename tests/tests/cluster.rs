@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
+use fetter::local::Signal;
 use fetter::prelude::FlowId;
 use fetter_tests::{check_orders, order_input, wait_all_finished, TestCluster, WAIT};
 use rand::{Rng, SeedableRng};
@@ -564,5 +565,159 @@ async fn a_live_node_is_removed_mid_run_and_its_replicas_and_leaders_move_to_the
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     c.stop().await;
+    Ok(())
+}
+
+/// Starts orders `{prefix}-1..=n` through `client` and waits until each has succeeded.
+async fn orders_succeed(client: &fetter::Client, prefix: &str, n: u32) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for i in 1..=n {
+        let instance = format!("{prefix}-{i}");
+        let done = client
+            .start_flow("order", &instance, &order_input(i), true, Some(Duration::from_secs(60)))
+            .await?;
+        ensure!(done.flow.is_some_and(|f| f.status == "succeeded"), "order {instance} succeeded");
+        names.push(instance);
+    }
+    Ok(names)
+}
+
+/// The order instances a cluster lists.
+async fn listed_orders(client: &fetter::Client) -> Result<Vec<String>> {
+    let mut names: Vec<String> = client
+        .list_flows(Some("order"), None, 10_000, None)
+        .await?
+        .flows
+        .into_iter()
+        .map(|f| f.instance)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Each panic in a node's log: its first line (`panicked at file:line`) and the next (the
+/// message).
+fn panics(c: &TestCluster) -> Vec<(u64, String)> {
+    c.local
+        .ids()
+        .into_iter()
+        .filter_map(|id| {
+            let text = std::fs::read_to_string(c.local.log_file(id)).ok()?;
+            let lines: Vec<&str> = text.lines().collect();
+            let at = lines.iter().position(|l| l.contains("panicked at"))?;
+            Some((id, lines[at..lines.len().min(at + 2)].join(" / ")))
+        })
+        .collect()
+}
+
+/// How long node `id`'s log is now (its processes append to one file).
+fn log_len(c: &TestCluster, id: u64) -> usize {
+    std::fs::read_to_string(c.local.log_file(id)).map_or(0, |l| l.len())
+}
+
+/// Waits until node `id`'s log contains `text` after its first `from` bytes.
+async fn wait_for_log(c: &TestCluster, id: u64, text: &str, from: usize) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let log = std::fs::read_to_string(c.local.log_file(id)).unwrap_or_default();
+        if log.get(from..).is_some_and(|l| l.contains(text)) {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "node {id}'s log has no {text:?} within {WAIT:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_on_another_clusters_directory_is_refused_and_the_cluster_keeps_serving() -> Result<()>
+{
+    // Two clusters created with the same command line (same ports, same --peers and --shards),
+    // one after the other, each in its own directories: what `shop dev` does in two data dirs.
+    let base = fetter_tests::free_ports(5)?;
+    let b = TestCluster::start_at(EXE, 3, base, &[]).await?;
+    let b_id = b.status().await?.cluster_id;
+    let b_flows = orders_succeed(&b.client()?, "b", 3).await?;
+    let b_node_3 = b.local.node_dir(3);
+    let b_data = b.stop_keeping_data().await;
+    ensure!(b_node_3.starts_with(b_data.path()), "node 3's directory of cluster B is kept");
+
+    let mut a = TestCluster::start_at(EXE, 3, base, &[]).await?;
+    let client = a.client()?;
+    let a_id = a.status().await?.cluster_id;
+    println!("cluster A is {a_id}, cluster B was {b_id}");
+    let a_flows = orders_succeed(&client, "a", 3).await?;
+
+    // Node 3 of A stops, and comes back with B's node-3 directory.
+    let (exited, code) = a.local.terminate(3, Duration::from_secs(20)).await.map_err(|e| anyhow!(e))?;
+    ensure!(exited && code == Some(0), "node 3 of A stopped cleanly: {exited} {code:?}");
+    let mut args = a.local.node_command(3);
+    let dir_at = args.iter().position(|a| a == "--data-dir").ok_or_else(|| anyhow!("--data-dir"))? + 1;
+    args[dir_at] = b_node_3.display().to_string();
+    a.local.spawn(3, args.clone()).map_err(|e| anyhow!(e))?;
+    let exit = a.local.wait_exit(3, Duration::from_secs(60)).await;
+    let log = std::fs::read_to_string(a.local.log_file(3))?;
+    let alive = [1, 2].map(|id| a.local.is_running(id));
+    let panicked = panics(&a);
+    ensure!(
+        panicked.is_empty() && alive == [true, true],
+        "A's nodes must not panic: panicked {panicked:?}, running {alive:?}; node 3 exit {exit:?}\n{}",
+        a.logs()
+    );
+    ensure!(
+        exit == Ok(Some(1)) && log.contains(&a_id) && log.contains(&b_id) && a_id != b_id,
+        "node 3 on B's directory must be refused naming both clusters (A {a_id}, B {b_id}): exit \
+         {exit:?}\n{log}"
+    );
+
+    println!("{}", log.lines().find(|l| l.starts_with("error:")).unwrap_or_default());
+
+    // A keeps serving: its flows, none of B's, and a new one runs to completion.
+    let mut expected = a_flows.clone();
+    expected.extend(orders_succeed(&client, "a-after", 1).await?);
+    expected.sort();
+    let listed = listed_orders(&client).await?;
+    ensure!(listed == expected, "A lists {listed:?}, expected {expected:?} (B had {b_flows:?})");
+    // Nothing that a node of another cluster sends reaches Raft. B's node 3 starts while A's
+    // members do not answer (frozen), so that its start-up check learns nothing; once they
+    // answer again, they refuse its calls, and it refuses theirs.
+    let logs = [1, 2, 3].map(|id| log_len(&a, id));
+    for id in [1, 2] {
+        a.local.signal(id, Signal::Stop).map_err(|e| anyhow!(e))?;
+    }
+    a.local.spawn(3, args).map_err(|e| anyhow!(e))?;
+    let started = wait_for_log(&a, 3, "serving on", logs[2]).await;
+    for id in [1, 2] {
+        a.local.signal(id, Signal::Cont).map_err(|e| anyhow!(e))?;
+    }
+    started?;
+    for id in [1, 2] {
+        wait_for_log(&a, id, "refused RPC from a foreign cluster", logs[id as usize - 1]).await?;
+    }
+    wait_for_log(&a, 3, "refused RPC from a foreign cluster", logs[2]).await?;
+    println!("node 3 on B's directory ran beside A; each refused the other's Raft calls");
+    expected.extend(orders_succeed(&client, "a-beside-b", 1).await?);
+    expected.sort();
+    let listed = listed_orders(&client).await?;
+    ensure!(listed == expected, "A lists {listed:?}, expected {expected:?} (B had {b_flows:?})");
+    let panicked = panics(&a);
+    let alive = [1, 2, 3].map(|id| a.local.is_running(id));
+    ensure!(
+        panicked.is_empty() && alive == [true, true, true],
+        "no node may panic: panicked {panicked:?}, running {alive:?}\n{}",
+        a.logs()
+    );
+    a.local.kill(3).await.map_err(|e| anyhow!(e))?;
+
+    // Node 3 with its own directory rejoins as before.
+    a.local.start(3).await.map_err(|e| anyhow!(e))?;
+    a.wait_ready().await?;
+    let listed = listed_orders(&a.client_of(3)?).await?;
+    ensure!(listed == expected, "node 3 lists {listed:?}, expected {expected:?}");
+    a.stop().await;
+    drop(b_data);
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use fetter_actors::control::{Error as PanelError, ListQuery, Started};
 use fetter_raft::handle;
-use fetter_raft::ids::{ClusterId, Epoch, FlowId, NodeId};
+use fetter_raft::ids::{Epoch, FlowId, NodeId};
 use fetter_raft::meta;
 use fetter_raft::placement::shard_of;
 use fetter_raft::shard::{Action, EffectKind, EffectRecord, EffectState, ErrorInfo};
@@ -87,12 +87,12 @@ impl Liveness {
 /// The node's state, set once it is up (requests before that are `UNAVAILABLE`).
 #[derive(Clone, Default)]
 pub(crate) struct Late {
-    inner: Arc<OnceLock<(Arc<Shared>, ClusterId, u32)>>,
+    inner: Arc<OnceLock<(Arc<Shared>, u32)>>,
 }
 
 impl Late {
-    pub(crate) fn set(&self, shared: Arc<Shared>, cluster_id: ClusterId, shards: u32) {
-        let _ = self.inner.set((shared, cluster_id, shards));
+    pub(crate) fn set(&self, shared: Arc<Shared>, shards: u32) {
+        let _ = self.inner.set((shared, shards));
     }
 }
 
@@ -115,7 +115,7 @@ impl Api {
             .late
             .inner
             .get()
-            .map(|(s, _, _)| s)
+            .map(|(s, _)| s)
             .ok_or_else(|| Status::unavailable("the node is starting"))?;
         if shared.liveness.removed() {
             // UNAVAILABLE: a client that knows other nodes goes on to them.
@@ -436,7 +436,6 @@ impl Fetter for Api {
         _request: Request<proto::ClusterStatusRequest>,
     ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
         let s = self.shared()?;
-        let (_, cluster_id, _) = self.late.inner.get().ok_or_else(|| Status::unavailable("starting"))?;
         let info = s
             .cluster_info()
             .await?
@@ -461,18 +460,24 @@ impl Fetter for Api {
                 proto::ShardStatus { id: k as u32, leader: g.status().borrow().leader.map(|n| n.0), replicas }
             })
             .collect();
-        Ok(Response::new(proto::ClusterStatusResponse { cluster_id: cluster_id.0.clone(), members, shards }))
+        Ok(Response::new(proto::ClusterStatusResponse {
+            cluster_id: info.cluster_id.0.clone(),
+            members,
+            shards,
+        }))
     }
 
     async fn add_node(
         &self,
         request: Request<proto::AddNodeRequest>,
     ) -> Result<Response<proto::AddNodeResponse>, Status> {
-        let (s, cluster_id, _) = self.late.inner.get().ok_or_else(|| Status::unavailable("starting"))?;
+        let (s, _) = self.late.inner.get().ok_or_else(|| Status::unavailable("starting"))?;
         let r = request.into_inner();
         if !super::is_host_port(&r.addr) {
             return Err(Status::invalid_argument(format!("{:?} is not host:port", r.addr)));
         }
+        let cluster_id =
+            s.node.cluster_id().ok_or_else(|| Status::unavailable("the cluster is not created yet"))?;
         super::members::add_node(s, &cluster_id.0, NodeId(r.id), &r.addr).await?;
         Ok(Response::new(proto::AddNodeResponse {}))
     }
@@ -490,7 +495,7 @@ impl Fetter for Api {
         &self,
         _request: Request<proto::NodeInfoRequest>,
     ) -> Result<Response<proto::NodeInfoResponse>, Status> {
-        let (s, cluster_id, shards) = self.late.inner.get().ok_or_else(|| Status::unavailable("starting"))?;
+        let (s, shards) = self.late.inner.get().ok_or_else(|| Status::unavailable("starting"))?;
         if s.liveness.stopping() {
             return Err(Status::unavailable(format!("node {} is stopping", s.node.id().0)));
         }
@@ -507,7 +512,8 @@ impl Fetter for Api {
         Ok(Response::new(proto::NodeInfoResponse {
             node_id: s.node.id().0,
             incarnation: s.node.identity().incarnation.0,
-            cluster_id: cluster_id.0.clone(),
+            // Empty while this node does not know it (a cluster being created).
+            cluster_id: s.node.cluster_id().map(|c| c.0).unwrap_or_default(),
             shard_count: *shards,
             initialized: info.is_some(),
             members,
@@ -516,23 +522,21 @@ impl Fetter for Api {
     }
 }
 
-/// Pings every member group 0 lists, every `every`, and records who answered.
-pub(crate) async fn ping_members(
-    shared: Arc<Shared>,
-    cluster_id: String,
-    mut stop: watch::Receiver<bool>,
-    every: Duration,
-) {
+/// Pings every member group 0 lists, every `every`, and records who answered; keeps the
+/// transport's list of member incarnations up to date.
+pub(crate) async fn ping_members(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, every: Duration) {
     // One long-lived channel per member address: a ping is one request, not a new connection.
     let mut channels: HashMap<String, tonic::transport::Channel> = HashMap::new();
     loop {
-        let members: BTreeMap<NodeId, String> = shared
-            .meta
-            .read_local(meta::read_cluster)
-            .ok()
-            .flatten()
-            .map(|i| i.members.into_iter().map(|m| (m.node, m.addr)).collect())
-            .unwrap_or_default();
+        let info = shared.meta.read_local(meta::read_cluster).ok().flatten();
+        if let Some(info) = &info {
+            shared
+                .node
+                .set_member_incarnations(info.members.iter().map(|m| (m.node, m.incarnation)).collect());
+        }
+        let cluster_id = info.as_ref().map(|i| i.cluster_id.0.clone()).unwrap_or_default();
+        let members: BTreeMap<NodeId, String> =
+            info.map(|i| i.members.into_iter().map(|m| (m.node, m.addr)).collect()).unwrap_or_default();
         channels.retain(|addr, _| members.values().any(|a| a == addr));
         shared.liveness.retain(&members);
         let me = shared.node.id();
@@ -545,15 +549,19 @@ pub(crate) async fn ping_members(
                 }),
             };
             async move {
+                // Only the member itself answers for it: a process of another cluster on its
+                // address (a directory of another cluster started there) is not the member, and
+                // no leadership may move to it.
                 let info = match channel {
-                    Ok(channel) => node_info_over(channel).await.ok().filter(|i| i.node_id == id.0),
+                    Ok(channel) => node_info_over(channel)
+                        .await
+                        .ok()
+                        .filter(|i| i.node_id == id.0 && i.cluster_id == *cluster_id),
                     Err(_) => None,
                 };
-                // Whether the member lists this node (only an answer from this cluster counts).
-                let lists_me = info
-                    .as_ref()
-                    .filter(|i| i.initialized && i.cluster_id == *cluster_id)
-                    .map(|i| i.members.iter().any(|m| m.id == me.0));
+                // Whether the member lists this node.
+                let lists_me =
+                    info.as_ref().filter(|i| i.initialized).map(|i| i.members.iter().any(|m| m.id == me.0));
                 (*id, info.is_some(), lists_me)
             }
         });

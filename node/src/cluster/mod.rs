@@ -1,17 +1,23 @@
 //! A node of a multi-node cluster: bootstrap, its groups and shard actors, the public API.
 //!
 //! **Bootstrap.** A node is started with the cluster's initial members (`--peers`, itself
-//! included) or with the address of a member to join. With `--peers` the cluster id is derived
-//! from the member list and the shard count (as etcd derives its cluster id from the initial
-//! cluster), so every initial member computes the same one and a node started with a
-//! contradicting list belongs to another cluster: its RPCs are refused and it is refused itself
-//! when it finds a peer of the real cluster. The lowest id among the peers initializes group 0
-//! and every shard group — once every peer answers "ready" — and does so idempotently on every
-//! start, so the cluster initializes exactly once however the nodes are started or restarted.
-//! The arguments a node first started with are kept next to its data (`fetter-node.json`); a
-//! restart with other arguments is refused with the difference. A fresh node whose id a
-//! reachable peer already lists as a member (it lost its disk) is refused: it must rejoin under
-//! a new id.
+//! included) or with the address of a member to join. The lowest id among the peers (the
+//! *seed*) creates the cluster: it generates the cluster id (random: two clusters created with
+//! the same command line, say in two data directories on the same ports, still differ), the
+//! other initial members learn it from the seed, and once every peer answers "ready" with that
+//! id the seed initializes group 0 (which records the id) and every initial member the shard
+//! groups it is the first replica of — idempotently on every start, so the cluster initializes
+//! exactly once however the nodes are started or restarted. A node that does not know the id
+//! yet refuses every Raft request, so nothing of any cluster reaches its groups before it
+//! knows which cluster it is in; a joining node learns the id from the member it joins through.
+//! Each node keeps the id in its directory (`fetter-node.json` and its identity record) and
+//! every node-to-node call carries it.
+//!
+//! The arguments a node first started with are kept with the id; a restart with other
+//! arguments, under another `--id`, or next to running members of another cluster (a
+//! directory of another cluster started with this one's `--peers`) is refused, naming both. A
+//! fresh node whose id a reachable peer already lists as a member (it lost its disk) is
+//! refused: it must rejoin under a new id.
 //!
 //! **Groups.** Every node opens group 0 and every shard group; a group whose membership does not
 //! include the node stays idle. A shard group has at most three voters (its placement) and every
@@ -116,6 +122,24 @@ pub enum StartError {
     /// The command line contradicts itself or what is stored.
     #[error("{0}")]
     Config(String),
+    /// The directory belongs to another cluster than the running members this node reaches.
+    #[error(
+        "this directory ({dir}) belongs to cluster {stored} node {node}, but the cluster at {addr} is \
+         cluster {running}: start node {node} with its own data directory (or add this machine as a \
+         new node: an empty directory, a new --id and --join {addr})"
+    )]
+    WrongCluster {
+        /// The data directory.
+        dir: String,
+        /// This node's id.
+        node: u64,
+        /// The cluster the directory belongs to.
+        stored: ClusterId,
+        /// The member that answered.
+        addr: String,
+        /// The cluster it belongs to.
+        running: String,
+    },
     /// A node id that the cluster already knows came back with an empty disk.
     #[error(
         "node id {0} is already a member of the cluster, but this data directory is new: a node \
@@ -144,11 +168,13 @@ impl From<fetter_raft::node::Error> for StartError {
     }
 }
 
-/// The arguments a node's directory was first started with.
+/// The arguments a node's directory was first started with, and its cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Stored {
     node_id: u64,
-    cluster_id: String,
+    /// `None` until the node learns it (an initial member before the cluster is created).
+    #[serde(default)]
+    cluster_id: Option<String>,
     shards: u32,
     /// The initial members (`--peers`), when started that way.
     peers: Option<BTreeMap<u64, String>>,
@@ -167,6 +193,35 @@ fn read_stored(dir: &Path) -> Result<Option<Stored>, StartError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(StartError::Io { what: format!("reading {}", path.display()), source }),
     }
+}
+
+/// A node's record: where it is kept and what it says apart from the cluster id.
+#[derive(Debug, Clone)]
+struct Record {
+    dir: PathBuf,
+    stored: Stored,
+}
+
+impl Record {
+    /// Writes the record with `cluster_id`.
+    fn write(&self, cluster_id: Option<&ClusterId>) -> Result<(), StartError> {
+        let stored = Stored { cluster_id: cluster_id.map(|c| c.0.clone()), ..self.stored.clone() };
+        write_stored(&self.dir, &stored)
+    }
+}
+
+/// Records that the node belongs to `cluster_id`: in its identity record (which the transport
+/// goes by), then in its `fetter-node.json`. Another id than the one known is refused.
+async fn learn_cluster_id(
+    node: &RaftNode,
+    record: &Record,
+    cluster_id: &ClusterId,
+) -> Result<(), StartError> {
+    if node.cluster_id().as_ref() == Some(cluster_id) {
+        return Ok(());
+    }
+    node.learn_cluster_id(cluster_id).await?;
+    record.write(Some(cluster_id))
 }
 
 fn write_stored(dir: &Path, stored: &Stored) -> Result<(), StartError> {
@@ -193,14 +248,10 @@ pub(crate) fn is_host_port(addr: &str) -> bool {
     addr.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok())
 }
 
-/// The cluster id of a cluster created with `peers` and `shards`: the same on every initial
-/// member, different for any other member list or shard count.
-pub fn derive_cluster_id(peers: &BTreeMap<NodeId, String>, shards: u32) -> ClusterId {
-    let mut text = format!("fetter/v1/shards={shards}");
-    for (id, addr) in peers {
-        text.push_str(&format!("/{}={addr}", id.0));
-    }
-    ClusterId(format!("fc-{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes())))
+/// A new cluster's id: random, so that no two clusters share one, however alike their
+/// command lines.
+fn new_cluster_id() -> ClusterId {
+    ClusterId(format!("fc-{}", uuid::Uuid::new_v4().simple()))
 }
 
 /// The initial placement: shard `k`'s replicas are `min(3, n)` members starting at the `k`-th
@@ -289,21 +340,21 @@ impl ClusterNode {
     /// is ready.
     pub async fn start(options: NodeOptions, registry: Registry) -> Result<ClusterNode, StartError> {
         let stored = read_stored(&options.data_dir)?;
-        let (cluster_id, shards, fresh) = match (&stored, &options.peers, &options.join) {
-            (_, Some(_), Some(_)) => {
-                return Err(StartError::Config("give either --peers or --join, not both".into()))
-            }
+        if options.peers.is_some() && options.join.is_some() {
+            return Err(StartError::Config("give either --peers or --join, not both".into()));
+        }
+        if let Some(s) = stored.as_ref().filter(|s| s.node_id != options.id.0) {
+            return Err(StartError::Config(format!(
+                "this directory ({}) is node {}'s, started as --id {}",
+                options.data_dir.display(),
+                s.node_id,
+                options.id.0
+            )));
+        }
+        let (cluster_id, shards) = match (&stored, &options.peers, &options.join) {
             (_, None, None) => return Err(StartError::Config("give --peers or --join".into())),
-            (Some(s), Some(peers), None) => {
+            (Some(s), Some(peers), _) => {
                 let given: BTreeMap<u64, String> = peers.iter().map(|(k, v)| (k.0, v.clone())).collect();
-                if s.node_id != options.id.0 {
-                    return Err(StartError::Config(format!(
-                        "{} belongs to node {}, not node {}",
-                        options.data_dir.display(),
-                        s.node_id,
-                        options.id.0
-                    )));
-                }
                 if s.peers.as_ref() != Some(&given) || s.shards != options.shards {
                     return Err(StartError::Config(format!(
                         "this node was created with --peers {} and --shards {}; it was now started with \
@@ -314,60 +365,77 @@ impl ClusterNode {
                         options.shards
                     )));
                 }
-                (ClusterId(s.cluster_id.clone()), s.shards, false)
-            }
-            (Some(s), None, Some(_)) => {
-                if s.node_id != options.id.0 {
-                    return Err(StartError::Config(format!(
-                        "{} belongs to node {}, not node {}",
-                        options.data_dir.display(),
-                        s.node_id,
-                        options.id.0
-                    )));
+                let known = s.cluster_id.clone().map(ClusterId);
+                if let Some(known) = &known {
+                    let others = peers.iter().filter(|(id, _)| **id != options.id).map(|(_, a)| a.as_str());
+                    check_running_cluster(&options, known, others).await?;
                 }
-                (ClusterId(s.cluster_id.clone()), s.shards, false)
+                (known, s.shards)
             }
-            (None, Some(peers), None) => {
+            (Some(s), None, Some(join)) => {
+                let known = s.cluster_id.clone().map(ClusterId);
+                if let Some(known) = &known {
+                    check_running_cluster(&options, known, [join.as_str()]).await?;
+                }
+                (known, s.shards)
+            }
+            (None, Some(peers), _) => {
                 if !peers.contains_key(&options.id) {
                     return Err(StartError::Config(format!(
                         "--peers must include this node (id {})",
                         options.id.0
                     )));
                 }
-                let cluster_id = derive_cluster_id(peers, options.shards);
-                check_fresh_against_peers(&options, peers, &cluster_id).await?;
-                (cluster_id, options.shards, true)
+                check_fresh_against_peers(&options, peers).await?;
+                // The seed generates the id when it creates the cluster; the others learn it then.
+                (None, options.shards)
             }
             (None, None, Some(join)) => {
                 let info = node_info(join)
                     .await
                     .map_err(|e| StartError::Cluster(format!("cannot reach {join} to join: {e}")))?;
-                if !info.initialized {
+                if !info.initialized || info.cluster_id.is_empty() {
                     return Err(StartError::Cluster(format!("{join} is not part of an initialized cluster")));
                 }
                 if info.members.iter().any(|m| m.id == options.id.0) {
                     return Err(StartError::IdReused(options.id.0));
                 }
-                (ClusterId(info.cluster_id), info.shard_count, true)
+                (Some(ClusterId(info.cluster_id)), info.shard_count)
             }
         };
 
         let mut config =
-            NodeConfig::new(options.id, options.listen, options.data_dir.clone(), cluster_id.clone());
+            NodeConfig::new(options.id, options.listen, options.data_dir.clone(), ClusterId(String::new()));
+        config.cluster_id = cluster_id;
         config.timing = options.timing.clone();
         config.cache_bytes = options.cache_bytes;
         let late = api::Late::default();
         let service = api::Api::new(late.clone()).into_server();
         let node = RaftNode::start_with(config, Some(tonic::service::Routes::new(service))).await?;
-        if fresh {
-            let peers = options.peers.as_ref().map(|p| p.iter().map(|(k, v)| (k.0, v.clone())).collect());
-            let joined = options.join.is_some();
-            let stored =
-                Stored { node_id: options.id.0, cluster_id: cluster_id.0.clone(), shards, peers, joined };
-            write_stored(&options.data_dir, &stored)?;
+        let record = Record {
+            dir: options.data_dir.clone(),
+            stored: stored.clone().unwrap_or_else(|| Stored {
+                node_id: options.id.0,
+                cluster_id: None,
+                shards,
+                peers: options.peers.as_ref().map(|p| p.iter().map(|(k, v)| (k.0, v.clone())).collect()),
+                joined: options.join.is_some(),
+            }),
+        };
+        // A new directory gets its record now; an old one gets the cluster id if the identity
+        // record learned it but the node stopped before this file did.
+        let known = node.cluster_id();
+        if stored.map(|s| s.cluster_id) != Some(known.as_ref().map(|c| c.0.clone())) {
+            record.write(known.as_ref())?;
         }
 
         let meta = node.open_group(GroupId::META).await?;
+        if let Some(info) = meta.read_local(meta::read_cluster).ok().flatten() {
+            // Group 0 holds only what came from its own cluster (the transport refuses every
+            // other), so its record of the id agrees with the identity's, or teaches it.
+            learn_cluster_id(&node, &record, &info.cluster_id).await?;
+            node.set_member_incarnations(info.members.iter().map(|m| (m.node, m.incarnation)).collect());
+        }
         let mut groups = Vec::new();
         for s in 0..shards {
             groups.push(node.open_group(GroupId::of_shard(ShardId(s))).await?);
@@ -398,34 +466,22 @@ impl ClusterNode {
             liveness: liveness.clone(),
             lease: Duration::from_millis(options.timing.election_timeout_max_ms),
         });
-        late.set(shared.clone(), cluster_id.clone(), shards);
+        late.set(shared.clone(), shards);
 
         let (stop, stop_rx) = watch::channel(false);
         let lease = Duration::from_millis(options.timing.election_timeout_max_ms);
         let mut tasks = vec![
-            tokio::spawn(api::ping_members(
-                shared.clone(),
-                cluster_id.0.clone(),
-                stop_rx.clone(),
-                PING_EVERY,
-            )),
+            tokio::spawn(api::ping_members(shared.clone(), stop_rx.clone(), PING_EVERY)),
             tokio::spawn(reconcile::balance_leaders(shared.clone(), lease, stop_rx.clone())),
         ];
         if let Some(peers) = &options.peers {
-            {
-                let params = ClusterParams {
-                    shard_count: shards,
-                    retention_ms: options.retention.as_millis() as u64,
-                    max_payload_bytes: options.max_payload_bytes,
-                };
-                tasks.push(tokio::spawn(initialize_cluster(
-                    shared.clone(),
-                    cluster_id,
-                    params,
-                    peers.clone(),
-                    stop_rx.clone(),
-                )));
-            }
+            let params = ClusterParams {
+                shard_count: shards,
+                retention_ms: options.retention.as_millis() as u64,
+                max_payload_bytes: options.max_payload_bytes,
+            };
+            let init = Init { record, params, peers: peers.clone() };
+            tasks.push(tokio::spawn(initialize_cluster(shared.clone(), init, stop_rx.clone())));
         }
         let node = ClusterNode { shared, lease, actors, stop, tasks };
         if let Some(join) = &options.join {
@@ -519,65 +575,134 @@ fn peers_arg(peers: &BTreeMap<u64, String>) -> String {
     peers.iter().map(|(id, addr)| format!("{id}={addr}")).collect::<Vec<_>>().join(",")
 }
 
-/// A fresh node asks the peers it can reach whether the cluster already exists: a peer of
-/// another cluster means `--peers` contradicts the cluster's; a peer that lists this node id
-/// as a member means the id is being reused with an empty disk.
+/// A fresh node asks the peers it can reach whether the cluster already exists. A new initial
+/// member never finds it initialized (the seed creates it only once every initial member knows
+/// its id): a peer that lists this node id as a member means the id is being reused with an
+/// empty disk, any other initialized peer (or one with another shard count) means `--peers`
+/// contradicts the cluster's.
 async fn check_fresh_against_peers(
     options: &NodeOptions,
     peers: &BTreeMap<NodeId, String>,
-    cluster_id: &ClusterId,
 ) -> Result<(), StartError> {
     for (id, addr) in peers.iter().filter(|(id, _)| **id != options.id) {
         let Ok(info) = node_info(addr).await else { continue };
-        if info.cluster_id != cluster_id.0 {
+        if info.initialized && info.members.iter().any(|m| m.id == options.id.0) {
+            return Err(StartError::IdReused(options.id.0));
+        }
+        if info.initialized || info.shard_count != options.shards {
             let members: Vec<String> = info.members.iter().map(|m| format!("{}={}", m.id, m.addr)).collect();
             return Err(StartError::Config(format!(
-                "peer {} at {addr} belongs to another cluster ({}, members {}): --peers {} and --shards {} \
-                 contradict it",
+                "peer {} at {addr} belongs to another cluster ({}, {} shards, members {}): --peers {} and \
+                 --shards {} contradict it",
                 id.0,
-                info.cluster_id,
-                members.join(","),
+                if info.cluster_id.is_empty() { "not created yet" } else { info.cluster_id.as_str() },
+                info.shard_count,
+                if members.is_empty() { "not listed yet".to_string() } else { members.join(",") },
                 peers_arg(&peers.iter().map(|(k, v)| (k.0, v.clone())).collect()),
                 options.shards
             )));
-        }
-        if info.initialized && info.members.iter().any(|m| m.id == options.id.0) {
-            return Err(StartError::IdReused(options.id.0));
         }
     }
     Ok(())
 }
 
-/// Creates the cluster, idempotently, retrying until done: the lowest initial member creates
-/// group 0 (once every peer is ready) and records the cluster in it; then every initial member
-/// creates the shard groups it is the first replica of, and configures them.
-async fn initialize_cluster(
-    shared: Arc<Shared>,
-    cluster_id: ClusterId,
+/// A node whose directory belongs to cluster `known` asks the members it can reach (`addrs`)
+/// which cluster they are in: one that answers with another id means this directory is
+/// another cluster's (its `--peers` and ports may well be the same), and the node is refused
+/// before it says anything to anyone. Unreachable members say nothing either way.
+async fn check_running_cluster<'a>(
+    options: &NodeOptions,
+    known: &ClusterId,
+    addrs: impl IntoIterator<Item = &'a str>,
+) -> Result<(), StartError> {
+    for addr in addrs {
+        let Ok(info) = node_info(addr).await else { continue };
+        if !info.cluster_id.is_empty() && info.cluster_id != known.0 {
+            return Err(StartError::WrongCluster {
+                dir: options.data_dir.display().to_string(),
+                node: options.id.0,
+                stored: known.clone(),
+                addr: addr.to_string(),
+                running: info.cluster_id,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What an initial member needs to create the cluster.
+struct Init {
+    record: Record,
     params: ClusterParams,
     peers: BTreeMap<NodeId, String>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let seed = peers.keys().next() == Some(&shared.node.id());
+}
+
+/// Creates the cluster, idempotently, retrying until done: the seed (the lowest initial member)
+/// generates the cluster id unless it has one, every other initial member learns it from the
+/// seed, the seed creates group 0 (once every peer is ready with that id) and records the
+/// cluster in it; then every initial member creates the shard groups it is the first replica
+/// of, and configures them.
+async fn initialize_cluster(shared: Arc<Shared>, init: Init, mut stop: watch::Receiver<bool>) {
+    let me = shared.node.id();
     loop {
         let step = async {
-            if seed {
-                initialize_meta(&shared, &cluster_id, &params, &peers).await?;
+            let cluster_id = cluster_id_of_new_cluster(&shared, &init).await?;
+            if init.peers.keys().next() == Some(&me) {
+                initialize_meta(&shared, &cluster_id, &init.params, &init.peers).await?;
             }
-            initialize_own_shards(&shared, &params, &peers).await
+            initialize_own_shards(&shared, &init.params, &init.peers).await?;
+            Ok::<_, String>(cluster_id)
         };
         match step.await {
-            Ok(()) => {
-                tracing::info!(cluster = %cluster_id, node = shared.node.id().0, "cluster initialized");
+            Ok(cluster_id) => {
+                tracing::info!(cluster = %cluster_id, node = me.0, "cluster initialized");
                 return;
             }
-            Err(e) => tracing::info!(cluster = %cluster_id, reason = e, "cluster not initialized yet"),
+            Err(e) => tracing::info!(node = me.0, reason = e, "cluster not initialized yet"),
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = stop.changed() => return,
         }
     }
+}
+
+/// The id of the cluster an initial member is creating: the one it knows; else, on the seed, a
+/// new one; else the seed's, once the seed has one and has not created the cluster yet (a
+/// created cluster that this node does not know the id of was not created with this node: it
+/// is another cluster, or this node id lost its disk).
+async fn cluster_id_of_new_cluster(shared: &Shared, init: &Init) -> Result<ClusterId, String> {
+    if let Some(known) = shared.node.cluster_id() {
+        return Ok(known);
+    }
+    let me = shared.node.id();
+    let Some((seed, seed_addr)) = init.peers.iter().next() else {
+        return Err("no initial members".into());
+    };
+    let cluster_id = if *seed == me {
+        new_cluster_id()
+    } else {
+        let info = node_info(seed_addr)
+            .await
+            .map_err(|e| format!("waiting for node {} at {seed_addr} to create the cluster: {e}", seed.0))?;
+        if info.node_id != seed.0 {
+            return Err(format!("the node at {seed_addr} is node {}, not node {}", info.node_id, seed.0));
+        }
+        if info.cluster_id.is_empty() {
+            return Err(format!("node {} has not created the cluster yet", seed.0));
+        }
+        if info.initialized {
+            // Retried (and logged) like any other step; the node stays out of that cluster.
+            return Err(format!(
+                "node {} at {seed_addr} is in cluster {}, created without this node (a node of another \
+                 cluster there, or this node id lost its disk: rejoin under a new id with --join)",
+                seed.0, info.cluster_id
+            ));
+        }
+        ClusterId(info.cluster_id)
+    };
+    learn_cluster_id(&shared.node, &init.record, &cluster_id).await.map_err(|e| e.to_string())?;
+    Ok(cluster_id)
 }
 
 /// Every peer's incarnation, once every peer answers that it is ready in this cluster.
@@ -593,8 +718,17 @@ async fn ready_members(
             shared.node.identity().incarnation
         } else {
             let info = node_info(addr).await.map_err(|e| format!("peer {} not reachable: {e}", id.0))?;
+            if info.node_id != id.0 {
+                return Err(format!("the node at {addr} is node {}, not node {}", info.node_id, id.0));
+            }
+            if info.cluster_id.is_empty() {
+                return Err(format!("peer {} at {addr} has not learned the cluster id yet", id.0));
+            }
             if info.cluster_id != cluster_id.0 || !info.ready {
-                return Err(format!("peer {} at {addr} is not ready", id.0));
+                return Err(format!(
+                    "peer {} at {addr} is in cluster {}, not {cluster_id}",
+                    id.0, info.cluster_id
+                ));
             }
             fetter_raft::ids::Incarnation(info.incarnation)
         };

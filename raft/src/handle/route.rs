@@ -156,7 +156,7 @@ impl GroupHandle {
         let id = self.inner.peers.identity();
         let request = RaftRequest {
             group: group.0,
-            cluster_id: id.cluster_id.0.clone(),
+            cluster_id: id.wire_cluster_id(),
             from_node: id.node_id.0,
             incarnation: id.incarnation.0,
             kind: kind as i32,

@@ -257,7 +257,7 @@ impl Network {
         let id = self.peers.identity();
         let request = RaftRequest {
             group: self.group.0,
-            cluster_id: id.cluster_id.0.clone(),
+            cluster_id: id.wire_cluster_id(),
             from_node: id.node_id.0,
             incarnation: id.incarnation.0,
             kind: kind as i32,

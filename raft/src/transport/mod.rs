@@ -2,7 +2,10 @@
 //!
 //! Each request names its group, the cluster id and the sender's node id and incarnation; the
 //! openraft message travels as codec bytes. A node refuses, with an error reply and never a
-//! panic, bytes it cannot decode, a group it does not host and a foreign cluster id.
+//! panic, bytes it cannot decode, a group it does not host, a foreign cluster id (any cluster id
+//! while it does not know its own yet) and a member id whose incarnation is not the one group 0
+//! lists — all before anything reaches openraft, which panics on some messages that contradict
+//! its log (a follower whose log goes backwards).
 //! Connections are lazy and shared by all groups talking to the same peer, and so are calls: the
 //! requests of all groups waiting for the same peer leave together in one `CallBatch` (a few
 //! batches in flight per peer), which divides the per-RPC cost of HTTP/2, syscalls and wake-ups
@@ -21,6 +24,8 @@ pub mod proto {
 pub use client::{CallError, NetworkFactory, Peers};
 pub use server::{GroupRegistry, RaftService};
 
+use std::sync::{Arc, OnceLock};
+
 use crate::ids::{ClusterId, Incarnation, NodeId};
 
 /// Largest message the transport accepts or sends (snapshot chunks are far smaller).
@@ -30,12 +35,43 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub const MAX_BATCH_REQUESTS: usize = 64;
 
 /// Who is talking: carried in every request.
+///
+/// The cluster id is learned at most once in a node's life: a node created as an initial member
+/// does not know it until the member that creates the cluster generates it, and until then it
+/// refuses every Raft request (nothing of any cluster reaches its groups). Clones share what was
+/// learned.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    /// The cluster this node belongs to.
-    pub cluster_id: ClusterId,
+    cluster_id: Arc<OnceLock<ClusterId>>,
     /// This node.
     pub node_id: NodeId,
     /// This life of this node's disk.
     pub incarnation: Incarnation,
+}
+
+impl Identity {
+    /// The identity of node `node_id` in its life `incarnation`, of cluster `cluster_id` if known.
+    pub fn new(node_id: NodeId, incarnation: Incarnation, cluster_id: Option<ClusterId>) -> Self {
+        let cell = OnceLock::new();
+        if let Some(id) = cluster_id {
+            let _ = cell.set(id);
+        }
+        Identity { cluster_id: Arc::new(cell), node_id, incarnation }
+    }
+
+    /// The cluster this node belongs to (`None` until it learns it).
+    pub fn cluster_id(&self) -> Option<&ClusterId> {
+        self.cluster_id.get()
+    }
+
+    /// What requests carry as the sender's cluster: empty while it is not known, which no
+    /// receiver accepts.
+    pub(crate) fn wire_cluster_id(&self) -> String {
+        self.cluster_id().map(|c| c.0.clone()).unwrap_or_default()
+    }
+
+    /// Records the cluster id (the caller checked that none is known yet).
+    pub(crate) fn learn(&self, cluster_id: ClusterId) {
+        let _ = self.cluster_id.set(cluster_id);
+    }
 }

@@ -14,7 +14,7 @@ use super::proto::{
 use super::{Identity, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES};
 use crate::codec;
 use crate::handle::GroupHandle;
-use crate::ids::{GroupId, NodeId};
+use crate::ids::{GroupId, Incarnation, NodeId};
 
 /// Bound on a leadership transfer asked over the transport.
 const TRANSFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -27,6 +27,7 @@ pub struct GroupRegistry {
     inner: Arc<RwLock<HashMap<GroupId, Raft>>>,
     handles: Arc<RwLock<HashMap<GroupId, GroupHandle>>>,
     lease_ms: Arc<std::sync::atomic::AtomicU64>,
+    incarnations: Arc<RwLock<HashMap<NodeId, Incarnation>>>,
 }
 
 impl GroupRegistry {
@@ -64,6 +65,17 @@ impl GroupRegistry {
     pub fn remove(&self, group: GroupId) -> Option<Raft> {
         write(&self.handles).remove(&group);
         write(&self.inner).remove(&group)
+    }
+
+    /// Records the incarnation of every member (as group 0 lists them): a request from one of
+    /// these ids with another incarnation is refused.
+    pub fn set_incarnations(&self, members: HashMap<NodeId, Incarnation>) {
+        *write(&self.incarnations) = members;
+    }
+
+    /// The incarnation recorded for member `node`.
+    pub fn incarnation_of(&self, node: NodeId) -> Option<Incarnation> {
+        read(&self.incarnations).get(&node).copied()
     }
 
     /// Every hosted group.
@@ -130,14 +142,49 @@ impl RaftTransport for RaftService {
 }
 
 impl RaftService {
+    /// Refuses a request from another cluster (from any cluster while this node does not know
+    /// its own) or from a member id whose incarnation is not the listed one. These checks come
+    /// before anything reaches openraft: a log of another cluster or another disk contradicts
+    /// the group's, and openraft panics on some such contradictions instead of answering them.
+    fn check_sender(&self, req: &RaftRequest) -> Option<RaftResponse> {
+        let me = self.identity.node_id;
+        let Some(mine) = self.identity.cluster_id() else {
+            tracing::debug!(
+                from_node = req.from_node,
+                "refused RPC: this node does not know its cluster yet"
+            );
+            return Some(refuse(
+                ErrorCode::ForeignCluster,
+                format!("node {me} does not belong to a cluster yet (it learns the id when the cluster is created)"),
+            ));
+        };
+        if req.cluster_id != mine.0 {
+            tracing::warn!(from_node = req.from_node, cluster = %req.cluster_id, "refused RPC from a foreign cluster");
+            return Some(refuse(
+                ErrorCode::ForeignCluster,
+                format!("node {me} belongs to cluster {mine}, not {:?}", req.cluster_id),
+            ));
+        }
+        let from = NodeId(req.from_node);
+        match self.groups.incarnation_of(from) {
+            Some(listed) if listed.0 != req.incarnation => {
+                tracing::warn!(from_node = req.from_node, "refused RPC from another incarnation of a member");
+                Some(refuse(
+                    ErrorCode::StaleIncarnation,
+                    format!(
+                        "member {from} is incarnation {listed}, not {}: another disk under a known id",
+                        Incarnation(req.incarnation)
+                    ),
+                ))
+            }
+            _ => None,
+        }
+    }
+
     /// Checks and dispatches one request; every refusal is a reply, never a panic.
     async fn handle(&self, req: RaftRequest) -> RaftResponse {
-        if req.cluster_id != self.identity.cluster_id.0 {
-            tracing::warn!(from_node = req.from_node, cluster = %req.cluster_id, "refused RPC from a foreign cluster");
-            return refuse(
-                ErrorCode::ForeignCluster,
-                format!("this node belongs to cluster {}, not {}", self.identity.cluster_id, req.cluster_id),
-            );
+        if let Some(refusal) = self.check_sender(&req) {
+            return refusal;
         }
         let group = GroupId(req.group);
         let Some(raft) = self.groups.get(group) else {
