@@ -48,8 +48,34 @@ pub enum Error {
     NotFound(FlowId),
 }
 
-/// Commits a new activation of `flow` (stored epoch + 1) and runs it.
+/// Bounds an activation keeps (cluster parameters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest user payload (bytes) the flow may put into the log: an effect's value or
+    /// error, a state, a message it sends, a child's input, its output or error. A larger one
+    /// fails the flow with `payload_too_large` naming the step.
+    pub max_payload_bytes: u64,
+}
+
+impl Default for Limits {
+    /// The cluster default: 1 MiB.
+    fn default() -> Self {
+        Limits { max_payload_bytes: 1 << 20 }
+    }
+}
+
+/// Commits a new activation of `flow` (stored epoch + 1) and runs it, with the default limits.
 pub async fn activate(group: &GroupHandle, registry: &Registry, flow: &FlowId) -> Result<Outcome, Error> {
+    activate_with(group, registry, flow, Limits::default()).await
+}
+
+/// Commits a new activation of `flow` (stored epoch + 1) and runs it within `limits`.
+pub async fn activate_with(
+    group: &GroupHandle,
+    registry: &Registry,
+    flow: &FlowId,
+    limits: Limits,
+) -> Result<Outcome, Error> {
     let record =
         group.read(|kv| shard::get_flow(kv, flow)).await??.ok_or_else(|| Error::NotFound(flow.clone()))?;
     if record.status.is_finished() {
@@ -57,7 +83,7 @@ pub async fn activate(group: &GroupHandle, registry: &Registry, flow: &FlowId) -
     }
     let epoch = record.epoch.next();
     match group.propose_shard(ShardCommand::Activate { flow: flow.clone(), epoch }).await? {
-        Ok(_) => run(group, registry, flow, epoch).await,
+        Ok(_) => run(group, registry, flow, epoch, limits).await,
         Err(Rejection::FlowFinished) => Ok(Outcome::AlreadyFinished(record.status)),
         Err(r) => Ok(Outcome::Fenced(format!("activation refused: {r}"))),
     }
@@ -69,6 +95,7 @@ pub async fn run(
     registry: &Registry,
     flow: &FlowId,
     epoch: Epoch,
+    limits: Limits,
 ) -> Result<Outcome, Error> {
     // The leader applied our `Activate` before replying, so its local state is current.
     let (record, effects, events) = group.read_local(|kv| -> Result<_, KvError> {
@@ -82,7 +109,7 @@ pub async fn run(
     if record.epoch != epoch {
         return Ok(Outcome::Fenced(format!("flow is at {} not {epoch}", record.epoch)));
     }
-    let ctx = Ctx::new(flow.clone(), epoch, group.clone(), effects, events);
+    let ctx = Ctx::new(flow.clone(), epoch, group.clone(), effects, events, limits.max_payload_bytes);
     let result = match registry.get(&flow.flow_type) {
         None => Err(FlowError::new(
             kind::UNKNOWN_FLOW_TYPE,
@@ -102,6 +129,26 @@ pub async fn run(
                 },
             }
         }
+    };
+    // A value over the limit never enters the log: the flow fails naming what was too large.
+    let limit = limits.max_payload_bytes;
+    let result = match result {
+        Ok(output) if output.len() as u64 > limit => Err(FlowError::new(
+            kind::PAYLOAD_TOO_LARGE,
+            format!(
+                "the output of the flow is {} bytes, over the payload limit of {limit} bytes",
+                output.len()
+            ),
+        )),
+        Err(error) if (error.kind.len() + error.message.len()) as u64 > limit => Err(FlowError::new(
+            kind::PAYLOAD_TOO_LARGE,
+            format!(
+                "the error of the flow (kind {:?}) is {} bytes, over the payload limit of {limit} bytes",
+                error.kind.chars().take(64).collect::<String>(),
+                error.kind.len() + error.message.len()
+            ),
+        )),
+        other => other,
     };
     let (command, outcome) = match result {
         Ok(output) => (ShardCommand::Complete { flow: flow.clone(), epoch, output }, Outcome::Succeeded),

@@ -56,6 +56,10 @@ pub mod kind {
     pub const BAD_OUTPUT: &str = "bad_output";
     /// An error converted from a Rust error value with `?`.
     pub const ERROR: &str = "error";
+    /// A value the flow produced (an effect's value or error, a state, a message it sends, a
+    /// child's input, its output) is over the cluster's payload limit; the message names the
+    /// step.
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
 }
 
 /// How a flow (or an effect) failed: a stable kind and a message. Recorded in the journal, so a

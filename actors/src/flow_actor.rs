@@ -18,6 +18,7 @@ pub(crate) struct FlowArgs {
     pub(crate) registry: Registry,
     pub(crate) flow: FlowId,
     pub(crate) shard: ActorRef<ShardMsg>,
+    pub(crate) limits: activation::Limits,
 }
 
 /// The actor of one flow's activation. It takes no messages: it runs until its activation ends
@@ -31,8 +32,9 @@ impl Actor for FlowActor {
 
     async fn pre_start(&self, myself: ActorRef<()>, args: FlowArgs) -> Result<Task, ActorProcessingErr> {
         Ok(Task::spawn(async move {
-            let FlowArgs { group, registry, flow, shard } = args;
-            let outcome = activation::activate(&group, &registry, &flow).await.map_err(|e| e.to_string());
+            let FlowArgs { group, registry, flow, shard, limits } = args;
+            let outcome =
+                activation::activate_with(&group, &registry, &flow, limits).await.map_err(|e| e.to_string());
             // The shard actor matches the actor's identity: a report of an activation it already
             // replaced is ignored.
             let _ = shard.send_message(ShardMsg::Ended { flow, actor: myself.get_id(), outcome });

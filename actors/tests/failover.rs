@@ -327,3 +327,77 @@ async fn outbox_survives_a_leader_change_of_the_source_shard() -> Result<()> {
     }
     Ok(())
 }
+
+/// Produces a value of `n` bytes in the way its input names: an effect's value, its output, or
+/// a message to another flow.
+struct Hog {
+    to: FlowId,
+}
+
+impl Flow for Hog {
+    const TYPE: &'static str = "hog";
+    type Input = (String, usize);
+    type Output = String;
+
+    async fn run(&self, ctx: &Ctx, (how, n): (String, usize)) -> Result<String, FlowError> {
+        match how.as_str() {
+            "effect" => ctx.effect("big", || async move { Ok::<_, FlowError>("x".repeat(n)) }).await,
+            "send" => {
+                #[derive(serde::Serialize, serde::Deserialize)]
+                struct Blob(String);
+                impl fetter_actors::Message for Blob {
+                    const NAME: &'static str = "Blob";
+                }
+                ctx.send("blob", &self.to, &Blob("x".repeat(n))).await?;
+                Ok(String::new())
+            }
+            _ => Ok("x".repeat(n)),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_values_fail_their_flow_naming_the_step_and_the_shard_keeps_serving() -> Result<()> {
+    let child = flow_on("child", 0, SHARDS, "after");
+    let work = Service::default();
+    let registry = Registry::new()
+        .register(Hog { to: flow_on("receiver", 1, SHARDS, "r") })?
+        .register(Child { work: work.clone() })?;
+    let c = cluster(registry).await?;
+    let leader_before = c.leader_node(0);
+    // 70 MiB from an effect (more than the transport carries), 2 MiB of output, 2 MiB sent.
+    let cases = [
+        ("effect", 70 << 20, "effect \"big\""),
+        ("output", 2 << 20, "output"),
+        ("send", 2 << 20, "send \"blob\""),
+    ];
+    for (i, (how, n, names)) in cases.iter().enumerate() {
+        let hog = flow_on("hog", 0, SHARDS, &format!("h{i}"));
+        let input = serde_json::to_vec(&(how, n))?;
+        let start = ShardCommand::Start { flow: hog.clone(), input, parent: None };
+        c.leader_of(0).await?.propose_shard(start).await?.map_err(|r| anyhow!("{r}"))?;
+        let record = wait_finished(&c, 0, &hog).await?;
+        let error = record.error.clone().ok_or_else(|| anyhow!("{how}: {hog} did not fail: {record:?}"))?;
+        ensure!(
+            error.kind == "payload_too_large" && error.message.contains(names),
+            "{how}: failed with {error:?}"
+        );
+    }
+    // The shard keeps serving, under the same leader.
+    let start = ShardCommand::Start { flow: child.clone(), input: b"1".to_vec(), parent: None };
+    c.leader_of(0).await?.propose_shard(start).await?.map_err(|r| anyhow!("{r}"))?;
+    let record = wait_finished(&c, 0, &child).await?;
+    ensure!(record.status == FlowStatus::Succeeded, "{record:?}");
+    ensure!(
+        c.leader_node(0) == leader_before,
+        "shard 0 changed leader: {leader_before:?} -> {:?}",
+        c.leader_node(0)
+    );
+    let mut c = c;
+    let remaining: Vec<u64> =
+        c.router.nodes.lock().map_err(|_| anyhow!("poisoned"))?.keys().copied().collect();
+    for id in remaining {
+        c.stop(id).await?;
+    }
+    Ok(())
+}

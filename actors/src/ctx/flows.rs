@@ -24,6 +24,7 @@ impl Ctx {
             return Ok(());
         }
         let payload = serde_json::to_vec(message).map_err(|e| FlowError::new(kind::ERROR, e.to_string()))?;
+        let payload = self.bounded(|| format!("the message of send {id:?}"), payload).await;
         self.commit(ShardCommand::Send {
             flow: self.inner.flow.clone(),
             epoch: self.inner.epoch,
@@ -57,6 +58,7 @@ impl Ctx {
             return Ok(());
         }
         let input = serde_json::to_vec(input).map_err(|e| FlowError::new(kind::ERROR, e.to_string()))?;
+        let input = self.bounded(|| format!("the input of child {id:?}"), input).await;
         self.commit(ShardCommand::StartChild {
             flow: self.inner.flow.clone(),
             epoch: self.inner.epoch,

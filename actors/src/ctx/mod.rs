@@ -63,6 +63,8 @@ struct Inner {
     /// activation's next write, which always comes before the next effect's work runs, before
     /// the flow waits and with its end ([`Ctx::commit`], [`Ctx::flush`]).
     pending: Mutex<Vec<ShardCommand>>,
+    /// The cluster's bound on one user payload (bytes): a larger value never enters the log.
+    max_payload_bytes: u64,
 }
 
 impl Ctx {
@@ -72,6 +74,7 @@ impl Ctx {
         group: GroupHandle,
         effects: Vec<(String, EffectRecord)>,
         events: Vec<(u64, Event)>,
+        max_payload_bytes: u64,
     ) -> Ctx {
         let (halt, _) = watch::channel(None);
         Ctx {
@@ -84,6 +87,7 @@ impl Ctx {
                 next_auto_id: AtomicU64::new(0),
                 halt,
                 pending: Mutex::new(Vec::new()),
+                max_payload_bytes,
             }),
         }
     }
@@ -149,6 +153,19 @@ impl Ctx {
                 return Halt::Fenced("activation dropped".into());
             }
         }
+    }
+
+    /// `bytes` if they are within the payload limit; otherwise the flow fails with
+    /// `payload_too_large` naming `what` (the step and what of it was too large), and this never
+    /// returns into flow code: a value over the limit must not enter the log (a large entry
+    /// would stall the shard's replication).
+    async fn bounded(&self, what: impl FnOnce() -> String, bytes: Vec<u8>) -> Vec<u8> {
+        let limit = self.inner.max_payload_bytes;
+        if bytes.len() as u64 <= limit {
+            return bytes;
+        }
+        let message = format!("{} is {} bytes, over the payload limit of {limit} bytes", what(), bytes.len());
+        self.halt(Halt::Fail(FlowError::new(kind::PAYLOAD_TOO_LARGE, message))).await
     }
 
     /// Ends the activation: never returns into flow code.
@@ -264,6 +281,7 @@ impl Ctx {
         }
         let value = make();
         let bytes = serde_json::to_vec(&value).map_err(|e| FlowError::new(kind::ERROR, e.to_string()))?;
+        let bytes = self.bounded(|| format!("the value of step {id:?}"), bytes).await;
         let type_name = std::any::type_name::<T>().to_string();
         self.commit(ShardCommand::EffectCompleted {
             flow: self.inner.flow.clone(),
@@ -499,6 +517,7 @@ where
     let (command, state) = match &result {
         Ok(value) => {
             let bytes = serde_json::to_vec(value).map_err(|e| FlowError::new(kind::ERROR, e.to_string()))?;
+            let bytes = ctx.bounded(|| format!("the value of effect {id:?}"), bytes).await;
             let command = ShardCommand::EffectCompleted {
                 flow,
                 epoch,
@@ -510,6 +529,14 @@ where
             (command, EffectState::Completed(bytes))
         }
         Err(error) => {
+            let size = error.kind.len() + error.message.len();
+            if size as u64 > ctx.inner.max_payload_bytes {
+                let message = format!(
+                    "the error of effect {id:?} is {size} bytes, over the payload limit of {} bytes",
+                    ctx.inner.max_payload_bytes
+                );
+                return ctx.halt(Halt::Fail(FlowError::new(kind::PAYLOAD_TOO_LARGE, message))).await;
+            }
             let command = ShardCommand::EffectFailed {
                 flow,
                 epoch,
@@ -634,6 +661,7 @@ impl<T: Serialize + DeserializeOwned> State<'_, T> {
             }
         }
         let bytes = serde_json::to_vec(value).map_err(|e| FlowError::new(kind::ERROR, e.to_string()))?;
+        let bytes = self.ctx.bounded(|| format!("the value of state {:?}", self.id), bytes).await;
         let type_name = std::any::type_name::<T>().to_string();
         self.ctx
             .commit(ShardCommand::StateSet {

@@ -170,6 +170,8 @@ pub struct ShardArgs {
     pub gc_every: Duration,
     /// Bounds and pacing.
     pub tuning: Tuning,
+    /// Bounds of every activation (cluster parameters).
+    pub limits: crate::activation::Limits,
 }
 
 impl ShardArgs {
@@ -190,6 +192,7 @@ impl ShardArgs {
             retention: Duration::from_secs(7 * 24 * 3600),
             gc_every: Duration::from_secs(60),
             tuning: Tuning::default(),
+            limits: crate::activation::Limits::default(),
         }
     }
 }
@@ -589,6 +592,7 @@ impl ShardActor {
             registry: state.args.registry.clone(),
             flow: flow.clone(),
             shard: myself.clone(),
+            limits: state.args.limits,
         };
         match ractor::ActorRuntime::spawn_linked_instant(None, FlowActor, args, myself.get_cell()) {
             Ok((flow_actor, _)) => {

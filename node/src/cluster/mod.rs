@@ -450,6 +450,7 @@ impl ClusterNode {
             let mut args =
                 ShardArgs::new(shard, group.clone(), router.clone(), registry.clone(), election_timeout);
             args.retention = options.retention;
+            args.limits.max_payload_bytes = options.max_payload_bytes;
             let (actor, _) = ShardActor::start(args)
                 .await
                 .map_err(|e| StartError::Cluster(format!("cannot spawn the actor of shard {shard}: {e}")))?;
