@@ -92,7 +92,7 @@ pub(super) fn ports_free(base: u16, n: u64) -> bool {
 }
 
 /// `n` consecutive free loopback ports from a random place in 20000..60000.
-fn free_ports(n: u64) -> Result<u16> {
+pub(super) fn free_ports(n: u64) -> Result<u16> {
     for _ in 0..200 {
         let base: u16 = rand::random_range(20_000..60_000);
         if ports_free(base, n) {
@@ -278,18 +278,18 @@ fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
 }
 
 /// The entries appended to a ledger file since the last call (complete lines only).
-struct LedgerTail {
+pub(super) struct LedgerTail {
     path: PathBuf,
     offset: u64,
     partial: Vec<u8>,
 }
 
 impl LedgerTail {
-    fn new(path: &Path) -> Self {
+    pub(super) fn new(path: &Path) -> Self {
         LedgerTail { path: path.to_path_buf(), offset: 0, partial: Vec::new() }
     }
 
-    fn read_new(&mut self) -> Result<Vec<LedgerEntry>> {
+    pub(super) fn read_new(&mut self) -> Result<Vec<LedgerEntry>> {
         let mut file = match std::fs::File::open(&self.path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

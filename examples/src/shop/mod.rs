@@ -8,10 +8,13 @@
 //!   idempotently starts orders `o-1..o-N` and exits 0 once every one has finished, printing how
 //!   many succeeded and failed. Killed and started again on the same directory, it resumes.
 //! - `shop bench --flows 10000 --concurrency 256` measures the runtime (see `bench.rs`).
+//! - `shop bench-timers --flows 25000 --interval-ms 60000` checks and measures durable timers
+//!   across a `kill -9` and restart of a one-shard node (see `timer_bench.rs`).
 
 mod bench;
 mod cluster_bench;
 mod demo;
+mod timer_bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,6 +89,20 @@ enum ShopCommand {
         #[arg(long, default_value_t = 0)]
         kill: u32,
     },
+    /// Durable timers across a crash: one node process with one shard, `--flows` signups waiting
+    /// on a reminder, `kill -9` and restart; every first reminder must be sent, once. Reports how
+    /// late they were and the node's RSS.
+    BenchTimers {
+        /// Signups to start.
+        #[arg(long, default_value_t = 25_000)]
+        flows: u64,
+        /// Their reminder interval, in milliseconds.
+        #[arg(long, default_value_t = 60_000)]
+        interval_ms: u64,
+        /// Client calls in flight.
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+    },
     /// The demo: a local 3-node cluster runs orders while its busiest leader is killed and
     /// restarted; prints what happened to every order (and to the shipments).
     Demo {
@@ -157,6 +174,10 @@ async fn run(command: ShopCommand) -> Result<()> {
             } else {
                 bench::bench(flows, concurrency.max(1), suspended).await
             }
+        }
+        ShopCommand::BenchTimers { flows, interval_ms, concurrency } => {
+            let opts = timer_bench::TimerBenchOptions { flows, interval_ms, concurrency: concurrency.max(1) };
+            timer_bench::bench(opts).await
         }
         ShopCommand::Demo { orders, base_port, data_dir, concurrency, restart_after_secs } => {
             let opts = demo::DemoOptions {
