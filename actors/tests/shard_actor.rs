@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
 use common::{flow_on, node_with_shards, single_node, start, Go, Service, WAIT};
-use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardHandle, ShardStats, Tuning};
+use fetter_actors::shard_actor::{Params, Router, ShardActor, ShardArgs, ShardHandle, ShardStats, Tuning};
 use fetter_actors::{Ctx, Flow, FlowError, Registry, RetryPolicy};
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{FlowId, ShardId};
@@ -247,7 +247,7 @@ async fn finished_flows_are_collected_after_the_retention_period() -> Result<()>
     let registry = Registry::new().register(Waiter { work: work.clone() })?;
     let router: Arc<dyn Router> = Arc::new(HashMap::from([(ShardId(0), n.group.clone())]));
     let mut args = ShardArgs::new(ShardId(0), n.group.clone(), router, registry, Duration::from_secs(2));
-    args.retention = Duration::from_millis(300);
+    args.params = Params::new(Duration::from_millis(300), Default::default());
     args.gc_every = Duration::from_millis(100);
     let (actor, _) = ShardActor::start(args).await?;
     let done = FlowId::new("waiter", "done");

@@ -88,9 +88,15 @@ pub struct NodeArgs<X: Args> {
     /// Raft timing.
     #[arg(long, value_enum, default_value_t)]
     pub timing: TimingProfile,
-    /// Largest accepted user payload, in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
-    pub max_payload_bytes: u64,
+    /// Largest accepted user payload, in bytes: a cluster parameter, seeded by the node that
+    /// creates the cluster (default 1 MiB); a node given another value than its cluster's is
+    /// refused (`cluster config set` changes it).
+    #[arg(long)]
+    pub max_payload_bytes: Option<u64>,
+    /// How long finished flows are kept, in seconds: a cluster parameter like
+    /// `--max-payload-bytes` (default 7 days).
+    #[arg(long)]
+    pub retention_secs: Option<u64>,
     /// The application's node options.
     #[command(flatten)]
     pub app: X,
@@ -247,6 +253,7 @@ impl<X: Args + FromArgMatches + Clone + std::fmt::Debug + Send + Sync + 'static>
         options.shards = args.shards;
         options.timing = args.timing.timing();
         options.max_payload_bytes = args.max_payload_bytes;
+        options.retention = args.retention_secs.map(Duration::from_secs);
         let node = match ClusterNode::start(options, registry).await {
             Ok(node) => node,
             Err(e) => {

@@ -248,6 +248,37 @@ pub enum ClusterCommand {
         #[arg(long)]
         id: u64,
     },
+    /// Read or change the cluster's parameters (the same on every node).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `cluster config …` commands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum ConfigCommand {
+    /// Show the cluster's parameters.
+    Get {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change one parameter cluster-wide: `retention-secs` or `max-payload-bytes`.
+    Set {
+        /// The parameter.
+        #[arg(value_enum)]
+        name: ConfigName,
+        /// Its new value (a whole number).
+        value: u64,
+    },
+}
+
+/// The cluster parameters `cluster config set` changes.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigName {
+    /// How long finished flows are kept, in seconds.
+    RetentionSecs,
+    /// The largest user payload, in bytes.
+    MaxPayloadBytes,
 }
 
 /// Why a client command failed.
@@ -384,7 +415,36 @@ async fn cluster_command(client: &Client, command: ClusterCommand) -> Result<Str
             client.remove_node(id).await?;
             format!("removed node {id}\n")
         }
+        ClusterCommand::Config(ConfigCommand::Get { json }) => {
+            config_text(&client.cluster_config().await?, json)?
+        }
+        ClusterCommand::Config(ConfigCommand::Set { name, value }) => {
+            let config = match name {
+                ConfigName::RetentionSecs => {
+                    client.set_cluster_config(Some(Duration::from_secs(value)), None).await?
+                }
+                ConfigName::MaxPayloadBytes => client.set_cluster_config(None, Some(value)).await?,
+            };
+            config_text(&config, false)?
+        }
     })
+}
+
+/// The cluster's parameters, as text or one JSON object.
+fn config_text(config: &proto::ClusterConfig, json: bool) -> Result<String, CliError> {
+    let retention_secs = config.retention_ms / 1000;
+    if json {
+        let doc = serde_json::json!({
+            "shard_count": config.shard_count,
+            "retention_secs": retention_secs,
+            "max_payload_bytes": config.max_payload_bytes,
+        });
+        return json_line(&doc);
+    }
+    Ok(format!(
+        "shard-count        {}\nretention-secs     {retention_secs}\nmax-payload-bytes  {}\n",
+        config.shard_count, config.max_payload_bytes
+    ))
 }
 
 /// Refuses a JSON argument that does not parse, before any call.
@@ -1110,6 +1170,16 @@ mod tests {
             TestCommand::Client(ClientCommand::Cluster(ClusterCommand::Status { json: true }))
         ));
         parse(&["cluster", "remove-node", "--id", "3"])?;
+        parse(&["cluster", "config", "get", "--json"])?;
+        let cli = parse(&["cluster", "config", "set", "retention-secs", "3600"])?;
+        assert!(matches!(
+            cli.command,
+            TestCommand::Client(ClientCommand::Cluster(ClusterCommand::Config(ConfigCommand::Set {
+                name: ConfigName::RetentionSecs,
+                value: 3600
+            })))
+        ));
+        assert!(parse(&["cluster", "config", "set", "shard-count", "4"]).is_err());
         parse(&["node", "--id", "1"])?;
         Ok(())
     }

@@ -517,6 +517,26 @@ impl Client {
         self.call(request, Duration::ZERO, |mut c, r| async move { c.cluster_status(r).await }).await
     }
 
+    /// The cluster's parameters.
+    pub async fn cluster_config(&self) -> Result<proto::ClusterConfig, ClientError> {
+        let request = proto::GetClusterConfigRequest {};
+        self.call(request, Duration::ZERO, |mut c, r| async move { c.get_cluster_config(r).await }).await
+    }
+
+    /// Changes the cluster's parameters (those given); returns them as they are now. Every node
+    /// follows within a second.
+    pub async fn set_cluster_config(
+        &self,
+        retention: Option<Duration>,
+        max_payload_bytes: Option<u64>,
+    ) -> Result<proto::ClusterConfig, ClientError> {
+        let request = proto::SetClusterConfigRequest {
+            retention_ms: retention.map(|r| u64::try_from(r.as_millis()).unwrap_or(u64::MAX)),
+            max_payload_bytes,
+        };
+        self.call(request, Duration::ZERO, |mut c, r| async move { c.set_cluster_config(r).await }).await
+    }
+
     /// Adds node `id` at `addr` to the cluster.
     pub async fn add_node(&self, id: u64, addr: &str) -> Result<(), ClientError> {
         let request = proto::AddNodeRequest { id, addr: addr.to_string() };

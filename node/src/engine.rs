@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fetter_actors::control::ControlPanel;
-use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardHandle, ShardStats};
+use fetter_actors::shard_actor::{Params, Router, ShardActor, ShardArgs, ShardHandle, ShardStats};
 use fetter_actors::Registry;
 use fetter_raft::handle::{self, GroupHandle};
 use fetter_raft::ids::FlowId;
@@ -116,12 +116,14 @@ impl Engine {
             groups.iter().enumerate().map(|(s, g)| (ShardId(s as u32), g.clone())).collect();
         let router: Arc<dyn Router> = Arc::new(routes);
         let election_timeout = Duration::from_millis(config.timing.election_timeout_max_ms);
+        // One node is its own cluster: its configuration is the cluster's parameters.
+        let params = Params::new(config.retention, Default::default());
         let mut actors = Vec::new();
         for (s, group) in groups.iter().enumerate() {
             let shard = ShardId(s as u32);
             let mut args =
                 ShardArgs::new(shard, group.clone(), router.clone(), registry.clone(), election_timeout);
-            args.retention = config.retention;
+            args.params = params.clone();
             let spawned = ShardActor::start(args).await.map_err(|e| Error::Spawn(shard, e.to_string()))?;
             actors.push(spawned);
         }

@@ -88,6 +88,10 @@ impl ClusterInfo {
     }
 }
 
+/// The largest payload limit a cluster may set (bytes): one payload must fit well inside one
+/// log entry and one replication request.
+pub const MAX_PAYLOAD_BYTES_LIMIT: u64 = 16 << 20;
+
 /// A command to group 0.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCommand {
@@ -113,6 +117,14 @@ pub enum MetaCommand {
         /// Its placement.
         placement: ShardPlacement,
     },
+    /// Change cluster parameters (those given; the shard count is fixed at creation). Every
+    /// node follows group 0's parameters.
+    SetParams {
+        /// How long a finished flow is kept (ms).
+        retention_ms: Option<u64>,
+        /// The largest user payload accepted (bytes).
+        max_payload_bytes: Option<u64>,
+    },
 }
 
 /// A successful outcome of a metadata command.
@@ -132,6 +144,8 @@ pub enum MetaOutcome {
     PlacementSet,
     /// Nothing to do: the state already was what the command asks for.
     Unchanged,
+    /// Cluster parameters changed.
+    ParamsSet,
 }
 
 /// Why a metadata command was rejected. A rejected command changes nothing.
@@ -333,6 +347,21 @@ fn run(kv: &mut dyn Kv, cmd: &MetaCommand) -> Result<MetaOutcome, Fail> {
             info.placement.insert(*shard, placement.clone());
             MetaOutcome::PlacementSet
         }
+        MetaCommand::SetParams { retention_ms, max_payload_bytes } => {
+            let mut params = info.params.clone();
+            if let Some(retention_ms) = retention_ms {
+                params.retention_ms = *retention_ms;
+            }
+            if let Some(max_payload_bytes) = max_payload_bytes {
+                params.max_payload_bytes = *max_payload_bytes;
+            }
+            if params == info.params {
+                return Ok(MetaOutcome::Unchanged);
+            }
+            info.params = params;
+            validate(&info)?;
+            MetaOutcome::ParamsSet
+        }
     };
     txn::put(kv, CLUSTER.to_vec(), &info)?;
     Ok(outcome)
@@ -343,8 +372,11 @@ fn validate(info: &ClusterInfo) -> Result<(), MetaRejection> {
     if params.shard_count == 0 {
         return Err(MetaRejection::InvalidParams("shard_count must be at least 1".into()));
     }
-    if params.max_payload_bytes == 0 {
-        return Err(MetaRejection::InvalidParams("max_payload_bytes must be positive".into()));
+    if params.max_payload_bytes == 0 || params.max_payload_bytes > MAX_PAYLOAD_BYTES_LIMIT {
+        return Err(MetaRejection::InvalidParams(format!(
+            "max_payload_bytes must be between 1 and {MAX_PAYLOAD_BYTES_LIMIT}, not {}",
+            params.max_payload_bytes
+        )));
     }
     if info.cluster_id.0.is_empty() {
         return Err(MetaRejection::InvalidParams("cluster id must not be empty".into()));
@@ -441,6 +473,25 @@ mod tests {
     fn defaults() {
         let p = ClusterParams::default();
         assert_eq!((p.shard_count, p.retention_ms, p.max_payload_bytes), (12, 604_800_000, 1_048_576));
+    }
+
+    #[test]
+    fn params_change_cluster_wide_within_bounds() {
+        let mut kv = initialized();
+        let set =
+            |retention_ms, max_payload_bytes| MetaCommand::SetParams { retention_ms, max_payload_bytes };
+        assert_eq!(run(&mut kv, 101, set(Some(2_000), None)), Ok(MetaOutcome::ParamsSet));
+        let params = read_cluster(&kv).unwrap().unwrap().params;
+        assert_eq!((params.shard_count, params.retention_ms, params.max_payload_bytes), (3, 2_000, 1 << 20));
+        assert_eq!(run(&mut kv, 102, set(Some(2_000), None)), Ok(MetaOutcome::Unchanged));
+        assert_eq!(run(&mut kv, 103, set(None, Some(4 << 20))), Ok(MetaOutcome::ParamsSet));
+        assert!(matches!(run(&mut kv, 104, set(None, Some(0))), Err(MetaRejection::InvalidParams(_))));
+        assert!(matches!(
+            run(&mut kv, 105, set(Some(1), Some(64 << 20))),
+            Err(MetaRejection::InvalidParams(_))
+        ));
+        assert_eq!(read_cluster(&kv).unwrap().unwrap().params.max_payload_bytes, 4 << 20);
+        assert_eq!(run(&mut MemKv::new(), 1, set(Some(1), None)), Err(MetaRejection::NotInitialized));
     }
 
     #[test]

@@ -721,3 +721,49 @@ async fn a_node_started_on_another_clusters_directory_is_refused_and_the_cluster
     drop(b_data);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_parameters_are_the_clusters_and_config_set_changes_gc_on_every_node() -> Result<()> {
+    let mut c = TestCluster::start(EXE, 3, &[]).await?;
+    leaders_even(&c, Duration::from_secs(30)).await?;
+    // Orders on every shard: every node leads some of them.
+    let orders = orders_succeed(&c.client()?, "kept", 24).await?;
+    let config = c.client_of(3)?.cluster_config().await?;
+    ensure!(config.retention_ms == 7 * 24 * 3600 * 1000, "default retention: {config:?}");
+    // Changed through node 2, seen through node 3, applied by the GC of every shard leader.
+    let set = c.client_of(2)?.set_cluster_config(Some(Duration::from_secs(2)), None).await?;
+    ensure!(set.retention_ms == 2_000, "{set:?}");
+    ensure!(c.client_of(3)?.cluster_config().await?.retention_ms == 2_000, "node 3 reads the new retention");
+    let client = c.client()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = listed_orders(&client).await?;
+        if left.is_empty() {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} finished orders not collected 30 s after retention became 2 s: {left:?}",
+            left.len(),
+            orders.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A node that comes back with another retention on its command line is refused.
+    let (exited, code) = c.local.terminate(3, Duration::from_secs(20)).await.map_err(|e| anyhow!(e))?;
+    ensure!(exited && code == Some(0), "node 3 stopped cleanly: {exited} {code:?}");
+    let mut args = c.local.node_command(3);
+    args.extend(["--retention-secs".to_string(), "60".to_string()]);
+    c.local.spawn(3, args).map_err(|e| anyhow!(e))?;
+    let exit = c.local.wait_exit(3, Duration::from_secs(60)).await;
+    let log = std::fs::read_to_string(c.local.log_file(3))?;
+    ensure!(
+        exit == Ok(Some(1)) && log.contains("--retention-secs 60 contradicts the cluster's retention of 2 s"),
+        "node 3 with --retention-secs 60 must be refused: exit {exit:?}\n{log}"
+    );
+    // With the cluster's own parameters it runs again.
+    c.local.start(3).await.map_err(|e| anyhow!(e))?;
+    c.wait_ready().await?;
+    c.stop().await;
+    Ok(())
+}

@@ -26,6 +26,7 @@
 //!
 //! Postpone timers are ordinary timers here: firing one makes the flow `Running` again.
 
+mod params;
 mod queue;
 mod supervisor;
 mod timers;
@@ -46,6 +47,7 @@ use crate::activation::Outcome;
 use crate::flow_actor::{FlowActor, FlowArgs};
 use crate::registry::Registry;
 use crate::task::Task;
+pub use params::Params;
 use queue::Queue;
 pub use supervisor::SupervisorMsg;
 use supervisor::{Current, Supervisor};
@@ -164,18 +166,18 @@ pub struct ShardArgs {
     pub registry: Registry,
     /// After this long without a quorum acknowledgement a leader stops its flows.
     pub election_timeout: Duration,
-    /// Finished flows are deleted this long after they finished (a cluster parameter).
-    pub retention: Duration,
-    /// How often the leader proposes retention garbage collection.
+    /// Cluster parameters (retention, payload limit), followed while the actor runs.
+    pub params: Params,
+    /// How often the leader proposes retention garbage collection, at most (it runs at least
+    /// twice per retention period, and at most every 100 ms).
     pub gc_every: Duration,
     /// Bounds and pacing.
     pub tuning: Tuning,
-    /// Bounds of every activation (cluster parameters).
-    pub limits: crate::activation::Limits,
 }
 
 impl ShardArgs {
-    /// Arguments with the default retention (7 days, collected every minute) and tuning.
+    /// Arguments with the default parameters (7 days of retention, collected every minute) and
+    /// tuning.
     pub fn new(
         shard: ShardId,
         group: GroupHandle,
@@ -189,10 +191,9 @@ impl ShardArgs {
             router,
             registry,
             election_timeout,
-            retention: Duration::from_secs(7 * 24 * 3600),
+            params: Params::default(),
             gc_every: Duration::from_secs(60),
             tuning: Tuning::default(),
-            limits: crate::activation::Limits::default(),
         }
     }
 }
@@ -592,7 +593,7 @@ impl ShardActor {
             registry: state.args.registry.clone(),
             flow: flow.clone(),
             shard: myself.clone(),
-            limits: state.args.limits,
+            limits: state.args.params.limits(),
         };
         match ractor::ActorRuntime::spawn_linked_instant(None, FlowActor, args, myself.get_cell()) {
             Ok((flow_actor, _)) => {
@@ -816,14 +817,16 @@ impl ShardActor {
     /// Proposes retention GC when it is due: finished flows older than the retention period are
     /// deleted. The cutoff is computed here and travels in the command (`apply` reads no clock).
     fn maybe_collect(&self, state: &mut ShardState) {
+        let retention = state.args.params.retention();
+        let every = state.args.gc_every.min(retention / 2).max(TICK);
         if !state.leading
-            || state.last_gc.elapsed() < state.args.gc_every
+            || state.last_gc.elapsed() < every
             || state.collecting.as_ref().is_some_and(|t| !t.is_finished())
         {
             return;
         }
         state.last_gc = tokio::time::Instant::now();
-        let cutoff_ms = now_ms().saturating_sub(state.args.retention.as_millis() as u64);
+        let cutoff_ms = now_ms().saturating_sub(retention.as_millis() as u64);
         let group = state.args.group.clone();
         state.collecting = Some(Task::spawn(async move {
             let gc = ShardCommand::Gc { cutoff_ms, max_flows: GC_BATCH };

@@ -186,11 +186,11 @@ impl Shared {
 
     /// Refuses a payload over the limit or not JSON; returns its bytes.
     fn payload(&self, what: &str, json: String) -> Result<Vec<u8>, Status> {
-        if json.len() as u64 > self.max_payload_bytes {
+        let limit = self.params.limits().max_payload_bytes;
+        if json.len() as u64 > limit {
             return Err(Status::invalid_argument(format!(
-                "the {what} is {} bytes, over the limit of {} bytes",
-                json.len(),
-                self.max_payload_bytes
+                "the {what} is {} bytes, over the limit of {limit} bytes",
+                json.len()
             )));
         }
         serde_json::from_str::<serde::de::IgnoredAny>(&json)
@@ -370,7 +370,7 @@ impl Fetter for Api {
         let s = self.shared()?;
         let r = request.into_inner();
         let flow = s.flow_id(r.flow)?;
-        if r.reason.len() as u64 > s.max_payload_bytes {
+        if r.reason.len() as u64 > s.params.limits().max_payload_bytes {
             return Err(Status::invalid_argument("the reason is over the payload limit"));
         }
         let error = ErrorInfo { kind: "marked_failed".into(), message: r.reason };
@@ -465,6 +465,36 @@ impl Fetter for Api {
             members,
             shards,
         }))
+    }
+
+    async fn get_cluster_config(
+        &self,
+        _request: Request<proto::GetClusterConfigRequest>,
+    ) -> Result<Response<proto::ClusterConfig>, Status> {
+        let s = self.shared()?;
+        let info = s
+            .cluster_info()
+            .await?
+            .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
+        Ok(Response::new(config_of(&info.params)))
+    }
+
+    async fn set_cluster_config(
+        &self,
+        request: Request<proto::SetClusterConfigRequest>,
+    ) -> Result<Response<proto::ClusterConfig>, Status> {
+        let s = self.shared()?;
+        let r = request.into_inner();
+        let command = fetter_raft::meta::MetaCommand::SetParams {
+            retention_ms: r.retention_ms,
+            max_payload_bytes: r.max_payload_bytes,
+        };
+        super::members::submit_meta(s, command).await?;
+        let info = s
+            .cluster_info()
+            .await?
+            .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
+        Ok(Response::new(config_of(&info.params)))
     }
 
     async fn add_node(
@@ -580,5 +610,14 @@ pub(crate) async fn ping_members(shared: Arc<Shared>, mut stop: watch::Receiver<
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// The cluster's parameters as an API message.
+fn config_of(params: &fetter_raft::meta::ClusterParams) -> proto::ClusterConfig {
+    proto::ClusterConfig {
+        shard_count: params.shard_count,
+        retention_ms: params.retention_ms,
+        max_payload_bytes: params.max_payload_bytes,
     }
 }

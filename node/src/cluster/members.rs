@@ -27,7 +27,7 @@ fn meta_status(r: MetaRejection) -> Status {
 }
 
 /// Commits `command` in group 0 (through its leader); its refusal as a gRPC status.
-async fn submit_meta(shared: &Shared, command: MetaCommand) -> Result<(), Status> {
+pub(crate) async fn submit_meta(shared: &Shared, command: MetaCommand) -> Result<(), Status> {
     shared.meta.submit_meta(command).await.map_err(journal_status)?.map_err(meta_status)?;
     Ok(())
 }

@@ -40,8 +40,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fetter_actors::activation::Limits;
 use fetter_actors::control::ControlPanel;
-use fetter_actors::shard_actor::{Router, ShardActor, ShardArgs, ShardHandle};
+use fetter_actors::shard_actor::{Params, Router, ShardActor, ShardArgs, ShardHandle};
 use fetter_actors::Registry;
 use fetter_raft::handle::{GroupHandle, MembershipOp};
 use fetter_raft::ids::{ClusterId, GroupId, NodeId, ShardId};
@@ -84,17 +85,21 @@ pub struct NodeOptions {
     pub shards: u32,
     /// Raft timing.
     pub timing: Timing,
-    /// Finished flows are kept this long.
-    pub retention: Duration,
-    /// The largest user payload (input, message, output, effect value) accepted.
-    pub max_payload_bytes: u64,
+    /// Finished flows are kept this long: a cluster parameter, seeded by the node that creates
+    /// the cluster (`None`: 7 days). A node whose cluster has another retention is refused; `cluster
+    /// config set` changes it on every node.
+    pub retention: Option<Duration>,
+    /// The largest user payload (input, message, output, effect value) accepted: a cluster
+    /// parameter like `retention` (`None`: 1 MiB).
+    pub max_payload_bytes: Option<u64>,
     /// sled's page cache.
     pub cache_bytes: u64,
 }
 
 impl NodeOptions {
     /// Options for node `id` listening on `listen` with data in `data_dir`, 12 shards,
-    /// production timing, 7 days of retention, 1 MiB payloads.
+    /// production timing, the cluster's parameters (when creating it: 7 days of retention,
+    /// 1 MiB payloads).
     pub fn new(id: u64, listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
         NodeOptions {
             id: NodeId(id),
@@ -105,8 +110,8 @@ impl NodeOptions {
             join: None,
             shards: 12,
             timing: Timing::production(),
-            retention: Duration::from_secs(7 * 24 * 3600),
-            max_payload_bytes: ClusterParams::default().max_payload_bytes,
+            retention: None,
+            max_payload_bytes: None,
             cache_bytes: fetter_raft::storage::DEFAULT_CACHE_BYTES,
         }
     }
@@ -275,7 +280,8 @@ pub(crate) struct Shared {
     pub(crate) panel: ControlPanel,
     pub(crate) meta: GroupHandle,
     pub(crate) shards: Vec<GroupHandle>,
-    pub(crate) max_payload_bytes: u64,
+    /// The cluster's parameters as group 0 last said (followed by [`follow_params`]).
+    pub(crate) params: Params,
     pub(crate) liveness: Liveness,
     /// The followers' leader lease (the election timeout maximum), for leadership moves.
     pub(crate) lease: Duration,
@@ -430,12 +436,33 @@ impl ClusterNode {
         }
 
         let meta = node.open_group(GroupId::META).await?;
+        // The cluster's parameters: group 0's when this directory knows the cluster (a node's
+        // flags may repeat them, never contradict them), else the flags seed them.
+        let seed = ClusterParams {
+            shard_count: shards,
+            retention_ms: options
+                .retention
+                .map_or(ClusterParams::default().retention_ms, |r| r.as_millis() as u64),
+            max_payload_bytes: options
+                .max_payload_bytes
+                .unwrap_or(ClusterParams::default().max_payload_bytes),
+        };
+        let mut current = seed.clone();
         if let Some(info) = meta.read_local(meta::read_cluster).ok().flatten() {
             // Group 0 holds only what came from its own cluster (the transport refuses every
             // other), so its record of the id agrees with the identity's, or teaches it.
             learn_cluster_id(&node, &record, &info.cluster_id).await?;
             node.set_member_incarnations(info.members.iter().map(|m| (m.node, m.incarnation)).collect());
+            if let Err(contradiction) = check_params(&options, &info.params) {
+                node.shutdown().await;
+                return Err(StartError::Config(contradiction));
+            }
+            current = info.params;
         }
+        let params = Params::new(
+            Duration::from_millis(current.retention_ms),
+            Limits { max_payload_bytes: current.max_payload_bytes },
+        );
         let mut groups = Vec::new();
         for s in 0..shards {
             groups.push(node.open_group(GroupId::of_shard(ShardId(s))).await?);
@@ -449,8 +476,7 @@ impl ClusterNode {
             let shard = ShardId(s as u32);
             let mut args =
                 ShardArgs::new(shard, group.clone(), router.clone(), registry.clone(), election_timeout);
-            args.retention = options.retention;
-            args.limits.max_payload_bytes = options.max_payload_bytes;
+            args.params = params.clone();
             let (actor, _) = ShardActor::start(args)
                 .await
                 .map_err(|e| StartError::Cluster(format!("cannot spawn the actor of shard {shard}: {e}")))?;
@@ -463,7 +489,7 @@ impl ClusterNode {
             panel: ControlPanel::new(router, shards),
             meta: meta.clone(),
             shards: groups,
-            max_payload_bytes: options.max_payload_bytes,
+            params,
             liveness: liveness.clone(),
             lease: Duration::from_millis(options.timing.election_timeout_max_ms),
         });
@@ -474,14 +500,10 @@ impl ClusterNode {
         let mut tasks = vec![
             tokio::spawn(api::ping_members(shared.clone(), stop_rx.clone(), PING_EVERY)),
             tokio::spawn(reconcile::balance_leaders(shared.clone(), lease, stop_rx.clone())),
+            tokio::spawn(follow_params(shared.clone(), stop_rx.clone())),
         ];
         if let Some(peers) = &options.peers {
-            let params = ClusterParams {
-                shard_count: shards,
-                retention_ms: options.retention.as_millis() as u64,
-                max_payload_bytes: options.max_payload_bytes,
-            };
-            let init = Init { record, params, peers: peers.clone() };
+            let init = Init { record, params: seed, peers: peers.clone() };
             tasks.push(tokio::spawn(initialize_cluster(shared.clone(), init, stop_rx.clone())));
         }
         let node = ClusterNode { shared, lease, actors, stop, tasks };
@@ -544,6 +566,63 @@ impl ClusterNode {
         }
         self.shared.node.shutdown().await;
     }
+}
+
+/// How often a node reads group 0's parameters again.
+const PARAMS_EVERY: Duration = Duration::from_millis(250);
+
+/// Follows the cluster's parameters: every node reads them from its replica of group 0 (voter
+/// or learner), so a `cluster config set` reaches every shard actor and the API here.
+async fn follow_params(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(PARAMS_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if let Ok(Some(info)) = shared.meta.read_local(meta::read_cluster) {
+            let (retention, limits) = (
+                Duration::from_millis(info.params.retention_ms),
+                Limits { max_payload_bytes: info.params.max_payload_bytes },
+            );
+            if shared.params.retention() != retention || shared.params.limits() != limits {
+                tracing::info!(
+                    ?retention,
+                    max_payload_bytes = limits.max_payload_bytes,
+                    "cluster parameters changed"
+                );
+                shared.params.set(retention, limits);
+            }
+        }
+    }
+}
+
+/// Whether the parameters given on the command line agree with the cluster's (`Err` says how
+/// they do not).
+fn check_params(options: &NodeOptions, cluster: &ClusterParams) -> Result<(), String> {
+    if let Some(retention) = options.retention {
+        let given = retention.as_millis() as u64;
+        if given != cluster.retention_ms {
+            return Err(format!(
+                "--retention-secs {} contradicts the cluster's retention of {} s: cluster parameters \
+                 are the cluster's (see `cluster config get`; `cluster config set retention-secs <s>` \
+                 changes them on every node); start without the flag",
+                given / 1000,
+                cluster.retention_ms / 1000
+            ));
+        }
+    }
+    if let Some(given) = options.max_payload_bytes {
+        if given != cluster.max_payload_bytes {
+            return Err(format!(
+                "--max-payload-bytes {given} contradicts the cluster's limit of {} bytes: cluster \
+                 parameters are the cluster's (see `cluster config get`; `cluster config set \
+                 max-payload-bytes <n>` changes them on every node); start without the flag",
+                cluster.max_payload_bytes
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Asks the cluster `join` belongs to to add this node (retrying while it is unavailable).
