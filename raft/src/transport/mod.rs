@@ -34,6 +34,19 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Bound on the requests of one `CallBatch`.
 pub const MAX_BATCH_REQUESTS: usize = 64;
 
+/// Bound on the payload bytes of one `CallBatch`: the batch is answered as one message, so a
+/// large request would hold back the heartbeats of every other group in it.
+pub const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
+
+/// A request whose payload is larger than this goes in a call of its own, never in a batch.
+pub const SOLO_REQUEST_BYTES: usize = 512 * 1024;
+
+/// Bound on the encoded entries of one AppendEntries: more than one entry goes only if they fit
+/// together (a single entry always goes; the group handle bounds entries). openraft waits one
+/// heartbeat interval for the answer, so a request must be small enough to be sent and written
+/// in that time, and a lagging follower catches up by many bounded requests.
+pub const MAX_APPEND_BYTES: usize = 1024 * 1024;
+
 /// Who is talking: carried in every request.
 ///
 /// The cluster id is learned at most once in a node's life: a node created as an initial member
