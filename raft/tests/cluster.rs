@@ -673,6 +673,14 @@ async fn an_abandoned_leadership_transfer_leaves_the_leader_taking_proposals() -
     Ok(())
 }
 
+/// Logs to the test's output, filtered by `RUST_LOG` (nothing when it is unset).
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 /// Leadership of `group` as every running node sees it: (node, term, leader).
 fn leadership(c: &Cluster, group: GroupId) -> Result<Vec<(u64, u64, Option<NodeId>)>> {
     c.running()
@@ -692,10 +700,7 @@ async fn large_payloads_never_wedge_a_shard() -> Result<()> {
     const BIG: usize = 80;
     const PAYLOAD: usize = 900 * 1024;
     const FLOWS: usize = 8;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    init_tracing();
     // Two shards: the other shard and group 0 share the per-peer batches with the busy shard.
     let c = Cluster::start(3, 2, 10_000).await?;
     let flows: Vec<_> = (0..FLOWS).map(|i| flow_on(0, 2, &format!("big{i}"))).collect();
@@ -769,6 +774,45 @@ async fn large_payloads_never_wedge_a_shard() -> Result<()> {
         let len = rec.ok_or_else(|| anyhow!("flow missing on node {id}"))?.events_len;
         ensure!(len == (BIG / FLOWS) as u64 + 1, "node {id} has {len} events of the first flow");
     }
+    c.shutdown().await;
+    Ok(())
+}
+
+/// A follower that missed many large entries catches up: AppendEntries carry at most
+/// `MAX_APPEND_BYTES` of entries (more only split over several requests), so every request of
+/// the catch-up fits the transport and the RPC timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_many_large_entries_catches_up() -> Result<()> {
+    const BIG: usize = 30;
+    const PAYLOAD: usize = 600 * 1024;
+    init_tracing();
+    let mut c = Cluster::start(3, 1, 10_000).await?;
+    start_log_flow(&c).await?;
+    let leader = c.leader(g(0)).await?;
+    let follower = (1..=3).find(|id| *id != leader).ok_or_else(|| anyhow!("no follower"))?;
+    c.stop(follower).await?;
+    let h = c.handle(leader, g(0))?;
+    // One at a time: each its own entry, so the follower misses many entries that do not fit
+    // together into one AppendEntries.
+    for i in 0..BIG {
+        let cmd = ShardCommand::AppendEvent {
+            flow: flow_on(0, 1, "log"),
+            event: Event::Message {
+                type_name: "Blob".into(),
+                payload: vec![b'0' + (i % 10) as u8; PAYLOAD],
+                idempotency_key: None,
+            },
+        };
+        expect_ok(h.propose_shard(cmd).await?)?;
+    }
+    let before = leadership(&c, g(0))?;
+    c.restart(follower).await?;
+    c.converge(g(0)).await?;
+    ensure!(events_len(&c, follower).await? == BIG as u64, "the follower has every large event");
+    ensure!(c.state(follower, g(0))? == c.state(leader, g(0))?, "the follower's state equals the leader's");
+    let after: Vec<_> = leadership(&c, g(0))?.into_iter().filter(|(id, ..)| *id != follower).collect();
+    let before: Vec<_> = before.into_iter().filter(|(id, ..)| *id != follower).collect();
+    ensure!(before == after, "leadership changed during the catch-up: {before:?} -> {after:?}");
     c.shutdown().await;
     Ok(())
 }
