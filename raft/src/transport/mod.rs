@@ -9,8 +9,12 @@
 //! Connections are lazy and shared by all groups talking to the same peer, and so are calls: the
 //! requests of all groups waiting for the same peer leave together in one `CallBatch` (a few
 //! batches in flight per peer), which divides the per-RPC cost of HTTP/2, syscalls and wake-ups
-//! by the number of busy groups. A peer that cannot be reached is reported to openraft as
-//! `Unreachable` so that it backs off.
+//! by the number of busy groups. Batches are bounded by count and bytes, and a large request
+//! goes in a call of its own: one answer comes back for a whole batch, so a large request in it
+//! would delay (or, past the message limit, fail) every heartbeat it shares the call with. An
+//! AppendEntries carries at most `MAX_APPEND_BYTES` of entries; openraft is told to send fewer
+//! (`PayloadTooLarge`) rather than handed a request it would retry forever. A peer that cannot
+//! be reached is reported to openraft as `Unreachable` so that it backs off.
 
 mod client;
 mod server;
