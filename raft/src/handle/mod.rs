@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
-use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::codec;
 use crate::ids::{GroupId, NodeId};
@@ -41,6 +41,13 @@ const MAX_WAITING_PROPOSALS: usize = 1024;
 /// timeout (the heartbeat interval); many small entries replicate, a huge one would not. A
 /// proposal larger than this goes alone in an entry of its own.
 pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;
+/// Bound on the encoded commands of a group's large proposals from when they are queued until
+/// their entry is committed or given up: a proposer waits for room (as for a place in the
+/// queue), so large proposals cannot pile up in memory faster than they replicate.
+const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
+/// Proposals up to this size take no room in [`MAX_QUEUED_BYTES`] (the queue's count bounds
+/// them): room is given out in order, and a small command must not wait behind large ones.
+const SMALL_PROPOSAL_BYTES: usize = 64 * 1024;
 /// Bound on the encoded commands of one proposal: its entry must fit, whole, into one transport
 /// message with room to spare ([`crate::transport::MAX_MESSAGE_BYTES`]).
 pub const MAX_PROPOSAL_BYTES: usize = 16 * 1024 * 1024;
@@ -139,6 +146,8 @@ struct Proposal {
     commands: Vec<Command>,
     /// The encoded size of `commands`.
     bytes: usize,
+    /// Its share of `MAX_QUEUED_BYTES` (none if small), given back when its entry is done.
+    room: Option<OwnedSemaphorePermit>,
     reply: oneshot::Sender<Result<Vec<Reply>, Error>>,
 }
 
@@ -163,6 +172,8 @@ struct Inner {
     raft: Raft,
     reader: StateReader,
     proposals: mpsc::Sender<Proposal>,
+    /// Room for queued proposals' bytes ([`MAX_QUEUED_BYTES`]).
+    queued_bytes: Arc<Semaphore>,
     status: watch::Receiver<GroupStatus>,
     actions: broadcast::Sender<Arc<Vec<Action>>>,
     peers: Peers,
@@ -198,6 +209,7 @@ impl GroupHandle {
                 raft,
                 reader,
                 proposals: tx,
+                queued_bytes: Arc::new(Semaphore::new(MAX_QUEUED_BYTES)),
                 status,
                 actions,
                 peers,
@@ -259,9 +271,19 @@ impl GroupHandle {
         if bytes > MAX_PROPOSAL_BYTES {
             return Err(Error::TooLarge { group, bytes: bytes as u64, limit: MAX_PROPOSAL_BYTES as u64 });
         }
+        let room = if bytes > SMALL_PROPOSAL_BYTES {
+            // At most MAX_PROPOSAL_BYTES (checked above), far below u32::MAX.
+            let room = Arc::clone(&self.inner.queued_bytes)
+                .acquire_many_owned(bytes as u32)
+                .await
+                .map_err(|_| Error::ShuttingDown(group))?;
+            Some(room)
+        } else {
+            None
+        };
         self.inner
             .proposals
-            .send(Proposal { commands, bytes, reply })
+            .send(Proposal { commands, bytes, room, reply })
             .await
             .map_err(|_| Error::ShuttingDown(group))?;
         rx.await.map_err(|_| Error::ShuttingDown(group))?
@@ -473,12 +495,14 @@ async fn batcher(group: GroupId, raft: Raft, mut rx: mpsc::Receiver<Proposal>, t
         let mut waiters = Vec::new();
         let mut bytes = 0usize;
         let mut later = VecDeque::new();
+        let mut rooms = Vec::new();
         for p in waiting.drain(..) {
             let fits = commands.is_empty()
                 || (bytes + p.bytes <= MAX_ENTRY_BYTES
                     && commands.len() + p.commands.len() <= MAX_COMMANDS_PER_ENTRY);
             if fits {
                 bytes += p.bytes;
+                rooms.push(p.room);
                 waiters.push((p.commands.len(), p.reply));
                 commands.extend(p.commands);
             } else {
@@ -492,6 +516,7 @@ async fn batcher(group: GroupId, raft: Raft, mut rx: mpsc::Receiver<Proposal>, t
             let request = Request { now_ms: now_ms(), commands };
             let outcome = tokio::time::timeout(timeout, raft.client_write(request)).await;
             drop(permit);
+            drop(rooms);
             match outcome {
                 Ok(Ok(resp)) if resp.data.replies.len() == count => {
                     let mut replies = resp.data.replies.into_iter();
