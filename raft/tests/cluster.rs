@@ -672,3 +672,147 @@ async fn an_abandoned_leadership_transfer_leaves_the_leader_taking_proposals() -
     c.shutdown().await;
     Ok(())
 }
+
+/// Logs to the test's output, filtered by `RUST_LOG` (nothing when it is unset).
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Leadership of `group` as every running node sees it: (node, term, leader).
+fn leadership(c: &Cluster, group: GroupId) -> Result<Vec<(u64, u64, Option<NodeId>)>> {
+    c.running()
+        .into_iter()
+        .map(|id| {
+            let s = c.handle(id, group)?.status().borrow().clone();
+            Ok((id, s.term, s.leader))
+        })
+        .collect()
+}
+
+/// Issue 9, item 3: 80 concurrent messages of 900 KB (each under the API's 1 MiB payload
+/// limit) to flows of one shard are all appended by the same leader in the same term, a small
+/// command on that shard commits within 2 s while they are in flight, and the followers catch up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_payloads_never_wedge_a_shard() -> Result<()> {
+    const BIG: usize = 80;
+    const PAYLOAD: usize = 900 * 1024;
+    const FLOWS: usize = 8;
+    init_tracing();
+    // Two shards: the other shard and group 0 share the per-peer batches with the busy shard.
+    let c = Cluster::start(3, 2, 10_000).await?;
+    let flows: Vec<_> = (0..FLOWS).map(|i| flow_on(0, 2, &format!("big{i}"))).collect();
+    for f in &flows {
+        let start = ShardCommand::Start { flow: f.clone(), input: b"{}".to_vec(), parent: None };
+        expect_ok(c.propose(g(0), start).await?)?;
+    }
+    let leader = c.leader(g(0)).await?;
+    let h = c.handle(leader, g(0))?;
+    let before = leadership(&c, g(0))?;
+    let first_index = h.raft().metrics().borrow().last_log_index.unwrap_or(0);
+
+    let big = {
+        let h = h.clone();
+        let flows = flows.clone();
+        tokio::spawn(async move {
+            futures::future::join_all((0..BIG).map(|i| {
+                let cmd = ShardCommand::AppendEvent {
+                    flow: flows[i % FLOWS].clone(),
+                    event: Event::Message {
+                        type_name: "Blob".into(),
+                        payload: vec![b'x'; PAYLOAD],
+                        idempotency_key: None,
+                    },
+                };
+                h.propose_shard(cmd)
+            }))
+            .await
+        })
+    };
+    // Measure while the big ones are in flight: once the leader has appended the first of them.
+    eventually("the first large entry in the leader's log", || async {
+        (h.raft().metrics().borrow().last_log_index.unwrap_or(0) > first_index).then_some(())
+    })
+    .await?;
+    let measured_in_flight = !big.is_finished();
+    let small = ShardCommand::AppendEvent {
+        flow: flows[0].clone(),
+        event: Event::Message { type_name: "Note".into(), payload: b"{}".to_vec(), idempotency_key: None },
+    };
+    let started = std::time::Instant::now();
+    let small_outcome = tokio::time::timeout(Duration::from_secs(2), h.propose_shard(small)).await;
+    let small_latency = started.elapsed();
+
+    let replies = tokio::time::timeout(WAIT, big)
+        .await
+        .map_err(|_| anyhow!("the large messages were not all answered within {WAIT:?}"))??;
+    let mut appended = 0;
+    let mut failures = Vec::new();
+    for r in replies {
+        match r {
+            Ok(Ok(ShardOutcome::Appended { .. })) => appended += 1,
+            other => failures.push(format!("{other:?}")),
+        }
+    }
+    ensure!(
+        appended == BIG,
+        "{appended} of {BIG} large messages appended; failures: {:?}",
+        failures.iter().take(3).collect::<Vec<_>>()
+    );
+    let small_outcome = small_outcome
+        .map_err(|_| anyhow!("a small command did not commit within 2 s while large ones were in flight"))?;
+    expect_ok(small_outcome?)?;
+    ensure!(measured_in_flight, "the large messages were all done before the small command was proposed");
+    let after = leadership(&c, g(0))?;
+    ensure!(before == after, "leadership changed: before {before:?}, after {after:?}");
+    c.converge(g(0)).await?;
+    tracing::info!(?small_latency, "small command latency under large payloads");
+    for id in 1..=3 {
+        let rec = c.handle(id, g(0))?.read_local(|kv| shard::get_flow(kv, &flows[0]))?;
+        let len = rec.ok_or_else(|| anyhow!("flow missing on node {id}"))?.events_len;
+        ensure!(len == (BIG / FLOWS) as u64 + 1, "node {id} has {len} events of the first flow");
+    }
+    c.shutdown().await;
+    Ok(())
+}
+
+/// A follower that missed many large entries catches up: AppendEntries carry at most
+/// `MAX_APPEND_BYTES` of entries (more only split over several requests), so every request of
+/// the catch-up fits the transport and the RPC timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_many_large_entries_catches_up() -> Result<()> {
+    const BIG: usize = 30;
+    const PAYLOAD: usize = 600 * 1024;
+    init_tracing();
+    let mut c = Cluster::start(3, 1, 10_000).await?;
+    start_log_flow(&c).await?;
+    let leader = c.leader(g(0)).await?;
+    let follower = (1..=3).find(|id| *id != leader).ok_or_else(|| anyhow!("no follower"))?;
+    c.stop(follower).await?;
+    let h = c.handle(leader, g(0))?;
+    // One at a time: each its own entry, so the follower misses many entries that do not fit
+    // together into one AppendEntries.
+    for i in 0..BIG {
+        let cmd = ShardCommand::AppendEvent {
+            flow: flow_on(0, 1, "log"),
+            event: Event::Message {
+                type_name: "Blob".into(),
+                payload: vec![b'0' + (i % 10) as u8; PAYLOAD],
+                idempotency_key: None,
+            },
+        };
+        expect_ok(h.propose_shard(cmd).await?)?;
+    }
+    let before = leadership(&c, g(0))?;
+    c.restart(follower).await?;
+    c.converge(g(0)).await?;
+    ensure!(events_len(&c, follower).await? == BIG as u64, "the follower has every large event");
+    ensure!(c.state(follower, g(0))? == c.state(leader, g(0))?, "the follower's state equals the leader's");
+    let after: Vec<_> = leadership(&c, g(0))?.into_iter().filter(|(id, ..)| *id != follower).collect();
+    let before: Vec<_> = before.into_iter().filter(|(id, ..)| *id != follower).collect();
+    ensure!(before == after, "leadership changed during the catch-up: {before:?} -> {after:?}");
+    c.shutdown().await;
+    Ok(())
+}

@@ -57,6 +57,10 @@ use timers::{TimerKey, Timers};
 const GC_BATCH: u32 = 1_000;
 /// Bound on the outbox entries delivered in one command.
 const DELIVERY_BATCH: usize = 256;
+/// Bound on the stored bytes of the outbox entries delivered in one command (past the first,
+/// which always goes): a delivery is one proposal on the target shard, and a log entry there
+/// must stay small enough to replicate within a heartbeat interval.
+const DELIVERY_BYTES: usize = 1024 * 1024;
 /// How often leadership and quorum are checked.
 const TICK: Duration = Duration::from_millis(100);
 /// Delay before a flow whose activation was fenced (while it is still `Running`) is tried again.
@@ -868,7 +872,7 @@ async fn deliver_outbox(
     let target_group = router.group(target).ok_or_else(|| format!("no route to shard {target}"))?;
     loop {
         let pending = group
-            .read_local(|kv| shard::outbox_pending(kv, target, DELIVERY_BATCH))
+            .read_local(|kv| shard::outbox_pending_within(kv, target, DELIVERY_BATCH, DELIVERY_BYTES))
             .map_err(|e| e.to_string())?;
         let (Some(&(first_seq, _)), Some(&(last_seq, _))) = (pending.first(), pending.last()) else {
             return Ok(());

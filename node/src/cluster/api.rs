@@ -152,6 +152,7 @@ pub(crate) fn journal_status(e: handle::Error) -> Status {
         | handle::Error::ShuttingDown(_)) => Status::unavailable(e.to_string()),
         e @ handle::Error::Timeout(_) => Status::deadline_exceeded(e.to_string()),
         e @ handle::Error::Internal { .. } => Status::internal(e.to_string()),
+        e @ handle::Error::TooLarge { .. } => Status::invalid_argument(e.to_string()),
     }
 }
 

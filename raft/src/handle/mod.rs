@@ -5,14 +5,15 @@
 //! ([`Request`]), keeping a bounded number of entries in flight. Under load one entry (and one
 //! fsync, shared with the other groups by the flusher) carries many commands.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
-use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::codec;
 use crate::ids::{GroupId, NodeId};
 use crate::kv::KvRead;
 use crate::meta::{MetaCommand, MetaReply};
@@ -32,6 +33,24 @@ pub use membership::MembershipOp;
 const QUEUE_CAPACITY: usize = 8192;
 /// Bound on commands packed into one log entry.
 const MAX_COMMANDS_PER_ENTRY: usize = 1024;
+/// Bound on proposals taken from the queue while they wait for an entry with room for them
+/// (smaller ones behind them may go first).
+const MAX_WAITING_PROPOSALS: usize = 1024;
+/// Bound on the encoded commands packed into one log entry. An entry travels whole in one
+/// AppendEntries, which must reach the follower and be written there within openraft's RPC
+/// timeout (the heartbeat interval); many small entries replicate, a huge one would not. A
+/// proposal larger than this goes alone in an entry of its own.
+pub const MAX_ENTRY_BYTES: usize = 1024 * 1024;
+/// Bound on the encoded commands of a group's large proposals from when they are queued until
+/// their entry is committed or given up: a proposer waits for room (as for a place in the
+/// queue), so large proposals cannot pile up in memory faster than they replicate.
+const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
+/// Proposals up to this size take no room in [`MAX_QUEUED_BYTES`] (the queue's count bounds
+/// them): room is given out in order, and a small command must not wait behind large ones.
+const SMALL_PROPOSAL_BYTES: usize = 64 * 1024;
+/// Bound on the encoded commands of one proposal: its entry must fit, whole, into one transport
+/// message with room to spare ([`crate::transport::MAX_MESSAGE_BYTES`]).
+pub const MAX_PROPOSAL_BYTES: usize = 16 * 1024 * 1024;
 /// Bound on entries proposed but not yet committed, per group. One: while an entry is being
 /// committed, everything proposed meanwhile queues and goes into the next entry. Measured with
 /// `journal_bench` (3 nodes, 64 proposers): 1 gave ~4,100–4,800 commits/s, 2 and 4 ~3,000–3,300,
@@ -76,6 +95,16 @@ pub enum Error {
         /// What was tried last.
         reason: String,
     },
+    /// The commands are too large to be replicated as one log entry.
+    #[error("proposal to {group} of {bytes} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The group.
+        group: GroupId,
+        /// The encoded size of the proposal's commands.
+        bytes: u64,
+        /// [`MAX_PROPOSAL_BYTES`].
+        limit: u64,
+    },
     /// The reply did not match the command (a bug: the state machine broke its contract).
     #[error("internal error in {group}: {reason}")]
     Internal {
@@ -115,6 +144,10 @@ impl GroupStatus {
 /// Commands that go into the same log entry, in order, and their replies.
 struct Proposal {
     commands: Vec<Command>,
+    /// The encoded size of `commands`.
+    bytes: usize,
+    /// Its share of `MAX_QUEUED_BYTES` (none if small), given back when its entry is done.
+    room: Option<OwnedSemaphorePermit>,
     reply: oneshot::Sender<Result<Vec<Reply>, Error>>,
 }
 
@@ -139,6 +172,8 @@ struct Inner {
     raft: Raft,
     reader: StateReader,
     proposals: mpsc::Sender<Proposal>,
+    /// Room for queued proposals' bytes ([`MAX_QUEUED_BYTES`]).
+    queued_bytes: Arc<Semaphore>,
     status: watch::Receiver<GroupStatus>,
     actions: broadcast::Sender<Arc<Vec<Action>>>,
     peers: Peers,
@@ -174,6 +209,7 @@ impl GroupHandle {
                 raft,
                 reader,
                 proposals: tx,
+                queued_bytes: Arc::new(Semaphore::new(MAX_QUEUED_BYTES)),
                 status,
                 actions,
                 peers,
@@ -229,9 +265,25 @@ impl GroupHandle {
                 return Err(Error::NotLeader { group, leader: Some(to), leader_addr: self.addr_of(to) });
             }
         }
+        // Measured here, in the proposer's task, so the batcher only adds numbers.
+        let bytes = codec::encoded_len(&commands)
+            .map_err(|e| Error::Internal { group, reason: format!("cannot encode the proposal: {e}") })?;
+        if bytes > MAX_PROPOSAL_BYTES {
+            return Err(Error::TooLarge { group, bytes: bytes as u64, limit: MAX_PROPOSAL_BYTES as u64 });
+        }
+        let room = if bytes > SMALL_PROPOSAL_BYTES {
+            // At most MAX_PROPOSAL_BYTES (checked above), far below u32::MAX.
+            let room = Arc::clone(&self.inner.queued_bytes)
+                .acquire_many_owned(bytes as u32)
+                .await
+                .map_err(|_| Error::ShuttingDown(group))?;
+            Some(room)
+        } else {
+            None
+        };
         self.inner
             .proposals
-            .send(Proposal { commands, reply })
+            .send(Proposal { commands, bytes, room, reply })
             .await
             .map_err(|_| Error::ShuttingDown(group))?;
         rx.await.map_err(|_| Error::ShuttingDown(group))?
@@ -414,27 +466,57 @@ fn write_error(group: GroupId, e: RaftError<u64, ClientWriteError<u64, BasicNode
 }
 
 /// Packs waiting proposals into entries; at most `MAX_ENTRIES_IN_FLIGHT` entries uncommitted.
+///
+/// An entry takes the oldest waiting proposal, then every later one that still fits (at most
+/// `MAX_COMMANDS_PER_ENTRY` commands and `MAX_ENTRY_BYTES` of them; a proposal is never split,
+/// its commands commit together). A proposal that does not fit waits for the next entry, and a
+/// smaller one behind it may go first: proposals waiting together are concurrent, none was
+/// promised an order, and a small command must not wait for every large one queued before it.
 async fn batcher(group: GroupId, raft: Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration) {
     let in_flight = Arc::new(Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
-        // Waiting for a slot lets more proposals queue up: the batch grows with the load.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-        let mut commands = Vec::new();
-        let mut waiters = Vec::new();
-        let mut next = Some(first);
-        while let Some(p) = next.take() {
-            waiters.push((p.commands.len(), p.reply));
-            commands.extend(p.commands);
-            if commands.len() < MAX_COMMANDS_PER_ENTRY {
-                next = rx.try_recv().ok();
+    // Proposals taken from the queue that did not fit into an entry yet, oldest first.
+    let mut waiting: VecDeque<Proposal> = VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(p) => waiting.push_back(p),
+                None => break,
             }
         }
+        // Waiting for a slot lets more proposals queue up: the batch grows with the load.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        while waiting.len() < MAX_WAITING_PROPOSALS {
+            match rx.try_recv() {
+                Ok(p) => waiting.push_back(p),
+                Err(_) => break,
+            }
+        }
+        let mut commands = Vec::new();
+        let mut waiters = Vec::new();
+        let mut bytes = 0usize;
+        let mut later = VecDeque::new();
+        let mut rooms = Vec::new();
+        for p in waiting.drain(..) {
+            let fits = commands.is_empty()
+                || (bytes + p.bytes <= MAX_ENTRY_BYTES
+                    && commands.len() + p.commands.len() <= MAX_COMMANDS_PER_ENTRY);
+            if fits {
+                bytes += p.bytes;
+                rooms.push(p.room);
+                waiters.push((p.commands.len(), p.reply));
+                commands.extend(p.commands);
+            } else {
+                later.push_back(p);
+            }
+        }
+        waiting = later;
         let raft = raft.clone();
         tokio::spawn(async move {
             let count = commands.len();
             let request = Request { now_ms: now_ms(), commands };
             let outcome = tokio::time::timeout(timeout, raft.client_write(request)).await;
             drop(permit);
+            drop(rooms);
             match outcome {
                 Ok(Ok(resp)) if resp.data.replies.len() == count => {
                     let mut replies = resp.data.replies.into_iter();

@@ -1991,6 +1991,30 @@ mod tests {
     }
 
     #[test]
+    fn outbox_reads_for_delivery_are_bounded_by_count_and_bytes() {
+        let mut s = Shard::new();
+        let a = f("a");
+        let b = f("b");
+        let t = target_of(&b);
+        s.running(&a);
+        for i in 0..40 {
+            s.ok(send(&a, 1, &format!("m{i}"), &b));
+        }
+        let all = s.outbox(t);
+        assert_eq!(all.len(), 40);
+        // Pages are read past the first one, and the count bound holds.
+        assert_eq!(outbox_pending_within(&s.kv, t, 1000, usize::MAX).unwrap(), all);
+        assert_eq!(outbox_pending_within(&s.kv, t, 17, usize::MAX).unwrap(), all[..17]);
+        // The byte bound stops before the row that would pass it; the first always goes.
+        let row =
+            |i: usize| crate::kv::KvRead::get(&s.kv, &keys::outbox(t, all[i].0)).unwrap().unwrap().len();
+        let three = row(0) + row(1) + row(2);
+        assert_eq!(outbox_pending_within(&s.kv, t, 1000, three).unwrap(), all[..3]);
+        assert_eq!(outbox_pending_within(&s.kv, t, 1000, three - 1).unwrap(), all[..2]);
+        assert_eq!(outbox_pending_within(&s.kv, t, 1000, 1).unwrap(), all[..1]);
+    }
+
+    #[test]
     fn admin_checks_existence_and_expected_epoch() {
         let mut s = Shard::new();
         let a = f("a");

@@ -49,12 +49,14 @@ pub struct FlowRecord {
     /// Who it is.
     pub id: FlowId,
     /// The input it was started (or last restarted) with.
+    #[serde(with = "crate::codec::bytes")]
     pub input: Payload,
     /// Where it is in its life.
     pub status: FlowStatus,
     /// The current activation epoch; commands carrying another epoch are rejected.
     pub epoch: Epoch,
     /// The output, once `Succeeded`.
+    #[serde(with = "crate::codec::opt_bytes")]
     pub output: Option<Payload>,
     /// The error, once `Failed` or `Cancelled`.
     pub error: Option<ErrorInfo>,
@@ -97,7 +99,7 @@ pub enum EffectState {
     /// At-most-once marker committed before the work ran; no outcome yet.
     Started,
     /// The work returned a value.
-    Completed(Payload),
+    Completed(#[serde(with = "crate::codec::bytes")] Payload),
     /// The work returned an error.
     Failed(ErrorInfo),
     /// An attempt of an effect with a retry policy returned an error that the policy retries:
@@ -132,6 +134,7 @@ pub enum Event {
         /// The message type's stable name (`Message::NAME`).
         type_name: String,
         /// JSON body.
+        #[serde(with = "crate::codec::bytes")]
         payload: Payload,
         /// Idempotency key: a key already in this flow's log is acknowledged, not stored again.
         idempotency_key: Option<String>,
@@ -158,6 +161,7 @@ pub enum OutboxEntry {
         /// The child to start.
         child: FlowId,
         /// Its input.
+        #[serde(with = "crate::codec::bytes")]
         input: Payload,
         /// The flow that started it.
         parent: FlowId,
@@ -178,6 +182,7 @@ pub enum OutboxEntry {
         /// The message type's stable name.
         type_name: String,
         /// JSON body.
+        #[serde(with = "crate::codec::bytes")]
         payload: Payload,
         /// Idempotency key at the target (the sender's flow id and effect id).
         idempotency_key: Option<String>,
@@ -210,6 +215,7 @@ pub enum ShardCommand {
         /// Which flow.
         flow: FlowId,
         /// Its input (JSON).
+        #[serde(with = "crate::codec::bytes")]
         input: Payload,
         /// Its parent, for a child started through the outbox.
         parent: Option<FlowId>,
@@ -251,6 +257,7 @@ pub enum ShardCommand {
         /// Its declared type name.
         type_name: String,
         /// The value (JSON).
+        #[serde(with = "crate::codec::bytes")]
         value: Payload,
     },
     /// Record an effect's error. Same rules as `EffectCompleted`.
@@ -279,6 +286,7 @@ pub enum ShardCommand {
         /// Its declared type name.
         type_name: String,
         /// The value (JSON).
+        #[serde(with = "crate::codec::bytes")]
         value: Payload,
     },
     /// Remove a state effect.
@@ -345,6 +353,7 @@ pub enum ShardCommand {
         /// The activation's epoch.
         epoch: Epoch,
         /// The output (JSON).
+        #[serde(with = "crate::codec::bytes")]
         output: Payload,
     },
     /// The activation finished the flow with an error.
@@ -370,6 +379,7 @@ pub enum ShardCommand {
         /// The message type's stable name.
         type_name: String,
         /// JSON body.
+        #[serde(with = "crate::codec::bytes")]
         payload: Payload,
     },
     /// Start a child flow, exactly once: records the effect (kind `Child`) and writes the outbox
@@ -384,6 +394,7 @@ pub enum ShardCommand {
         /// The child.
         child: FlowId,
         /// The child's input.
+        #[serde(with = "crate::codec::bytes")]
         input: Payload,
     },
     /// Entries from another shard's outbox, numbered `first_seq`, `first_seq + 1`, … A number at
@@ -462,6 +473,7 @@ pub enum AdminOp {
     /// without the recorded effects (and event log).
     Restart {
         /// A replacement input.
+        #[serde(with = "crate::codec::opt_bytes")]
         input: Option<Payload>,
         /// Forget recorded effects.
         clear_effects: bool,
@@ -471,6 +483,7 @@ pub enum AdminOp {
     /// Mark it succeeded by hand.
     Succeed {
         /// The output to record.
+        #[serde(with = "crate::codec::bytes")]
         output: Payload,
     },
     /// Mark it failed by hand.

@@ -148,6 +148,47 @@ pub fn outbox_pending(
         .collect()
 }
 
+/// Rows read at a time by [`outbox_pending_within`].
+const OUTBOX_PAGE: usize = 16;
+
+/// The unacknowledged outbox entries to `target`, in order, with their numbers: at most `limit`
+/// of them and, past the first, no more than `max_bytes` of stored rows (a delivery carries them
+/// in one command, which must stay small enough to replicate at once). The first entry is
+/// returned whatever its size, so that delivery always makes progress. Rows are read a page at a
+/// time, so memory stays near the budget however large the outbox is.
+pub fn outbox_pending_within(
+    kv: &dyn KvRead,
+    target: ShardId,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Vec<(u64, OutboxEntry)>, KvError> {
+    let prefix = keys::outbox_prefix(target);
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut start: Option<Vec<u8>> = None;
+    while out.len() < limit {
+        let page = kv.scan(&prefix, start.as_deref(), OUTBOX_PAGE.min(limit - out.len()))?;
+        let Some((last, _)) = page.last() else { break };
+        // The smallest key after the last one read: where the next page starts.
+        let mut next = last.clone();
+        next.push(0);
+        let full = page.len() == OUTBOX_PAGE.min(limit - out.len());
+        for (key, value) in page {
+            if !out.is_empty() && bytes + value.len() > max_bytes {
+                return Ok(out);
+            }
+            bytes += value.len();
+            let (_, seq) = keys::parse_outbox(&key).ok_or_else(|| txn::corrupt(&key, "bad outbox key"))?;
+            out.push((seq, txn::decode(&key, &value)?));
+        }
+        if !full {
+            break;
+        }
+        start = Some(next);
+    }
+    Ok(out)
+}
+
 /// The shards this shard's outbox has unacknowledged entries for, in order.
 pub fn outbox_targets(kv: &dyn KvRead) -> Result<Vec<ShardId>, KvError> {
     let mut targets = Vec::new();

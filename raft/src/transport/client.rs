@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -21,7 +22,9 @@ use tonic::transport::{Channel, Endpoint};
 use super::proto::raft_response::Result as ProtoResult;
 use super::proto::raft_transport_client::RaftTransportClient;
 use super::proto::{RaftBatch, RaftRequest, RpcKind};
-use super::{Identity, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES};
+use super::{
+    Identity, MAX_APPEND_BYTES, MAX_BATCH_BYTES, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES, SOLO_REQUEST_BYTES,
+};
 use crate::codec;
 use crate::ids::GroupId;
 use crate::sync::lock;
@@ -33,6 +36,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const MUX_QUEUE: usize = 4096;
 /// Bound on batches in flight to one peer.
 const MUX_IN_FLIGHT: usize = 2;
+/// Bound on large requests (each in a call of its own) in flight from this node.
+const LARGE_IN_FLIGHT: usize = 8;
 
 /// A request waiting to be sent in the next batch to its peer.
 struct Pending {
@@ -47,6 +52,7 @@ pub struct Peers {
     identity: Identity,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     batchers: Arc<Mutex<HashMap<String, mpsc::Sender<Pending>>>>,
+    large: Arc<Semaphore>,
 }
 
 fn client(channel: Channel) -> RaftTransportClient<Channel> {
@@ -70,6 +76,7 @@ impl Peers {
             identity,
             channels: Arc::new(Mutex::new(HashMap::new())),
             batchers: Arc::new(Mutex::new(HashMap::new())),
+            large: Arc::new(Semaphore::new(LARGE_IN_FLIGHT)),
         }
     }
 
@@ -109,13 +116,29 @@ impl Peers {
         response.result.ok_or_else(|| CallError::Failed("empty response".into()))
     }
 
-    /// Sends `request` to `addr` in the next batch to that peer (what the Raft network uses).
+    /// Sends `request` to `addr` in the next batch to that peer (what the Raft network uses);
+    /// a large request goes in a call of its own, so that it never delays or fails the others.
     pub async fn send(
         &self,
         addr: &str,
         request: RaftRequest,
         timeout: Duration,
     ) -> Result<ProtoResult, CallError> {
+        if request.payload.len() > SOLO_REQUEST_BYTES {
+            return match tokio::time::timeout(timeout, async {
+                let _permit = self
+                    .large
+                    .acquire()
+                    .await
+                    .map_err(|_| CallError::Failed("large-call limiter closed".into()))?;
+                self.call(addr, request, timeout).await
+            })
+            .await
+            {
+                Err(_) => Err(CallError::Timeout),
+                Ok(result) => result,
+            };
+        }
         let batcher = self.batcher(addr)?;
         let (reply, rx) = oneshot::channel();
         let pending = Pending { request, timeout, reply };
@@ -146,15 +169,33 @@ impl Peers {
 }
 
 /// Sends what is waiting for one peer as batches, at most `MUX_IN_FLIGHT` at a time. While
-/// batches are in flight, new requests queue and leave together in the next one.
+/// batches are in flight, new requests queue and leave together in the next one. A batch closes
+/// at `MAX_BATCH_REQUESTS` requests or before the request that would take it past
+/// `MAX_BATCH_BYTES` (that one opens the next batch; a batch always holds at least one).
 async fn run_batcher(client: RaftTransportClient<Channel>, mut rx: mpsc::Receiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(MUX_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    let mut carried: Option<Pending> = None;
+    loop {
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => break,
+            },
+        };
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        let mut bytes = first.request.payload.len();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH_REQUESTS {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) if bytes + p.request.payload.len() > MAX_BATCH_BYTES => {
+                    carried = Some(p);
+                    break;
+                }
+                Ok(p) => {
+                    bytes += p.request.payload.len();
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }
@@ -299,6 +340,19 @@ impl Network {
     }
 }
 
+/// How many of `entries`, from the first, fit together into `budget` encoded bytes; at least
+/// one (a single entry always goes). Stops measuring at the first entry that does not fit.
+fn entries_within(entries: &[openraft::Entry<TypeConfig>], budget: usize) -> Result<usize, codec::Error> {
+    let mut bytes = 0usize;
+    for (i, entry) in entries.iter().enumerate() {
+        bytes += codec::encoded_len(entry)?;
+        if bytes > budget {
+            return Ok(i.max(1));
+        }
+    }
+    Ok(entries.len())
+}
+
 /// A plain message as an error (for openraft's error wrappers).
 #[derive(Debug)]
 struct Msg(String);
@@ -317,6 +371,15 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        // Entries that do not fit together are refused before they are encoded: openraft then
+        // sends the prefix that fits (the hint) and the rest in the next requests.
+        if rpc.entries.len() > 1 {
+            let fit = entries_within(&rpc.entries, MAX_APPEND_BYTES)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            if fit < rpc.entries.len() {
+                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit as u64)));
+            }
+        }
         self.send(RpcKind::AppendEntries, &rpc, &option).await
     }
 

@@ -9,8 +9,12 @@
 //! Connections are lazy and shared by all groups talking to the same peer, and so are calls: the
 //! requests of all groups waiting for the same peer leave together in one `CallBatch` (a few
 //! batches in flight per peer), which divides the per-RPC cost of HTTP/2, syscalls and wake-ups
-//! by the number of busy groups. A peer that cannot be reached is reported to openraft as
-//! `Unreachable` so that it backs off.
+//! by the number of busy groups. Batches are bounded by count and bytes, and a large request
+//! goes in a call of its own: one answer comes back for a whole batch, so a large request in it
+//! would delay (or, past the message limit, fail) every heartbeat it shares the call with. An
+//! AppendEntries carries at most `MAX_APPEND_BYTES` of entries; openraft is told to send fewer
+//! (`PayloadTooLarge`) rather than handed a request it would retry forever. A peer that cannot
+//! be reached is reported to openraft as `Unreachable` so that it backs off.
 
 mod client;
 mod server;
@@ -33,6 +37,19 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Bound on the requests of one `CallBatch`.
 pub const MAX_BATCH_REQUESTS: usize = 64;
+
+/// Bound on the payload bytes of one `CallBatch`: the batch is answered as one message, so a
+/// large request would hold back the heartbeats of every other group in it.
+pub const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
+
+/// A request whose payload is larger than this goes in a call of its own, never in a batch.
+pub const SOLO_REQUEST_BYTES: usize = 512 * 1024;
+
+/// Bound on the encoded entries of one AppendEntries: more than one entry goes only if they fit
+/// together (a single entry always goes; the group handle bounds entries). openraft waits one
+/// heartbeat interval for the answer, so a request must be small enough to be sent and written
+/// in that time, and a lagging follower catches up by many bounded requests.
+pub const MAX_APPEND_BYTES: usize = 1024 * 1024;
 
 /// Who is talking: carried in every request.
 ///
