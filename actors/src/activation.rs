@@ -32,6 +32,9 @@ pub enum Outcome {
     Suspended,
     /// The flow had already finished before this activation.
     AlreadyFinished(FlowStatus),
+    /// This node does not run the flow's type (a rolling deploy that adds a type): the flow
+    /// stays `Running`, with a note saying so, for a leader that runs it.
+    UnknownType(String),
 }
 
 /// Why an activation could not run at all.
@@ -111,10 +114,26 @@ pub async fn run(
     }
     let ctx = Ctx::new(flow.clone(), epoch, group.clone(), effects, events, limits.max_payload_bytes);
     let result = match registry.get(&flow.flow_type) {
-        None => Err(FlowError::new(
-            kind::UNKNOWN_FLOW_TYPE,
-            format!("no flow type {:?} on this node", flow.flow_type),
-        )),
+        // Not a failure of the flow: a node that runs this type may lead the shard later (a
+        // rolling deploy that adds the type). Operators see why it waits.
+        None => {
+            let mut types = registry.types();
+            types.truncate(32);
+            let note = format!(
+                "waiting for a leader that runs flow type {:?} (the leader of its shard runs {})",
+                flow.flow_type,
+                types.join(", ")
+            );
+            let mut note: String = note.chars().take(shard::MAX_NOTE_BYTES / 4).collect();
+            note.shrink_to_fit();
+            tracing::warn!(flow = %flow, epoch = %epoch, "{note}");
+            let command = ShardCommand::Note { flow: flow.clone(), epoch, note };
+            return match group.propose_shard(command).await {
+                Ok(Ok(_)) => Ok(Outcome::UnknownType(flow.flow_type.clone())),
+                Ok(Err(r)) => Ok(Outcome::Fenced(format!("note refused: {r}"))),
+                Err(e) => Ok(Outcome::Fenced(format!("note not committed: {e}"))),
+            };
+        }
         Some(code) => {
             let running = AssertUnwindSafe(code.run(ctx.clone(), record.input.clone())).catch_unwind();
             tokio::select! {

@@ -73,6 +73,8 @@ pub struct FlowView {
     pub events: Vec<(u64, Event)>,
     /// Armed timers: (timer id, deadline ms).
     pub timers: Vec<(String, u64)>,
+    /// Why a running flow makes no progress, when known (e.g. no leader runs its type).
+    pub note: Option<String>,
 }
 
 /// How `start` went.
@@ -167,6 +169,7 @@ impl ControlPanel {
                     effects: shard::list_effects(kv, flow)?,
                     events: shard::events(kv, flow, 0, usize::MAX)?,
                     timers: shard::timers_of(kv, flow)?,
+                    note: shard::note_of(kv, flow)?,
                 }))
             })
             .await??;

@@ -48,7 +48,9 @@ pub mod kind {
     pub const REPLAY_DRIFT: &str = "replay_drift";
     /// Flow code panicked.
     pub const PANIC: &str = "panic";
-    /// No flow of this type is registered on the node.
+    /// No flow of this type is registered on the node. Starts of such flows are refused at the
+    /// API; a stored flow whose type the leading node lacks waits (with a note) instead of
+    /// failing with this kind.
     pub const UNKNOWN_FLOW_TYPE: &str = "unknown_flow_type";
     /// The stored input is not valid for the flow's `Input` type.
     pub const BAD_INPUT: &str = "bad_input";

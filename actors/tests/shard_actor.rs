@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
 use common::{flow_on, node_with_shards, single_node, start, Go, Service, WAIT};
-use fetter_actors::shard_actor::{Params, Router, ShardActor, ShardArgs, ShardHandle, ShardStats, Tuning};
+use fetter_actors::activation::Outcome;
+use fetter_actors::shard_actor::{
+    Params, Router, ShardActor, ShardArgs, ShardHandle, ShardMsg, ShardStats, Tuning,
+};
 use fetter_actors::{Ctx, Flow, FlowError, Registry, RetryPolicy};
 use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{FlowId, ShardId};
-use fetter_raft::shard::{self, AdminOp, Event, FlowStatus, ShardCommand};
+use fetter_raft::shard::{self, Action, AdminOp, Event, FlowStatus, ShardCommand};
 
 /// Waits for `Go`, then does one effect.
 struct Waiter {
@@ -657,6 +660,95 @@ async fn a_shard_actor_that_panics_is_replaced_and_its_flows_finish() -> Result<
     all_reach(&n.group, &waiters, FlowStatus::Succeeded).await?;
     all_reach(&n.group, std::slice::from_ref(&napper), FlowStatus::Succeeded).await?;
     ensure!(work.count() == 21, "each flow's effect ran once: {}", work.count());
+    actor.stop();
+    n.node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_whose_type_the_leader_does_not_run_waits_with_a_note_and_runs_under_one_that_does(
+) -> Result<()> {
+    let n = single_node().await?;
+    let work = Service::default();
+    // An older node: it runs `waiter` only; the flow is a `quick` (a rolling deploy adds it).
+    let old = Registry::new().register(Waiter { work: work.clone() })?;
+    let (actor, stats) = run_actor(&n.group, old).await?;
+    let flow = FlowId::new("quick", "new-type");
+    start(&n.group, &flow, "null").await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let note = loop {
+        if let Some(note) = n.group.read_local(|kv| shard::note_of(kv, &flow))? {
+            break note;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "no note on the flow");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    ensure!(note.contains("\"quick\"") && note.contains("waiter"), "the note says why: {note}");
+    // It waits: still running, not activated again and again, no actor.
+    let record = n.group.read_local(|kv| shard::get_flow(kv, &flow))?.ok_or_else(|| anyhow!("flow"))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = n.group.read_local(|kv| shard::get_flow(kv, &flow))?.ok_or_else(|| anyhow!("flow"))?;
+    ensure!(later.status == FlowStatus::Running, "it waits instead of failing: {later:?}");
+    ensure!(
+        later.epoch == record.epoch,
+        "not activated again meanwhile: {:?} -> {:?}",
+        record.epoch,
+        later.epoch
+    );
+    ensure!(stats.live_flows() == 0, "no actor while it waits");
+    // A leader that runs the type takes over: the flow runs, and the note is gone.
+    actor.stop();
+    let n = n.restart().await?;
+    let new = Registry::new().register(Quick { work: work.clone() })?;
+    let (actor, _) = run_actor(&n.group, new).await?;
+    all_reach(&n.group, std::slice::from_ref(&flow), FlowStatus::Succeeded).await?;
+    ensure!(work.count() == 1);
+    ensure!(n.group.read_local(|kv| shard::note_of(kv, &flow))?.is_none(), "the note is cleared");
+    actor.stop();
+    n.node.shutdown().await;
+    Ok(())
+}
+
+/// One effect whose work the test holds.
+struct Held {
+    work: Service,
+}
+
+impl Flow for Held {
+    const TYPE: &'static str = "held";
+    type Input = ();
+    type Output = u32;
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<u32, FlowError> {
+        ctx.effect("work", || self.work.call()).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_report_of_a_replaced_activation_never_lets_a_second_one_run() -> Result<()> {
+    let n = single_node().await?;
+    let (work, mut started) = Service::holding();
+    let registry = Registry::new().register(Held { work: work.clone() })?;
+    let (actor, stats) = run_actor(&n.group, registry).await?;
+    let flow = FlowId::new("held", "h-1");
+    start(&n.group, &flow, "null").await?;
+    tokio::time::timeout(WAIT, started.recv()).await?.ok_or_else(|| anyhow!("work never started"))?;
+    // An `Ended` of another (replaced) actor of this flow arrives late, then an `Activate`.
+    let shard = actor.current().ok_or_else(|| anyhow!("no shard actor"))?;
+    let stale = ractor::ActorId::Local(u64::MAX);
+    shard.send_message(ShardMsg::Ended {
+        flow: flow.clone(),
+        actor: stale,
+        outcome: Ok(Outcome::Suspended),
+    })?;
+    shard.send_message(ShardMsg::Actions(Arc::new(vec![Action::Activate { flow: flow.clone() }])))?;
+    // The activation in flight is still the only one: no second start of the work.
+    let second = tokio::time::timeout(Duration::from_millis(1_000), started.recv()).await;
+    ensure!(second.is_err(), "a second activation of {flow} started its work");
+    ensure!(stats.live_flows() == 1, "{} live activations of one flow", stats.live_flows());
+    work.release(1);
+    all_reach(&n.group, std::slice::from_ref(&flow), FlowStatus::Succeeded).await?;
+    ensure!(work.count() == 1, "the work ran {} times", work.count());
     actor.stop();
     n.node.shutdown().await;
     Ok(())

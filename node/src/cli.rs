@@ -487,6 +487,7 @@ struct FlowDoc<'a> {
     created_ms: u64,
     finished_ms: Option<u64>,
     postponed_until_ms: Option<u64>,
+    note: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -584,6 +585,7 @@ fn flow_doc(flow: &proto::Flow) -> FlowDoc<'_> {
         created_ms: flow.created_ms,
         finished_ms: flow.finished_ms,
         postponed_until_ms: flow.postponed_until_ms,
+        note: flow.note.as_deref(),
     }
 }
 
@@ -634,7 +636,7 @@ fn json_line(doc: &impl Serialize) -> Result<String, CliError> {
 /// A flow as the JSON object `flow get --json` prints: `type`, `instance`, `status`,
 /// `error_kind`, `error`, `epoch`, `input`, `output`, `effects` (`id`, `kind`, `state`, `value`),
 /// `events` (`seq`, `kind`, `name`, `payload`), `timers` (`id`, `deadline_ms`), `leader_node`,
-/// `parent` (`"type/instance"`), `created_ms`, `finished_ms`, `postponed_until_ms`. JSON texts
+/// `parent` (`"type/instance"`), `created_ms`, `finished_ms`, `postponed_until_ms`, `note`. JSON texts
 /// are parsed (null when absent or empty).
 pub fn flow_json(flow: &proto::Flow) -> Value {
     to_value(&flow_doc(flow))
@@ -751,6 +753,9 @@ fn flow_text(flow: &proto::Flow) -> String {
     }
     if let Some(ms) = flow.postponed_until_ms {
         out.push_str(&format!("postponed_until_ms: {ms}\n"));
+    }
+    if let Some(note) = &flow.note {
+        out.push_str(&format!("note: {note}\n"));
     }
     if !flow.effects.is_empty() {
         out.push_str(&format!("effects ({}):\n", flow.effects.len()));
@@ -902,6 +907,7 @@ mod tests {
             created_ms: 1,
             finished_ms: Some(9),
             postponed_until_ms: None,
+            note: None,
         }
     }
 

@@ -31,7 +31,7 @@ mod queue;
 mod supervisor;
 mod timers;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -332,6 +332,9 @@ pub struct ShardState {
     active: HashMap<FlowId, (ActorRef<()>, bool)>,
     /// Runnable flows waiting for a slot.
     queue: Queue,
+    /// Runnable flows of a type this node does not run: not activated again while this node
+    /// leads (a passing scan skips them), unless an action asks for them (a repair).
+    parked: HashSet<FlowId>,
     /// The pass over the running index; `rescan`: another pass is wanted after it.
     running_pass: Pass<FlowId>,
     rescan: bool,
@@ -371,6 +374,7 @@ impl Actor for ShardActor {
             leading: false,
             active: HashMap::new(),
             queue: Queue::new(tuning.max_queued),
+            parked: HashSet::new(),
             running_pass: Pass::Idle,
             rescan: false,
             timers: Timers::new(tuning.max_timers_in_memory),
@@ -457,6 +461,9 @@ impl Actor for ShardActor {
                         tracing::warn!(flow = %flow, error = e, "activation failed to run; will retry");
                         self.retry_later(&myself, state, flow);
                     }
+                    Ok(Outcome::UnknownType(_)) if state.leading => {
+                        state.parked.insert(flow);
+                    }
                     _ if again && state.leading => self.activate(&myself, state, flow),
                     _ => {}
                 }
@@ -515,6 +522,7 @@ impl ShardActor {
             flow_actor.stop(None);
         }
         state.queue.clear();
+        state.parked.clear();
         state.running_pass = Pass::Idle;
         state.rescan = false;
         state.timers.clear();
@@ -548,7 +556,10 @@ impl ShardActor {
 
     fn on_action(&self, myself: &ActorRef<ShardMsg>, state: &mut ShardState, action: Action) {
         match action {
-            Action::Activate { flow } => self.activate(myself, state, flow),
+            Action::Activate { flow } => {
+                state.parked.remove(&flow);
+                self.activate(myself, state, flow)
+            }
             Action::Fence { flow } => {
                 // The running activation's steps are refused from now on; stop it early and run
                 // the flow again if it is still runnable (restart, effect repair).
@@ -654,7 +665,10 @@ impl ShardActor {
                     _ => Pass::Idle,
                 };
                 for flow in flows {
-                    if !state.active.contains_key(&flow) && !state.queue.contains(&flow) {
+                    let waiting = state.active.contains_key(&flow)
+                        || state.queue.contains(&flow)
+                        || state.parked.contains(&flow);
+                    if !waiting {
                         state.queue.push(flow);
                     }
                 }

@@ -23,6 +23,15 @@ use crate::proto::fetter_server::{Fetter, FetterServer};
 
 /// Bound on a flow type or instance name.
 const MAX_NAME_BYTES: usize = 256;
+/// How often `StartFlow{wait}` reads the flow again even without a wake-up.
+const WAIT_RECHECK: Duration = Duration::from_secs(1);
+
+/// Whether an applied action batch should make a `StartFlow{wait}` on `flow` look again: the
+/// flow finished, or a snapshot was installed (an empty batch: the state was replaced whole).
+fn wakes(batch: &[Action], flow: &FlowId) -> bool {
+    batch.is_empty() || batch.iter().any(|a| matches!(a, Action::Finished { flow: f, .. } if f == flow))
+}
+
 /// The default wait of `StartFlow{wait}`.
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// Largest request the server decodes (payloads over the cluster's limit get a clear refusal
@@ -210,7 +219,9 @@ impl Shared {
     }
 
     /// Waits until `flow` has finished (woken by the shard's applied actions, which every
-    /// replica sees), or `timeout`.
+    /// replica sees), or `timeout`. A replica that catches up by installing a snapshot applies
+    /// no actions for what the snapshot holds (it announces the install with an empty batch),
+    /// so that wakes the waiter too, and so does a re-read every [`WAIT_RECHECK`].
     async fn wait_finished(&self, flow: &FlowId, timeout: Duration) -> Result<proto::Flow, Status> {
         let shard = shard_of(flow, self.shards.len() as u32);
         let group = self.shards.get(shard.0 as usize).ok_or_else(|| Status::internal("no such shard"))?;
@@ -221,14 +232,18 @@ impl Shared {
             if matches!(view.status.as_str(), "succeeded" | "failed" | "cancelled") {
                 return Ok(view);
             }
-            // Until this flow's `Finished` action (or a lag: look again).
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "flow {flow} has not finished within {timeout:?}"
+                )));
+            }
+            let recheck_at = deadline.min(tokio::time::Instant::now() + WAIT_RECHECK);
+            // Until this flow's `Finished` action, a snapshot install, a lag, or the recheck.
             loop {
-                let next = tokio::time::timeout_at(deadline, actions.recv()).await.map_err(|_| {
-                    Status::deadline_exceeded(format!("flow {flow} has not finished within {timeout:?}"))
-                })?;
+                let Ok(next) = tokio::time::timeout_at(recheck_at, actions.recv()).await else { break };
                 match next {
                     Ok(batch) => {
-                        if batch.iter().any(|a| matches!(a, Action::Finished { flow: f, .. } if f == flow)) {
+                        if wakes(&batch, flow) {
                             break;
                         }
                     }
@@ -620,5 +635,24 @@ fn config_of(params: &fetter_raft::meta::ClusterParams) -> proto::ClusterConfig 
         shard_count: params.shard_count,
         retention_ms: params.retention_ms,
         max_payload_bytes: params.max_payload_bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fetter_raft::shard::FlowStatus;
+
+    #[test]
+    fn a_waiting_start_wakes_on_its_flows_end_and_on_a_snapshot_install() {
+        let flow = FlowId::new("order", "o-1");
+        let other = FlowId::new("order", "o-2");
+        let finished = |f: &FlowId| Action::Finished { flow: f.clone(), status: FlowStatus::Succeeded };
+        assert!(wakes(&[finished(&flow)], &flow));
+        assert!(!wakes(&[finished(&other)], &flow));
+        assert!(!wakes(&[Action::Activate { flow: flow.clone() }], &flow));
+        // A replica that caught up by snapshot applied no `Finished` for the flow: the empty
+        // batch that announces the install must make the waiter read the flow again.
+        assert!(wakes(&[], &flow));
     }
 }

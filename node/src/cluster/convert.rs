@@ -127,6 +127,7 @@ pub(crate) fn flow(view: &FlowView, leader: Option<NodeId>) -> proto::Flow {
             FlowStatus::Postponed { until_ms } => Some(until_ms),
             _ => None,
         },
+        note: view.note.clone(),
     }
 }
 

@@ -167,6 +167,17 @@ impl Cx<'_> {
             ShardCommand::OutboxAck { target, upto_seq } => self.ack(*target, *upto_seq),
             ShardCommand::Admin { flow, expected_epoch, op } => self.admin(flow, *expected_epoch, op),
             ShardCommand::Gc { cutoff_ms, max_flows } => self.gc(*cutoff_ms, *max_flows),
+            ShardCommand::Note { flow, epoch, note } => {
+                self.activation(flow, *epoch)?;
+                if note.len() > MAX_NOTE_BYTES {
+                    return Err(invalid(format!(
+                        "a note is at most {MAX_NOTE_BYTES} bytes, not {}",
+                        note.len()
+                    )));
+                }
+                txn::put(self.kv, keys::note(flow), note)?;
+                Ok(ShardOutcome::Done)
+            }
         }
     }
 
@@ -352,6 +363,8 @@ impl Cx<'_> {
         }
         rec.status = FlowStatus::Running;
         rec.epoch = epoch;
+        // A new activation: whatever held the last one up is no longer known to hold.
+        self.kv.delete(&keys::note(flow));
         self.save(&mut rec, was_running)?;
         Ok(ShardOutcome::Activated { epoch })
     }
@@ -619,6 +632,7 @@ impl Cx<'_> {
         }
         rec.status = status.clone();
         rec.finished_ms = Some(self.clock);
+        self.kv.delete(&keys::note(&rec.id));
         self.remove_all_timers(&rec.id)?;
         txn::put(self.kv, keys::retention(self.clock, &rec.id), &())?;
         self.save(rec, was_running)?;
@@ -1271,7 +1285,25 @@ mod tests {
             send(flow, epoch, "m", &f("other")),
             start_child(flow, epoch, "c", &f("child")),
             eff_attempt_failed(flow, epoch, "x", 1),
+            ShardCommand::Note { flow: flow.clone(), epoch: e(epoch), note: "n".into() },
         ]
+    }
+
+    #[test]
+    fn a_note_stays_until_the_next_activation_or_the_end() {
+        let mut s = Shard::new();
+        let a = f("a");
+        s.running(&a);
+        let note =
+            |epoch, text: &str| ShardCommand::Note { flow: a.clone(), epoch: e(epoch), note: text.into() };
+        s.ok(note(1, "no node runs this type"));
+        assert_eq!(note_of(&s.kv, &a).unwrap().as_deref(), Some("no node runs this type"));
+        assert!(matches!(s.rej(note(1, &"x".repeat(MAX_NOTE_BYTES + 1))), Rejection::Invalid(_)));
+        s.ok(activate(&a, 2));
+        assert_eq!(note_of(&s.kv, &a).unwrap(), None, "a new activation clears the note");
+        s.ok(note(2, "again"));
+        s.ok(complete(&a, 2, "1"));
+        assert_eq!(note_of(&s.kv, &a).unwrap(), None, "the end clears the note");
     }
 
     #[test]

@@ -464,7 +464,21 @@ pub enum ShardCommand {
         /// When the next attempt may start (ms since the Unix epoch, chosen by the proposer).
         retry_at_ms: u64,
     },
+    /// Why a `Running` flow is not making progress (e.g. the leading node does not run its flow
+    /// type): kept on the flow for operators (`flow get`) until its next activation or its end.
+    /// At most [`MAX_NOTE_BYTES`]. (Appended last, as above.)
+    Note {
+        /// Which flow.
+        flow: FlowId,
+        /// The activation's epoch.
+        epoch: Epoch,
+        /// The note.
+        note: String,
+    },
 }
+
+/// Bound on a [`ShardCommand::Note`].
+pub const MAX_NOTE_BYTES: usize = 4096;
 
 /// A control-panel mutation of one flow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

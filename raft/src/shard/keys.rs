@@ -17,6 +17,7 @@
 //! | `f` flow `k` idempotency-key | `u64` seq of the stored message |
 //! | `f` flow `t` timer-id | `u64` deadline |
 //! | `f` flow `c` child-flow | marker: a child started by this flow |
+//! | `f` flow `n` | `String`: why the running flow makes no progress (a note for operators) |
 //! | `T` deadline flow timer-id | marker: the timer index |
 //! | `O` target seq | [`super::OutboxEntry`] |
 //! | `N` target | `u64`: the last outbox number assigned to `target` |
@@ -51,6 +52,7 @@ const EVENT: u8 = b'v';
 const IDEM: u8 = b'k';
 const TIMER: u8 = b't';
 const CHILD: u8 = b'c';
+const NOTE: u8 = b'n';
 
 /// A length that fits the u32 prefix. Strings longer than 4 GiB cannot reach `apply` (payload
 /// limits are far lower), so saturating is only a guard against a panic.
@@ -201,6 +203,11 @@ pub(super) fn idem_prefix(flow: &FlowId) -> Vec<u8> {
 /// One idempotency key of `flow`.
 pub(super) fn idem(flow: &FlowId, idempotency_key: &str) -> Vec<u8> {
     scoped(flow, IDEM, idempotency_key.as_bytes())
+}
+
+/// The note on `flow`.
+pub(super) fn note(flow: &FlowId) -> Vec<u8> {
+    scoped(flow, NOTE, &[])
 }
 
 /// The prefix of `flow`'s timers.

@@ -93,6 +93,11 @@ pub fn events(
         .collect()
 }
 
+/// The note on `flow` ([`super::ShardCommand::Note`]): why it makes no progress, if known.
+pub fn note_of(kv: &dyn KvRead, flow: &FlowId) -> Result<Option<String>, KvError> {
+    txn::get(kv, &keys::note(flow))
+}
+
 /// The armed timers of `flow`: (timer id, deadline ms), by timer id.
 pub fn timers_of(kv: &dyn KvRead, flow: &FlowId) -> Result<Vec<(String, u64)>, KvError> {
     rows_by_name(kv, &keys::flow_timers_prefix(flow), "bad timer key")
