@@ -144,6 +144,16 @@ fn panel_status(e: PanelError) -> Status {
     }
 }
 
+/// Test hook: loses the answer to an applied mutation when a test asked for it (a no-op without
+/// the `test-hooks` feature).
+async fn answer_hook(rpc: &'static str, flow: &FlowId) -> Result<(), Status> {
+    #[cfg(feature = "test-hooks")]
+    crate::hooks::after_apply(rpc, flow).await?;
+    #[cfg(not(feature = "test-hooks"))]
+    let _ = (rpc, flow);
+    Ok(())
+}
+
 pub(crate) fn journal_status(e: handle::Error) -> Status {
     match e {
         e @ (handle::Error::NoLeader { .. }
@@ -285,6 +295,7 @@ impl Fetter for Api {
         let key = r.idempotency_key.unwrap_or_else(|| format!("req-{}", uuid::Uuid::new_v4()));
         let seq =
             s.panel.send_message(&flow, &r.message_type, payload, Some(key)).await.map_err(panel_status)?;
+        answer_hook("send_message", &flow).await?;
         Ok(Response::new(proto::SendMessageResponse { seq }))
     }
 
@@ -337,6 +348,7 @@ impl Fetter for Api {
             .restart(&flow, input, r.clear_effects, r.expected_epoch.map(Epoch))
             .await
             .map_err(panel_status)?;
+        answer_hook("restart", &flow).await?;
         Ok(Response::new(s.epoch_after(&flow).await?))
     }
 
@@ -348,6 +360,7 @@ impl Fetter for Api {
         let r = request.into_inner();
         let flow = s.flow_id(r.flow)?;
         s.panel.cancel(&flow, r.expected_epoch.map(Epoch)).await.map_err(panel_status)?;
+        answer_hook("cancel", &flow).await?;
         Ok(Response::new(s.epoch_after(&flow).await?))
     }
 
@@ -386,6 +399,7 @@ impl Fetter for Api {
         let r = request.into_inner();
         let flow = s.flow_id(r.flow)?;
         s.panel.delete(&flow, r.expected_epoch.map(Epoch)).await.map_err(panel_status)?;
+        answer_hook("delete", &flow).await?;
         Ok(Response::new(proto::MutationResponse { epoch: None }))
     }
 
