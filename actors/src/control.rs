@@ -3,6 +3,11 @@
 //! Every mutation of a live flow commits a new epoch, fencing its running activation; a caller
 //! that passes the epoch it read gets [`Error::ConcurrentModification`] if the flow moved on
 //! since. Reads are linearizable (they go through the shard leader).
+//!
+//! Every mutation carries a request id (the caller's, or a fresh one): the shard stores the first
+//! reply under it, so a retry of a request whose answer was lost — by forwarding or by a client
+//! failing over — changes nothing and gets that reply again (`ShardCommand::AdminRequest`).
+//! Callers that retry must therefore pass their own id and keep it across their retries.
 
 use std::cmp::Ordering;
 use std::sync::Arc;
@@ -48,6 +53,9 @@ pub enum Error {
         /// The parser's complaint.
         reason: String,
     },
+    /// The request id was used before for another request.
+    #[error("request id {0:?} was already used for another request")]
+    RequestIdReused(String),
     /// The shard refused the command for another reason.
     #[error("refused: {0}")]
     Refused(Rejection),
@@ -145,6 +153,7 @@ impl ControlPanel {
             Rejection::ConcurrentModification { expected, current } => {
                 Error::ConcurrentModification { flow: flow.clone(), expected, current }
             }
+            Rejection::RequestIdReused { request_id } => Error::RequestIdReused(request_id),
             other => Error::Refused(other),
         })
     }
@@ -208,28 +217,48 @@ impl ControlPanel {
         Ok(all)
     }
 
-    async fn admin(&self, flow: &FlowId, expected_epoch: Option<Epoch>, op: AdminOp) -> Result<(), Error> {
-        self.command(flow, ShardCommand::Admin { flow: flow.clone(), expected_epoch, op }).await.map(|_| ())
+    /// Runs `op` under `request_id` (a fresh one when `None`, which still makes forwarding's own
+    /// retries safe); returns the flow's epoch right after the change (`None` after a delete).
+    async fn admin(
+        &self,
+        flow: &FlowId,
+        expected_epoch: Option<Epoch>,
+        op: AdminOp,
+        request_id: Option<&str>,
+    ) -> Result<Option<Epoch>, Error> {
+        let request_id = request_id.map_or_else(|| format!("panel-{}", uuid::Uuid::new_v4()), str::to_string);
+        let command = ShardCommand::AdminRequest { request_id, flow: flow.clone(), expected_epoch, op };
+        match self.command(flow, command).await? {
+            ShardOutcome::Mutated { epoch } => Ok(epoch),
+            other => Err(Error::Refused(Rejection::Invalid(format!("unexpected outcome {other:?}")))),
+        }
     }
 
     /// Runs the flow again from the top with its recorded effects (or without them), optionally
-    /// with a new input.
+    /// with a new input. Returns the flow's new epoch. `request_id`: see the module
+    /// documentation (the same for every retry of one request).
     pub async fn restart(
         &self,
         flow: &FlowId,
         input: Option<Payload>,
         clear_effects: bool,
         expected_epoch: Option<Epoch>,
-    ) -> Result<(), Error> {
+        request_id: Option<&str>,
+    ) -> Result<Option<Epoch>, Error> {
         if let Some(input) = &input {
             json("input", input)?;
         }
-        self.admin(flow, expected_epoch, AdminOp::Restart { input, clear_effects }).await
+        self.admin(flow, expected_epoch, AdminOp::Restart { input, clear_effects }, request_id).await
     }
 
     /// Cancels the flow and its children.
-    pub async fn cancel(&self, flow: &FlowId, expected_epoch: Option<Epoch>) -> Result<(), Error> {
-        self.admin(flow, expected_epoch, AdminOp::Cancel).await
+    pub async fn cancel(
+        &self,
+        flow: &FlowId,
+        expected_epoch: Option<Epoch>,
+        request_id: Option<&str>,
+    ) -> Result<Option<Epoch>, Error> {
+        self.admin(flow, expected_epoch, AdminOp::Cancel, request_id).await
     }
 
     /// Marks the flow succeeded with `output`.
@@ -238,9 +267,10 @@ impl ControlPanel {
         flow: &FlowId,
         output: Payload,
         expected_epoch: Option<Epoch>,
-    ) -> Result<(), Error> {
+        request_id: Option<&str>,
+    ) -> Result<Option<Epoch>, Error> {
         json("output", &output)?;
-        self.admin(flow, expected_epoch, AdminOp::Succeed { output }).await
+        self.admin(flow, expected_epoch, AdminOp::Succeed { output }, request_id).await
     }
 
     /// Marks the flow failed with `error`.
@@ -249,13 +279,19 @@ impl ControlPanel {
         flow: &FlowId,
         error: ErrorInfo,
         expected_epoch: Option<Epoch>,
-    ) -> Result<(), Error> {
-        self.admin(flow, expected_epoch, AdminOp::Fail { error }).await
+        request_id: Option<&str>,
+    ) -> Result<Option<Epoch>, Error> {
+        self.admin(flow, expected_epoch, AdminOp::Fail { error }, request_id).await
     }
 
-    /// Deletes the flow and everything it owns; its id becomes free.
-    pub async fn delete(&self, flow: &FlowId, expected_epoch: Option<Epoch>) -> Result<(), Error> {
-        self.admin(flow, expected_epoch, AdminOp::Delete).await
+    /// Deletes the flow and everything it owns; its id becomes free. Returns `None` (no epoch).
+    pub async fn delete(
+        &self,
+        flow: &FlowId,
+        expected_epoch: Option<Epoch>,
+        request_id: Option<&str>,
+    ) -> Result<Option<Epoch>, Error> {
+        self.admin(flow, expected_epoch, AdminOp::Delete, request_id).await
     }
 
     /// Sets (repairs) an effect.
@@ -265,11 +301,13 @@ impl ControlPanel {
         effect_id: &str,
         record: EffectRecord,
         expected_epoch: Option<Epoch>,
-    ) -> Result<(), Error> {
+        request_id: Option<&str>,
+    ) -> Result<Option<Epoch>, Error> {
         if let shard::EffectState::Completed(value) = &record.state {
             json("effect value", value)?;
         }
-        self.admin(flow, expected_epoch, AdminOp::SetEffect { effect_id: effect_id.into(), record }).await
+        let op = AdminOp::SetEffect { effect_id: effect_id.into(), record };
+        self.admin(flow, expected_epoch, op, request_id).await
     }
 
     /// Removes an effect so that it runs again.
@@ -278,8 +316,10 @@ impl ControlPanel {
         flow: &FlowId,
         effect_id: &str,
         expected_epoch: Option<Epoch>,
-    ) -> Result<(), Error> {
-        self.admin(flow, expected_epoch, AdminOp::RemoveEffect { effect_id: effect_id.into() }).await
+        request_id: Option<&str>,
+    ) -> Result<Option<Epoch>, Error> {
+        self.admin(flow, expected_epoch, AdminOp::RemoveEffect { effect_id: effect_id.into() }, request_id)
+            .await
     }
 
     /// Appends a message to the flow's event log; with an idempotency key, once per key.

@@ -107,7 +107,7 @@ async fn list_pages_over_all_shards_by_type_and_status() -> Result<()> {
         panel.start(f, b"0".to_vec()).await?;
     }
     for f in &flows[..5] {
-        panel.cancel(f, None).await?;
+        panel.cancel(f, None, None).await?;
     }
     let mut seen = Vec::new();
     let mut query = ListQuery { flow_type: Some("waiter".into()), limit: 7, ..ListQuery::default() };
@@ -139,14 +139,14 @@ async fn repairs_fence_the_running_activation_and_check_the_callers_epoch() -> R
     wait_status(&panel, &flow, FlowStatus::Suspended).await?;
     let read = panel.get(&flow).await?.record.epoch;
     // Someone else restarts it with an edited input: the epoch moves on.
-    panel.restart(&flow, Some(b"100".to_vec()), false, Some(read)).await?;
-    let stale = panel.restart(&flow, None, false, Some(read)).await;
+    panel.restart(&flow, Some(b"100".to_vec()), false, Some(read), None).await?;
+    let stale = panel.restart(&flow, None, false, Some(read), None).await;
     ensure!(matches!(stale, Err(Error::ConcurrentModification { .. })), "{stale:?}");
     wait_status(&panel, &flow, FlowStatus::Suspended).await?;
     ensure!(work.count() == 1, "the restart replayed the recorded effect");
     // Repair: remove the effect, then restart; the removed effect runs again.
-    panel.remove_effect(&flow, "work", None).await?;
-    panel.restart(&flow, None, false, None).await?;
+    panel.remove_effect(&flow, "work", None, None).await?;
+    panel.restart(&flow, None, false, None, None).await?;
     wait_status(&panel, &flow, FlowStatus::Suspended).await?;
     let deadline = tokio::time::Instant::now() + WAIT;
     while work.count() < 2 && tokio::time::Instant::now() < deadline {
@@ -162,13 +162,56 @@ async fn repairs_fence_the_running_activation_and_check_the_callers_epoch() -> R
         type_name: "u32".into(),
         state: EffectState::Completed(b"9".to_vec()),
     };
-    panel.set_effect(&flow, "work", record, None).await?;
-    panel.delete(&flow, None).await?;
+    panel.set_effect(&flow, "work", record, None, None).await?;
+    panel.delete(&flow, None, None).await?;
     ensure!(matches!(panel.get(&flow).await, Err(Error::NotFound(_))));
     ensure!(panel.start(&flow, b"3".to_vec()).await? == Started::New, "a deleted id is free");
-    ensure!(matches!(panel.cancel(&FlowId::new("waiter", "nobody"), None).await, Err(Error::NotFound(_))));
-    let bad = panel.succeed(&flow, b"not json".to_vec(), None).await;
+    ensure!(matches!(
+        panel.cancel(&FlowId::new("waiter", "nobody"), None, None).await,
+        Err(Error::NotFound(_))
+    ));
+    let bad = panel.succeed(&flow, b"not json".to_vec(), None, None).await;
     ensure!(matches!(bad, Err(Error::BadJson { .. })), "{bad:?}");
+    for a in actors {
+        a.stop();
+    }
+    node.node.shutdown().await;
+    Ok(())
+}
+
+/// A control-panel mutation repeated with its request id (a retry whose first answer was lost)
+/// answers the first reply and changes nothing: a second `restart --clear-effects` would run the
+/// effect again, a second cancel would answer "already finished".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_request_id_answers_the_first_reply_and_changes_nothing() -> Result<()> {
+    let work = Service::default();
+    let (node, panel, actors) = setup(&work).await?;
+    let flow = FlowId::new("waiter", "retried");
+    panel.start(&flow, b"1".to_vec()).await?;
+    wait_status(&panel, &flow, FlowStatus::Suspended).await?;
+    ensure!(work.count() == 1);
+    let first = panel.restart(&flow, None, true, None, Some("req-restart")).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !(work.count() == 2 && panel.get(&flow).await?.record.status == FlowStatus::Suspended) {
+        ensure!(tokio::time::Instant::now() < deadline, "the restarted run never waited again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = panel.get(&flow).await?;
+    let again = panel.restart(&flow, None, true, None, Some("req-restart")).await?;
+    ensure!(again == first, "the first reply: {first:?}, then {again:?}");
+    ensure!(panel.get(&flow).await? == before, "the retry changed the flow");
+    wait_status(&panel, &flow, FlowStatus::Suspended).await?;
+    ensure!(work.count() == 2, "the effect ran {} times", work.count());
+    let reused = panel.cancel(&flow, None, Some("req-restart")).await;
+    ensure!(matches!(reused, Err(Error::RequestIdReused(_))), "{reused:?}");
+    let cancelled = panel.cancel(&flow, None, Some("req-cancel")).await?;
+    ensure!(panel.cancel(&flow, None, Some("req-cancel")).await? == cancelled, "a retried cancel succeeds");
+    ensure!(
+        matches!(panel.cancel(&flow, None, None).await, Err(Error::Finished(_))),
+        "a new cancel does not"
+    );
+    ensure!(panel.delete(&flow, None, Some("req-delete")).await?.is_none());
+    ensure!(panel.delete(&flow, None, Some("req-delete")).await?.is_none(), "a retried delete succeeds");
     for a in actors {
         a.stop();
     }

@@ -431,7 +431,7 @@ async fn loan_with_one_reply_is_rejected_and_a_late_reply_never_counts() -> Resu
     // approval while it runs again; it may finish first, then try again.
     let deadline = tokio::time::Instant::now() + WAIT;
     let late = loop {
-        panel.restart(&flow, None, false, None).await?;
+        panel.restart(&flow, None, false, None, None).await?;
         match reply(panel, &flow, "bureau-b", true).await {
             Ok(seq) => break seq,
             Err(e) if tokio::time::Instant::now() < deadline => println!("late reply not delivered yet: {e}"),
@@ -441,7 +441,7 @@ async fn loan_with_one_reply_is_rejected_and_a_late_reply_never_counts() -> Resu
     ensure!(late > closed, "the late reply ({late}) comes after the window closed ({closed})");
     // Replayed with the late reply in its log, the flow decides the same.
     finished(panel, &flow).await?;
-    panel.restart(&flow, None, false, None).await?;
+    panel.restart(&flow, None, false, None, None).await?;
     let view = finished(panel, &flow).await?;
     let again: LoanDecision = output(&view)?;
     ensure!(again == expected, "after the late reply: {again:?}");

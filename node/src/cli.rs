@@ -103,7 +103,7 @@ pub enum FlowCommand {
         /// The message, as JSON.
         #[arg(value_name = "JSON", allow_hyphen_values = true)]
         payload: String,
-        /// The idempotency key (default: a fresh one).
+        /// The idempotency key (default: the call's request id, kept across its retries).
         #[arg(long)]
         key: Option<String>,
     },

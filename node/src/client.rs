@@ -5,10 +5,13 @@
 //! next node, with a small backoff, until the call's time budget ([`Client::with_timeout`]) runs
 //! out. Any other error is returned at once as a [`ClientError`].
 //!
-//! Retrying is safe for the flow API: `StartFlow` is idempotent, and [`Client::send_message`]
-//! gives every message an idempotency key (a fresh uuid when the caller passes none), so a retry
-//! never appends it twice. The other mutations may be applied twice when a node fails after
-//! applying one but before answering; pass an expected epoch to make them exact.
+//! Retrying is safe for the whole flow API: `StartFlow` is idempotent, and every other mutation
+//! carries a request id (a fresh UUID v4 per call, the same on each of its retries). The cluster
+//! stores the first reply under it, so a retry of a call whose answer was lost (a node that
+//! failed after applying it, a broken connection) changes nothing and answers that first reply —
+//! a retried cancel answers success, not "already finished", and a retried
+//! `restart --clear-effects` does not run the flow's effects a second time. A message sent
+//! without an idempotency key is keyed by its request id, so a retry never appends it twice.
 //!
 //! ```ignore
 //! let client = fetter::Client::connect(["127.0.0.1:7001", "127.0.0.1:7002"])?;
@@ -193,6 +196,21 @@ fn outcome<O: DeserializeOwned>(flow: &proto::Flow) -> Result<Result<O, FlowFail
     }
 }
 
+/// A fresh request id for one call; [`Client::call`] sends the same request, id included, on
+/// every retry.
+fn new_request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A mutation of `flow_type/instance` under a fresh request id.
+fn mutation(flow_type: &str, instance: &str, expected_epoch: Option<u64>) -> proto::MutationRequest {
+    proto::MutationRequest {
+        flow: Some(flow_ref(flow_type, instance)),
+        expected_epoch,
+        request_id: Some(new_request_id()),
+    }
+}
+
 fn flow_ref(flow_type: &str, instance: &str) -> proto::FlowRef {
     proto::FlowRef { flow_type: flow_type.to_string(), instance: instance.to_string() }
 }
@@ -358,7 +376,7 @@ impl Client {
     }
 
     /// Appends message `message_type` with `payload_json` to the flow's event log, once per
-    /// idempotency key (a fresh one when `idempotency_key` is `None`, kept across retries).
+    /// idempotency key (without one, once per call: the call's request id is its key).
     /// Returns the message's position in the log.
     pub async fn send_message(
         &self,
@@ -368,12 +386,12 @@ impl Client {
         payload_json: &str,
         idempotency_key: Option<String>,
     ) -> Result<u64, ClientError> {
-        let key = idempotency_key.unwrap_or_else(|| format!("client-{}", uuid::Uuid::new_v4()));
         let request = proto::SendMessageRequest {
             flow: Some(flow_ref(flow_type, instance)),
             message_type: message_type.to_string(),
             payload_json: payload_json.to_string(),
-            idempotency_key: Some(key),
+            idempotency_key,
+            request_id: Some(new_request_id()),
         };
         let response =
             self.call(request, Duration::ZERO, |mut c, r| async move { c.send_message(r).await }).await?;
@@ -419,6 +437,7 @@ impl Client {
             expected_epoch,
             input_json: input_json.map(str::to_string),
             clear_effects,
+            request_id: Some(new_request_id()),
         };
         self.call(request, Duration::ZERO, |mut c, r| async move { c.restart(r).await }).await
     }
@@ -430,7 +449,7 @@ impl Client {
         instance: &str,
         expected_epoch: Option<u64>,
     ) -> Result<proto::MutationResponse, ClientError> {
-        let request = proto::MutationRequest { flow: Some(flow_ref(flow_type, instance)), expected_epoch };
+        let request = mutation(flow_type, instance, expected_epoch);
         self.call(request, Duration::ZERO, |mut c, r| async move { c.cancel(r).await }).await
     }
 
@@ -446,6 +465,7 @@ impl Client {
             flow: Some(flow_ref(flow_type, instance)),
             expected_epoch,
             output_json: output_json.to_string(),
+            request_id: Some(new_request_id()),
         };
         self.call(request, Duration::ZERO, |mut c, r| async move { c.mark_succeeded(r).await }).await
     }
@@ -462,6 +482,7 @@ impl Client {
             flow: Some(flow_ref(flow_type, instance)),
             expected_epoch,
             reason: reason.to_string(),
+            request_id: Some(new_request_id()),
         };
         self.call(request, Duration::ZERO, |mut c, r| async move { c.mark_failed(r).await }).await
     }
@@ -473,7 +494,7 @@ impl Client {
         instance: &str,
         expected_epoch: Option<u64>,
     ) -> Result<proto::MutationResponse, ClientError> {
-        let request = proto::MutationRequest { flow: Some(flow_ref(flow_type, instance)), expected_epoch };
+        let request = mutation(flow_type, instance, expected_epoch);
         self.call(request, Duration::ZERO, |mut c, r| async move { c.delete(r).await }).await
     }
 
@@ -491,6 +512,7 @@ impl Client {
             expected_epoch,
             effect_id: effect_id.to_string(),
             value_json: value_json.to_string(),
+            request_id: Some(new_request_id()),
         };
         self.call(request, Duration::ZERO, |mut c, r| async move { c.set_effect(r).await }).await
     }
@@ -507,6 +529,7 @@ impl Client {
             flow: Some(flow_ref(flow_type, instance)),
             expected_epoch,
             effect_id: effect_id.to_string(),
+            request_id: Some(new_request_id()),
         };
         self.call(request, Duration::ZERO, |mut c, r| async move { c.remove_effect(r).await }).await
     }

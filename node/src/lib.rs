@@ -15,6 +15,8 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 mod engine;
+#[cfg(feature = "test-hooks")]
+pub mod hooks;
 pub mod local;
 
 pub use app::App;

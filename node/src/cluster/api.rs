@@ -21,6 +21,8 @@ use super::{convert, lazy_channel, node_info_over, Shared};
 use crate::proto;
 use crate::proto::fetter_server::{Fetter, FetterServer};
 
+/// Bound on a request id (the shard's own bound).
+const MAX_REQUEST_ID_BYTES: usize = fetter_raft::shard::MAX_REQUEST_ID_BYTES;
 /// Bound on a flow type or instance name.
 const MAX_NAME_BYTES: usize = 256;
 /// How often `StartFlow{wait}` reads the flow again even without a wake-up.
@@ -147,10 +149,36 @@ fn panel_status(e: PanelError) -> Status {
         }
         e @ PanelError::ConcurrentModification { .. } => Status::aborted(e.to_string()),
         e @ PanelError::Finished(_) => Status::failed_precondition(e.to_string()),
-        e @ PanelError::BadJson { .. } => Status::invalid_argument(e.to_string()),
+        e @ (PanelError::BadJson { .. } | PanelError::RequestIdReused(_)) => {
+            Status::invalid_argument(e.to_string())
+        }
         PanelError::Journal(e) => journal_status(e),
         e => Status::internal(e.to_string()),
     }
+}
+
+/// The caller's request id, checked; `None` when it gave none (the control panel then makes one).
+fn request_id(id: Option<String>) -> Result<Option<String>, Status> {
+    match id {
+        Some(id) if id.is_empty() || id.len() > MAX_REQUEST_ID_BYTES => {
+            Err(Status::invalid_argument(format!("the request id must be 1 to {MAX_REQUEST_ID_BYTES} bytes")))
+        }
+        id => Ok(id),
+    }
+}
+
+fn mutated(epoch: Option<Epoch>) -> Response<proto::MutationResponse> {
+    Response::new(proto::MutationResponse { epoch: epoch.map(|e| e.0) })
+}
+
+/// Test hook: loses the answer to an applied mutation when a test asked for it (a no-op without
+/// the `test-hooks` feature).
+async fn answer_hook(rpc: &'static str, flow: &FlowId) -> Result<(), Status> {
+    #[cfg(feature = "test-hooks")]
+    crate::hooks::after_apply(rpc, flow).await?;
+    #[cfg(not(feature = "test-hooks"))]
+    let _ = (rpc, flow);
+    Ok(())
 }
 
 pub(crate) fn journal_status(e: handle::Error) -> Status {
@@ -255,14 +283,6 @@ impl Shared {
             }
         }
     }
-
-    async fn epoch_after(&self, flow: &FlowId) -> Result<proto::MutationResponse, Status> {
-        match self.panel.get(flow).await {
-            Ok(view) => Ok(proto::MutationResponse { epoch: Some(view.record.epoch.0) }),
-            Err(PanelError::NotFound(_)) => Ok(proto::MutationResponse { epoch: None }),
-            Err(e) => Err(panel_status(e)),
-        }
-    }
 }
 
 #[tonic::async_trait]
@@ -297,10 +317,16 @@ impl Fetter for Api {
             return Err(Status::invalid_argument("the message type must be 1 to 256 bytes"));
         }
         let payload = s.payload("message", r.payload_json)?;
-        // Every forwarded message carries a key, so no retry appends it twice.
-        let key = r.idempotency_key.unwrap_or_else(|| format!("req-{}", uuid::Uuid::new_v4()));
+        // Every forwarded message carries a key, so no retry appends it twice: the caller's key,
+        // else its request id (the same on each of its retries), else a fresh one.
+        let key = match (r.idempotency_key, request_id(r.request_id)?) {
+            (Some(key), _) => key,
+            (None, Some(id)) => format!("req-{id}"),
+            (None, None) => format!("req-{}", uuid::Uuid::new_v4()),
+        };
         let seq =
             s.panel.send_message(&flow, &r.message_type, payload, Some(key)).await.map_err(panel_status)?;
+        answer_hook("send_message", &flow).await?;
         Ok(Response::new(proto::SendMessageResponse { seq }))
     }
 
@@ -349,11 +375,14 @@ impl Fetter for Api {
         let flow = s.flow_id(r.flow)?;
         s.known_type(&flow)?;
         let input = r.input_json.map(|i| s.payload("input", i)).transpose()?;
-        s.panel
-            .restart(&flow, input, r.clear_effects, r.expected_epoch.map(Epoch))
+        let id = request_id(r.request_id)?;
+        let epoch = s
+            .panel
+            .restart(&flow, input, r.clear_effects, r.expected_epoch.map(Epoch), id.as_deref())
             .await
             .map_err(panel_status)?;
-        Ok(Response::new(s.epoch_after(&flow).await?))
+        answer_hook("restart", &flow).await?;
+        Ok(mutated(epoch))
     }
 
     async fn cancel(
@@ -363,8 +392,11 @@ impl Fetter for Api {
         let s = self.shared()?;
         let r = request.into_inner();
         let flow = s.flow_id(r.flow)?;
-        s.panel.cancel(&flow, r.expected_epoch.map(Epoch)).await.map_err(panel_status)?;
-        Ok(Response::new(s.epoch_after(&flow).await?))
+        let id = request_id(r.request_id)?;
+        let epoch =
+            s.panel.cancel(&flow, r.expected_epoch.map(Epoch), id.as_deref()).await.map_err(panel_status)?;
+        answer_hook("cancel", &flow).await?;
+        Ok(mutated(epoch))
     }
 
     async fn mark_succeeded(
@@ -375,8 +407,14 @@ impl Fetter for Api {
         let r = request.into_inner();
         let flow = s.flow_id(r.flow)?;
         let output = s.payload("output", r.output_json)?;
-        s.panel.succeed(&flow, output, r.expected_epoch.map(Epoch)).await.map_err(panel_status)?;
-        Ok(Response::new(s.epoch_after(&flow).await?))
+        let id = request_id(r.request_id)?;
+        let epoch = s
+            .panel
+            .succeed(&flow, output, r.expected_epoch.map(Epoch), id.as_deref())
+            .await
+            .map_err(panel_status)?;
+        answer_hook("mark_succeeded", &flow).await?;
+        Ok(mutated(epoch))
     }
 
     async fn mark_failed(
@@ -390,8 +428,14 @@ impl Fetter for Api {
             return Err(Status::invalid_argument("the reason is over the payload limit"));
         }
         let error = ErrorInfo { kind: "marked_failed".into(), message: r.reason };
-        s.panel.fail(&flow, error, r.expected_epoch.map(Epoch)).await.map_err(panel_status)?;
-        Ok(Response::new(s.epoch_after(&flow).await?))
+        let id = request_id(r.request_id)?;
+        let epoch = s
+            .panel
+            .fail(&flow, error, r.expected_epoch.map(Epoch), id.as_deref())
+            .await
+            .map_err(panel_status)?;
+        answer_hook("mark_failed", &flow).await?;
+        Ok(mutated(epoch))
     }
 
     async fn delete(
@@ -401,8 +445,11 @@ impl Fetter for Api {
         let s = self.shared()?;
         let r = request.into_inner();
         let flow = s.flow_id(r.flow)?;
-        s.panel.delete(&flow, r.expected_epoch.map(Epoch)).await.map_err(panel_status)?;
-        Ok(Response::new(proto::MutationResponse { epoch: None }))
+        let id = request_id(r.request_id)?;
+        let epoch =
+            s.panel.delete(&flow, r.expected_epoch.map(Epoch), id.as_deref()).await.map_err(panel_status)?;
+        answer_hook("delete", &flow).await?;
+        Ok(mutated(epoch))
     }
 
     async fn set_effect(
@@ -416,6 +463,7 @@ impl Fetter for Api {
             return Err(Status::invalid_argument("the effect id must be 1 to 256 bytes"));
         }
         let value = s.payload("effect value", r.value_json)?;
+        let id = request_id(r.request_id)?;
         // Keep the recorded kind when the effect exists (a repaired `ship` stays an effect).
         let kind = match s.panel.get(&flow).await {
             Ok(view) => view.effects.iter().find(|(id, _)| *id == r.effect_id).map(|(_, e)| e.kind),
@@ -426,11 +474,13 @@ impl Fetter for Api {
             type_name: String::new(),
             state: EffectState::Completed(value),
         };
-        s.panel
-            .set_effect(&flow, &r.effect_id, record, r.expected_epoch.map(Epoch))
+        let epoch = s
+            .panel
+            .set_effect(&flow, &r.effect_id, record, r.expected_epoch.map(Epoch), id.as_deref())
             .await
             .map_err(panel_status)?;
-        Ok(Response::new(s.epoch_after(&flow).await?))
+        answer_hook("set_effect", &flow).await?;
+        Ok(mutated(epoch))
     }
 
     async fn remove_effect(
@@ -440,11 +490,14 @@ impl Fetter for Api {
         let s = self.shared()?;
         let r = request.into_inner();
         let flow = s.flow_id(r.flow)?;
-        s.panel
-            .remove_effect(&flow, &r.effect_id, r.expected_epoch.map(Epoch))
+        let id = request_id(r.request_id)?;
+        let epoch = s
+            .panel
+            .remove_effect(&flow, &r.effect_id, r.expected_epoch.map(Epoch), id.as_deref())
             .await
             .map_err(panel_status)?;
-        Ok(Response::new(s.epoch_after(&flow).await?))
+        answer_hook("remove_effect", &flow).await?;
+        Ok(mutated(epoch))
     }
 
     async fn cluster_status(

@@ -6,8 +6,9 @@
 //! then answers [`Error::NoLeader`]. It retries after "not leader" and after a refused or broken
 //! connection (the request may have reached the old leader); a request without an answer within
 //! the budget is reported as [`Error::Timeout`]. Commands sent this way must therefore be
-//! idempotent — starts (same input), messages with an idempotency key, outbox deliveries
-//! (numbered) — which is what ingress and outbox delivery send. Activations never forward: see [`GroupHandle::propose`].
+//! idempotent — starts (same input), messages with an idempotency key, control-panel mutations
+//! under a request id (`ShardCommand::AdminRequest`), outbox deliveries (numbered) — which is
+//! what ingress and outbox delivery send. Activations never forward: see [`GroupHandle::propose`].
 
 use std::time::Duration;
 

@@ -18,12 +18,27 @@ use crate::placement;
 /// A rejection (`Ok((Err(_), _))`) changes nothing, not even the clock, and carries no actions.
 /// `Err(_)` is a storage failure (or a corrupt row); the caller must abandon the batch.
 pub fn apply(kv: &mut dyn Kv, now_ms: u64, cmd: &ShardCommand) -> Result<(ShardReply, Vec<Action>), KvError> {
+    if let ShardCommand::AdminRequest { request_id, flow, expected_epoch, op } = cmd {
+        return apply_request(kv, now_ms, cmd, request_id, |cx| {
+            cx.admin(flow, *expected_epoch, op).map(|epoch| ShardOutcome::Mutated { epoch })
+        });
+    }
+    isolated(kv, now_ms, |cx| cx.run(cmd))
+}
+
+/// Runs `body` against a write buffer and commits its writes (and the advanced clock) only if it
+/// is accepted.
+fn isolated(
+    kv: &mut dyn Kv,
+    now_ms: u64,
+    body: impl FnOnce(&mut Cx<'_>) -> Res<ShardOutcome>,
+) -> Result<(ShardReply, Vec<Action>), KvError> {
     let stored_clock: u64 = txn::get(&*kv, keys::CLOCK)?.unwrap_or(0);
     let clock = stored_clock.max(now_ms);
     let (result, actions, writes) = {
         let mut overlay = Overlay::new(&*kv);
         let mut cx = Cx { kv: &mut overlay, clock, actions: Vec::new() };
-        let result = cx.run(cmd);
+        let result = body(&mut cx);
         let actions = std::mem::take(&mut cx.actions);
         (result, actions, overlay.into_writes())
     };
@@ -38,6 +53,75 @@ pub fn apply(kv: &mut dyn Kv, now_ms: u64, cmd: &ShardCommand) -> Result<(ShardR
         Err(Fail::Reject(rejection)) => Ok((Err(rejection), Vec::new())),
         Err(Fail::Kv(e)) => Err(e),
     }
+}
+
+/// A stored request id: a fingerprint of the command it came with, when it was applied (shard
+/// clock) and the reply it got.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RequestRecord {
+    fingerprint: u64,
+    at_ms: u64,
+    reply: ShardReply,
+}
+
+/// Applies a command under a request id: the first time, `body` runs and its reply (accepted or
+/// rejected) is stored with the id in the same write set; later, the stored reply is returned
+/// and nothing changes. A rejection therefore writes one row, the request id, so that a retry
+/// answers the same rejection even if the flow changed in between.
+fn apply_request(
+    kv: &mut dyn Kv,
+    now_ms: u64,
+    cmd: &ShardCommand,
+    request_id: &str,
+    body: impl FnOnce(&mut Cx<'_>) -> Res<ShardOutcome>,
+) -> Result<(ShardReply, Vec<Action>), KvError> {
+    if request_id.is_empty() || request_id.len() > MAX_REQUEST_ID_BYTES {
+        let why = format!("a request id must be 1 to {MAX_REQUEST_ID_BYTES} bytes");
+        return Ok((Err(Rejection::Invalid(why)), Vec::new()));
+    }
+    // The whole command, so that an id reused for another request (another flow, operation,
+    // payload or expected epoch) is told apart from a retry.
+    let fingerprint = match crate::codec::encode(cmd) {
+        Ok(bytes) => xxhash_rust::xxh3::xxh3_64(&bytes),
+        Err(e) => {
+            return Ok((Err(Rejection::Invalid(format!("cannot encode the command: {e}"))), Vec::new()))
+        }
+    };
+    if let Some(stored) = txn::get::<RequestRecord>(&*kv, &keys::request(request_id))? {
+        let reply = if stored.fingerprint == fingerprint {
+            stored.reply
+        } else {
+            Err(Rejection::RequestIdReused { request_id: request_id.to_string() })
+        };
+        return Ok((reply, Vec::new()));
+    }
+    let (reply, actions) = isolated(kv, now_ms, body)?;
+    let at_ms = txn::get::<u64>(&*kv, keys::CLOCK)?.unwrap_or(0).max(now_ms);
+    remember_request(kv, request_id, &RequestRecord { fingerprint, at_ms, reply: reply.clone() })?;
+    Ok((reply, actions))
+}
+
+/// Stores a request id, making room by forgetting the oldest ones at the bound.
+fn remember_request(kv: &mut dyn Kv, request_id: &str, record: &RequestRecord) -> Result<(), KvError> {
+    let mut count: u64 = txn::get(&*kv, keys::REQUEST_COUNT)?.unwrap_or(0);
+    while count >= MAX_REQUEST_IDS {
+        let Some((oldest, _)) = kv.scan(keys::REQUESTS_BY_AGE, None, 1)?.into_iter().next() else { break };
+        forget_request(kv, &oldest)?;
+        count -= 1;
+    }
+    txn::put(kv, keys::request(request_id), record)?;
+    txn::put(kv, keys::request_by_age(record.at_ms, request_id), &())?;
+    txn::put(kv, keys::REQUEST_COUNT.to_vec(), &(count + 1))
+}
+
+/// Forgets the request id of one age-index row (and lowers the count).
+fn forget_request(kv: &mut dyn Kv, age_key: &[u8]) -> Result<(), KvError> {
+    let (_, request_id) =
+        keys::parse_request_by_age(age_key).ok_or_else(|| txn::corrupt(age_key, "bad request-age key"))?;
+    kv.delete(&keys::request(&request_id));
+    kv.delete(age_key);
+    let count: u64 = txn::get(&*kv, keys::REQUEST_COUNT)?.unwrap_or(0);
+    txn::put(kv, keys::REQUEST_COUNT.to_vec(), &count.saturating_sub(1))
 }
 
 /// Why a command did not go through: a rejection (a reply) or a storage failure.
@@ -165,7 +249,11 @@ impl Cx<'_> {
                 self.deliver(*source, *first_seq, entries)
             }
             ShardCommand::OutboxAck { target, upto_seq } => self.ack(*target, *upto_seq),
-            ShardCommand::Admin { flow, expected_epoch, op } => self.admin(flow, *expected_epoch, op),
+            ShardCommand::Admin { flow, expected_epoch, op } => {
+                self.admin(flow, *expected_epoch, op).map(|_| ShardOutcome::Done)
+            }
+            // Handled by `apply` before a context exists (its reply is stored even when rejected).
+            ShardCommand::AdminRequest { .. } => Err(invalid("a request cannot be nested")),
             ShardCommand::Gc { cutoff_ms, max_flows } => self.gc(*cutoff_ms, *max_flows),
             ShardCommand::Note { flow, epoch, note } => {
                 self.activation(flow, *epoch)?;
@@ -839,7 +927,8 @@ impl Cx<'_> {
         Ok(ShardOutcome::Done)
     }
 
-    fn admin(&mut self, flow: &FlowId, expected_epoch: Option<Epoch>, op: &AdminOp) -> Res<ShardOutcome> {
+    /// A control-panel mutation; the flow's epoch right after it (`None` after a delete).
+    fn admin(&mut self, flow: &FlowId, expected_epoch: Option<Epoch>, op: &AdminOp) -> Res<Option<Epoch>> {
         let mut rec = self.load(flow)?.ok_or(Rejection::FlowNotFound)?;
         if let Some(expected) = expected_epoch {
             if expected != rec.epoch {
@@ -854,11 +943,11 @@ impl Cx<'_> {
             AdminOp::Delete => {
                 self.delete_flow(&rec)?;
                 self.act(Action::Fence { flow: flow.clone() });
-                return Ok(ShardOutcome::Done);
+                return Ok(None);
             }
             AdminOp::Cancel => {
                 self.cancel(&mut rec, "cancelled by an operator")?;
-                return Ok(ShardOutcome::Done);
+                return Ok(Some(rec.epoch));
             }
             _ => {}
         }
@@ -908,7 +997,7 @@ impl Cx<'_> {
             }
             AdminOp::Delete | AdminOp::Cancel => {}
         }
-        Ok(ShardOutcome::Done)
+        Ok(Some(rec.epoch))
     }
 
     /// After fencing a running flow, it needs a new activation.
@@ -935,6 +1024,16 @@ impl Cx<'_> {
                 // A stale index row (cannot happen, but never blocks collection).
                 _ => self.kv.delete(&key),
             }
+        }
+        // Request ids are kept as long as finished flows: a retry within the retention period
+        // still gets its first reply.
+        for (key, _) in self.kv.scan(keys::REQUESTS_BY_AGE, None, limit)? {
+            let (at_ms, _) =
+                keys::parse_request_by_age(&key).ok_or_else(|| txn::corrupt(&key, "bad request-age key"))?;
+            if at_ms >= cutoff_ms {
+                break;
+            }
+            forget_request(self.kv, &key)?;
         }
         Ok(ShardOutcome::Collected { flows })
     }
@@ -1127,6 +1226,29 @@ mod tests {
         AdminOp::Restart { input: input.map(p), clear_effects }
     }
 
+    fn request(id: &str, flow: &FlowId, expected: Option<u64>, op: AdminOp) -> ShardCommand {
+        ShardCommand::AdminRequest {
+            request_id: id.into(),
+            flow: flow.clone(),
+            expected_epoch: expected.map(Epoch),
+            op,
+        }
+    }
+
+    /// The rows of `kv` other than the request-id table.
+    fn without_requests(kv: &MemKv) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let tables = [b"Q".as_slice(), keys::REQUESTS_BY_AGE, keys::REQUEST_COUNT];
+        kv.rows
+            .iter()
+            .filter(|(k, _)| !tables.iter().any(|t| k.starts_with(t)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn requests_stored(kv: &MemKv) -> u64 {
+        txn::get(kv, keys::REQUEST_COUNT).unwrap().unwrap_or(0)
+    }
+
     // --- a shard under test ---
 
     /// One shard's state and the batch time of the next command.
@@ -1147,12 +1269,17 @@ mod tests {
             Shard { kv: MemKv::new(), now: T0 }
         }
 
-        /// Applies `cmd`; every rejection is checked to change nothing and emit nothing.
+        /// Applies `cmd`; every rejection is checked to change nothing and emit nothing (but the
+        /// request id a rejected request is remembered under).
         fn apply(&mut self, cmd: ShardCommand) -> (ShardReply, Vec<Action>) {
             let before = self.kv.clone();
             let (reply, actions) = apply(&mut self.kv, self.now, &cmd).unwrap();
             if reply.is_err() {
-                assert_eq!(self.kv, before, "rejected {cmd:?} changed the state");
+                assert_eq!(
+                    without_requests(&self.kv),
+                    without_requests(&before),
+                    "rejected {cmd:?} changed the state"
+                );
                 assert!(actions.is_empty(), "rejected {cmd:?} emitted {actions:?}");
             }
             (reply, actions)
@@ -2349,6 +2476,120 @@ mod tests {
         assert_eq!(s.ok(gc(3_000, 10)), ShardOutcome::Collected { flows: 0 }, "the cutoff is exclusive");
         assert_eq!(s.ok(gc(3_001, 10)), ShardOutcome::Collected { flows: 1 });
         assert!(get_flow(&s.kv, &f("live")).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_retried_restart_with_clear_effects_changes_nothing() {
+        let mut s = Shard::new();
+        let a = f("a");
+        s.running(&a);
+        s.ok(eff_started(&a, 1, "ship"));
+        let restart_once = request("r-1", &a, None, restart(None, true));
+        let (first, actions) = s.ok_actions(restart_once.clone());
+        assert_eq!(first, ShardOutcome::Mutated { epoch: Some(e(2)) });
+        assert_eq!(actions, [Action::Fence { flow: a.clone() }, Action::Activate { flow: a.clone() }]);
+        assert!(get_effect(&s.kv, &a, "ship").unwrap().is_none(), "the restart forgot the effect");
+        // The restarted run commits its at-most-once marker, then the restart is retried.
+        s.ok(activate(&a, 3));
+        s.ok(eff_started(&a, 3, "ship"));
+        let before = s.kv.clone();
+        s.now += 1_000;
+        assert_eq!(s.apply(restart_once.clone()), (Ok(first.clone()), Vec::new()));
+        assert_eq!(s.kv, before, "the retry changed nothing, not even the clock");
+        assert_eq!(get_effect(&s.kv, &a, "ship").unwrap().map(|r| r.state), Some(EffectState::Started));
+        assert_eq!(s.flow(&a).epoch, e(3));
+        // The same id for another request is refused; a new id restarts again.
+        assert_eq!(
+            s.rej(request("r-1", &a, None, restart(None, false))),
+            Rejection::RequestIdReused { request_id: "r-1".into() }
+        );
+        assert_eq!(
+            s.ok(request("r-2", &a, None, restart(None, true))),
+            ShardOutcome::Mutated { epoch: Some(e(4)) }
+        );
+        assert_eq!(requests_stored(&s.kv), 2);
+    }
+
+    #[test]
+    fn retried_requests_answer_their_first_reply() {
+        let mut s = Shard::new();
+        let a = f("a");
+        s.running(&a);
+        // Cancel: success, then the same success (not "already finished").
+        let cancel = request("c-1", &a, None, AdminOp::Cancel);
+        assert_eq!(s.ok(cancel.clone()), ShardOutcome::Mutated { epoch: Some(e(2)) });
+        assert_eq!(s.apply(cancel.clone()), (Ok(ShardOutcome::Mutated { epoch: Some(e(2)) }), Vec::new()));
+        assert_eq!(s.rej(admin(&a, None, AdminOp::Cancel)), Rejection::FlowFinished);
+        // Delete: the flow is gone, and the retry still answers success.
+        let delete = request("d-1", &a, None, AdminOp::Delete);
+        assert_eq!(s.ok(delete.clone()), ShardOutcome::Mutated { epoch: None });
+        assert_eq!(s.ok(delete), ShardOutcome::Mutated { epoch: None });
+        assert!(get_flow(&s.kv, &a).unwrap().is_none());
+        // A rejection is remembered: after the flow exists, the retry still answers "not found"
+        // and does not succeed it.
+        let b = f("b");
+        let succeed = request("s-1", &b, None, AdminOp::Succeed { output: p("1") });
+        assert_eq!(s.rej(succeed.clone()), Rejection::FlowNotFound);
+        s.running(&b);
+        assert_eq!(s.rej(succeed), Rejection::FlowNotFound);
+        assert_eq!(s.status(&b), FlowStatus::Running);
+        // Every operation is covered, and a conditional one answers its first outcome too.
+        let effect = EffectRecord {
+            kind: EffectKind::Effect,
+            type_name: "T".into(),
+            state: EffectState::Completed(p("1")),
+        };
+        for (id, op) in [
+            ("e-1", AdminOp::SetEffect { effect_id: "x".into(), record: effect }),
+            ("e-2", AdminOp::RemoveEffect { effect_id: "x".into() }),
+            ("f-1", AdminOp::Fail { error: err("x") }),
+        ] {
+            let epoch = s.flow(&b).epoch;
+            let cmd = request(id, &b, Some(epoch.0), op);
+            let first = s.ok(cmd.clone());
+            let before = s.kv.clone();
+            assert_eq!(s.apply(cmd), (Ok(first), Vec::new()), "{id}");
+            assert_eq!(s.kv, before, "{id}");
+        }
+        assert_eq!(s.status(&b), FlowStatus::Failed);
+    }
+
+    #[test]
+    fn request_ids_are_checked_collected_and_bounded() {
+        let mut s = Shard::new();
+        let a = f("a");
+        s.running(&a);
+        for bad in [String::new(), "x".repeat(MAX_REQUEST_ID_BYTES + 1)] {
+            assert!(matches!(s.rej(request(&bad, &a, None, AdminOp::Cancel)), Rejection::Invalid(_)));
+        }
+        assert_eq!(requests_stored(&s.kv), 0, "an invalid id is not stored");
+        assert_eq!(s.status(&a), FlowStatus::Running);
+        // Collected with the finished flows of the same age (the cutoff is exclusive).
+        s.now = 2_000;
+        s.ok(request("old", &a, None, restart(None, false)));
+        s.now = 3_000;
+        s.ok(request("new", &a, None, restart(None, false)));
+        s.ok(gc(3_000, 10));
+        assert_eq!(requests_stored(&s.kv), 1);
+        let epoch = s.flow(&a).epoch;
+        assert_eq!(
+            s.ok(request("new", &a, None, restart(None, false))),
+            ShardOutcome::Mutated { epoch: Some(epoch) }
+        );
+        assert_eq!(s.flow(&a).epoch, epoch, "a kept id still answers");
+        let again = s.ok(request("old", &a, None, restart(None, false)));
+        assert_eq!(
+            again,
+            ShardOutcome::Mutated { epoch: Some(e(epoch.0 + 1)) },
+            "a collected id is new again"
+        );
+        // At the bound, the oldest id makes room.
+        txn::put(&mut s.kv, keys::REQUEST_COUNT.to_vec(), &MAX_REQUEST_IDS).unwrap();
+        s.ok(request("newest", &a, None, restart(None, false)));
+        assert_eq!(requests_stored(&s.kv), MAX_REQUEST_IDS - 1 + 1);
+        assert!(!s.kv.rows.contains_key(&keys::request("new")), "the oldest went");
+        assert!(s.kv.rows.contains_key(&keys::request("old")));
+        assert!(s.kv.rows.contains_key(&keys::request("newest")));
     }
 
     #[test]

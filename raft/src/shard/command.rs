@@ -464,6 +464,26 @@ pub enum ShardCommand {
         /// When the next attempt may start (ms since the Unix epoch, chosen by the proposer).
         retry_at_ms: u64,
     },
+    /// [`ShardCommand::Admin`] under a request id, so that a retry of a request whose answer was
+    /// lost (forwarding, a client failing over) changes nothing and gets the first reply again.
+    /// The first time a request id is seen, the mutation runs and its reply — an acceptance
+    /// ([`ShardOutcome::Mutated`]) or a rejection — is stored with the id in the same
+    /// transaction; the same id with the same command again returns the stored reply, with
+    /// another command it is [`Rejection::RequestIdReused`]. Request ids are kept per shard
+    /// (not per flow, so that a retried delete still finds its own) until `Gc` collects them with
+    /// the finished flows of the same age, and at most [`MAX_REQUEST_IDS`] per shard (the oldest
+    /// go first). (Appended last: bincode encodes the variant's position.)
+    AdminRequest {
+        /// The caller's id of this request (1 to [`MAX_REQUEST_ID_BYTES`] bytes), the same on
+        /// every retry.
+        request_id: String,
+        /// Which flow.
+        flow: FlowId,
+        /// The epoch the caller read, if it wants the mutation to be conditional.
+        expected_epoch: Option<Epoch>,
+        /// What to do.
+        op: AdminOp,
+    },
     /// Why a `Running` flow is not making progress (e.g. the leading node does not run its flow
     /// type): kept on the flow for operators (`flow get`) until its next activation or its end.
     /// At most [`MAX_NOTE_BYTES`]. (Appended last, as above.)
@@ -476,6 +496,13 @@ pub enum ShardCommand {
         note: String,
     },
 }
+
+/// The longest request id a shard stores.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// How many request ids one shard keeps at most (each row is small: the id, a fingerprint, a
+/// time and a reply without payloads).
+pub const MAX_REQUEST_IDS: u64 = 100_000;
 
 /// Bound on a [`ShardCommand::Note`].
 pub const MAX_NOTE_BYTES: usize = 4096;
@@ -572,6 +599,12 @@ pub enum ShardOutcome {
     },
     /// The command was applied; nothing further to report.
     Done,
+    /// A control-panel mutation under a request id ([`ShardCommand::AdminRequest`]) was
+    /// applied. (Appended last: bincode encodes the variant's position.)
+    Mutated {
+        /// The flow's epoch right after the mutation; `None` after a delete.
+        epoch: Option<Epoch>,
+    },
 }
 
 /// Why a shard command was rejected. A rejected command changes nothing.
@@ -657,6 +690,12 @@ pub enum Rejection {
     EffectNotStarted {
         /// The effect.
         effect_id: String,
+    },
+    /// A request id that the shard has seen with another command.
+    #[error("request id {request_id:?} was already used for another request")]
+    RequestIdReused {
+        /// The request id.
+        request_id: String,
     },
 }
 

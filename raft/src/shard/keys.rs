@@ -23,6 +23,9 @@
 //! | `N` target | `u64`: the last outbox number assigned to `target` |
 //! | `I` source | `u64`: the highest outbox number applied from `source` |
 //! | `R` finished-ms flow | marker: the retention index |
+//! | `Q` request-id | `RequestRecord`: a control-panel request's fingerprint, time and reply |
+//! | `q` at-ms request-id | marker: request ids by age (collection, the bound) |
+//! | `P` | `u64`: how many request ids are stored |
 
 use crate::ids::{FlowId, ShardId};
 
@@ -46,6 +49,12 @@ const OUTBOX_NEXT: u8 = b'N';
 const INBOUND: u8 = b'I';
 /// Prefix of the retention index.
 pub(super) const RETENTION: &[u8] = b"R";
+/// Prefix of stored request ids.
+const REQUESTS: &[u8] = b"Q";
+/// Prefix of request ids by age.
+pub(super) const REQUESTS_BY_AGE: &[u8] = b"q";
+/// How many request ids are stored.
+pub(super) const REQUEST_COUNT: &[u8] = b"P";
 
 const EFFECT: u8 = b'e';
 const EVENT: u8 = b'v';
@@ -300,6 +309,27 @@ pub(super) fn parse_retention(key: &[u8]) -> Option<(u64, FlowId)> {
     rest.is_empty().then_some((finished, flow))
 }
 
+/// `Q` request-id: a stored request id.
+pub(super) fn request(request_id: &str) -> Vec<u8> {
+    let mut key = tagged(REQUESTS, request_id.len());
+    key.extend_from_slice(request_id.as_bytes());
+    key
+}
+
+/// `q` at-ms request-id: the age index of request ids.
+pub(super) fn request_by_age(at_ms: u64, request_id: &str) -> Vec<u8> {
+    let mut key = tagged(REQUESTS_BY_AGE, 8 + request_id.len());
+    key.extend_from_slice(&at_ms.to_be_bytes());
+    key.extend_from_slice(request_id.as_bytes());
+    key
+}
+
+/// Parses an age-index key into (at-ms, request id).
+pub(super) fn parse_request_by_age(key: &[u8]) -> Option<(u64, String)> {
+    let (at_ms, rest) = take_u64(key.strip_prefix(REQUESTS_BY_AGE)?)?;
+    Some((at_ms, utf8(rest)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +346,7 @@ mod tests {
         assert_eq!(parse_timer_index(&timer_index(7, &c, "t-1")), Some((7, c.clone(), "t-1".into())));
         assert_eq!(parse_retention(&retention(9, &a)), Some((9, a.clone())));
         assert_eq!(parse_outbox(&outbox(ShardId(3), 11)), Some((ShardId(3), 11)));
+        assert_eq!(parse_request_by_age(&request_by_age(5, "r-1")), Some((5, "r-1".into())));
         assert!(flow(&a).starts_with(&flows_prefix(Some("ab"))));
         assert!(!flow(&b).starts_with(&flows_prefix(Some("ab"))));
         assert_eq!(parse_flow_tagged(FLOWS, b"F\x00\x00\x00\x09ab"), None);
@@ -339,6 +370,9 @@ mod tests {
             outbox_next(ShardId(1)),
             inbound(ShardId(1)),
             retention(1, &f),
+            request("r"),
+            request_by_age(1, "r"),
+            REQUEST_COUNT.to_vec(),
         ];
         for key in keys {
             assert!(key[0].is_ascii_graphic(), "{key:?}");
