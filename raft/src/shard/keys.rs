@@ -22,6 +22,9 @@
 //! | `N` target | `u64`: the last outbox number assigned to `target` |
 //! | `I` source | `u64`: the highest outbox number applied from `source` |
 //! | `R` finished-ms flow | marker: the retention index |
+//! | `D` | [`super::DeadLetterStats`] of the shard's dead letters |
+//! | `L` flow seq | [`super::DeadLetter`]: a message its target could not take, by target |
+//! | `Q` seq flow | `u64` arrival time (ms): the dead letters in arrival order (eviction, GC) |
 
 use crate::ids::{FlowId, ShardId};
 
@@ -45,6 +48,12 @@ const OUTBOX_NEXT: u8 = b'N';
 const INBOUND: u8 = b'I';
 /// Prefix of the retention index.
 pub(super) const RETENTION: &[u8] = b"R";
+/// The dead-letter statistics.
+pub(super) const DEAD_LETTER_STATS: &[u8] = b"D";
+/// Prefix of the dead letters by target.
+pub(super) const DEAD_LETTERS: &[u8] = b"L";
+/// Prefix of the dead letters in arrival order.
+pub(super) const DEAD_LETTER_QUEUE: &[u8] = b"Q";
 
 const EFFECT: u8 = b'e';
 const EVENT: u8 = b'v';
@@ -293,6 +302,44 @@ pub(super) fn parse_retention(key: &[u8]) -> Option<(u64, FlowId)> {
     rest.is_empty().then_some((finished, flow))
 }
 
+// --- dead letters ---
+
+/// The dead letters addressed to `flow` (all of them, in arrival order).
+pub(super) fn dead_letters_prefix(flow: &FlowId) -> Vec<u8> {
+    let mut key = tagged(DEAD_LETTERS, flow_len(flow) + 8);
+    push_flow(&mut key, flow);
+    key
+}
+
+/// `L` flow seq: one dead letter, by target.
+pub(super) fn dead_letter(flow: &FlowId, seq: u64) -> Vec<u8> {
+    let mut key = dead_letters_prefix(flow);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Parses a dead-letter key into (target, seq).
+pub(super) fn parse_dead_letter(key: &[u8]) -> Option<(FlowId, u64)> {
+    let (flow, rest) = take_flow(key.strip_prefix(DEAD_LETTERS)?)?;
+    let (seq, rest) = take_u64(rest)?;
+    rest.is_empty().then_some((flow, seq))
+}
+
+/// `Q` seq flow: a dead letter in arrival order.
+pub(super) fn dead_letter_queue(seq: u64, flow: &FlowId) -> Vec<u8> {
+    let mut key = tagged(DEAD_LETTER_QUEUE, 8 + flow_len(flow));
+    key.extend_from_slice(&seq.to_be_bytes());
+    push_flow(&mut key, flow);
+    key
+}
+
+/// Parses an arrival-order key into (seq, target).
+pub(super) fn parse_dead_letter_queue(key: &[u8]) -> Option<(u64, FlowId)> {
+    let (seq, rest) = take_u64(key.strip_prefix(DEAD_LETTER_QUEUE)?)?;
+    let (flow, rest) = take_flow(rest)?;
+    rest.is_empty().then_some((seq, flow))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +356,10 @@ mod tests {
         assert_eq!(parse_timer_index(&timer_index(7, &c, "t-1")), Some((7, c.clone(), "t-1".into())));
         assert_eq!(parse_retention(&retention(9, &a)), Some((9, a.clone())));
         assert_eq!(parse_outbox(&outbox(ShardId(3), 11)), Some((ShardId(3), 11)));
+        assert_eq!(parse_dead_letter(&dead_letter(&a, 4)), Some((a.clone(), 4)));
+        assert_eq!(parse_dead_letter_queue(&dead_letter_queue(5, &c)), Some((5, c.clone())));
+        assert!(dead_letter(&a, 1).starts_with(&dead_letters_prefix(&a)));
+        assert!(!dead_letter(&c, 1).starts_with(&dead_letters_prefix(&a)));
         assert!(flow(&a).starts_with(&flows_prefix(Some("ab"))));
         assert!(!flow(&b).starts_with(&flows_prefix(Some("ab"))));
         assert_eq!(parse_flow_tagged(FLOWS, b"F\x00\x00\x00\x09ab"), None);
@@ -332,6 +383,9 @@ mod tests {
             outbox_next(ShardId(1)),
             inbound(ShardId(1)),
             retention(1, &f),
+            DEAD_LETTER_STATS.to_vec(),
+            dead_letter(&f, 1),
+            dead_letter_queue(1, &f),
         ];
         for key in keys {
             assert!(key[0].is_ascii_graphic(), "{key:?}");
