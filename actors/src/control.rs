@@ -17,8 +17,8 @@ use fetter_raft::ids::{Epoch, FlowId, ShardId};
 use fetter_raft::kv::KvError;
 use fetter_raft::placement::shard_of;
 use fetter_raft::shard::{
-    self, AdminOp, EffectRecord, ErrorInfo, Event, FlowRecord, FlowStatus, Payload, Rejection, ShardCommand,
-    ShardOutcome,
+    self, AdminOp, DeadLetter, EffectRecord, ErrorInfo, Event, FlowRecord, FlowStatus, Payload, Rejection,
+    ShardCommand, ShardOutcome,
 };
 
 use crate::shard_actor::Router;
@@ -83,7 +83,13 @@ pub struct FlowView {
     pub timers: Vec<(String, u64)>,
     /// Why a running flow makes no progress, when known (e.g. no leader runs its type).
     pub note: Option<String>,
+    /// Messages from other flows that arrived after it finished (the first
+    /// [`DEAD_LETTERS_IN_VIEW`], oldest first; [`ControlPanel::dead_letters`] pages through all).
+    pub dead_letters: Vec<DeadLetter>,
 }
+
+/// How many dead letters a [`FlowView`] carries at most.
+pub const DEAD_LETTERS_IN_VIEW: usize = 100;
 
 /// How `start` went.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,6 +185,7 @@ impl ControlPanel {
                     events: shard::events(kv, flow, 0, usize::MAX)?,
                     timers: shard::timers_of(kv, flow)?,
                     note: shard::note_of(kv, flow)?,
+                    dead_letters: shard::dead_letters_of(kv, flow, None, DEAD_LETTERS_IN_VIEW)?,
                 }))
             })
             .await??;
@@ -213,6 +220,38 @@ impl ControlPanel {
             all.extend(found);
         }
         all.sort_by(|a, b| listing_order(&a.id, &b.id));
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// Up to `limit` dead letters addressed to `flow` (which may not exist), after arrival number
+    /// `after_seq`, oldest first.
+    pub async fn dead_letters(
+        &self,
+        flow: &FlowId,
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, Error> {
+        let limit = limit.max(1);
+        Ok(self.group(flow)?.read(|kv| shard::dead_letters_of(kv, flow, after_seq, limit)).await??)
+    }
+
+    /// A page of the dead letters of all shards: up to `limit` after `after` (the target and
+    /// arrival number of the previous page's last letter), by target in listing order, then by
+    /// arrival.
+    pub async fn list_dead_letters(
+        &self,
+        after: Option<(FlowId, u64)>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, Error> {
+        let limit = limit.max(1);
+        let mut all = Vec::new();
+        for s in 0..self.shard_count {
+            let group = self.router.group(ShardId(s)).ok_or(Error::NoRoute(ShardId(s)))?;
+            let after = after.as_ref().map(|(flow, seq)| (flow, *seq));
+            all.extend(group.read(|kv| shard::dead_letters_after(kv, after, limit)).await??);
+        }
+        all.sort_by(|a, b| listing_order(&a.target, &b.target).then(a.seq.cmp(&b.seq)));
         all.truncate(limit);
         Ok(all)
     }

@@ -9,6 +9,7 @@
 //! flow send <type> <instance> <message-type> '<json>' [--key <idempotency-key>]
 //! flow get <type> <instance> [--json]
 //! flow list [--type <t>] [--status <s>] [--limit <n>] [--cursor <c>] [--json]
+//! flow dead-letters [<type> <instance>] [--limit <n>] [--cursor <c>] [--json]
 //! flow restart <type> <instance> [--input '<json>'] [--clear-effects] [--epoch <e>]
 //! flow cancel|delete <type> <instance> [--epoch <e>]
 //! flow succeed <type> <instance> '<json>' [--epoch <e>]
@@ -125,6 +126,25 @@ pub enum FlowCommand {
         #[arg(long)]
         status: Option<String>,
         /// At most this many flows (default 100).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Continue after this cursor (the `next` of the previous page).
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List messages from flows that their target could not take (it did not exist or had
+    /// finished): of one target flow (which need not exist), or of all.
+    DeadLetters {
+        /// The target flow's type (with its instance).
+        #[arg(value_name = "TYPE", requires = "instance")]
+        flow_type: Option<String>,
+        /// The target flow's instance.
+        #[arg(value_name = "INSTANCE")]
+        instance: Option<String>,
+        /// At most this many letters (default 100).
         #[arg(long)]
         limit: Option<u32>,
         /// Continue after this cursor (the `next` of the previous page).
@@ -359,6 +379,15 @@ async fn flow_command(client: &Client, command: FlowCommand) -> Result<String, C
                 list_text(&page)
             }
         }
+        FlowCommand::DeadLetters { flow_type, instance, limit, cursor, json } => {
+            let flow = flow_type.as_deref().zip(instance.as_deref());
+            let page = client.list_dead_letters(flow, limit.unwrap_or(0), cursor.as_deref()).await?;
+            if json {
+                json_line(&letters_doc(&page))?
+            } else {
+                letters_text(&page)
+            }
+        }
         FlowCommand::Restart { flow, input, clear_effects, epoch } => {
             if let Some(input) = &input {
                 check_json("input", input)?;
@@ -482,6 +511,7 @@ struct FlowDoc<'a> {
     effects: Vec<EffectDoc<'a>>,
     events: Vec<EventDoc<'a>>,
     timers: Vec<TimerDoc<'a>>,
+    dead_letters: Vec<LetterDoc<'a>>,
     leader_node: Option<u64>,
     parent: Option<String>,
     created_ms: u64,
@@ -510,6 +540,79 @@ struct EventDoc<'a> {
 struct TimerDoc<'a> {
     id: &'a str,
     deadline_ms: u64,
+}
+
+#[derive(Serialize)]
+struct LetterDoc<'a> {
+    target: String,
+    seq: u64,
+    sender: Option<String>,
+    message_type: &'a str,
+    payload: Value,
+    idempotency_key: Option<&'a str>,
+    reason: &'a str,
+    target_status: Option<&'a str>,
+    at_ms: u64,
+}
+
+#[derive(Serialize)]
+struct LettersDoc<'a> {
+    letters: Vec<LetterDoc<'a>>,
+    next: Option<&'a str>,
+}
+
+fn ref_text(flow: Option<&proto::FlowRef>) -> Option<String> {
+    flow.map(|f| format!("{}/{}", f.flow_type, f.instance))
+}
+
+fn letter_doc(l: &proto::DeadLetter) -> LetterDoc<'_> {
+    LetterDoc {
+        target: ref_text(l.target.as_ref()).unwrap_or_default(),
+        seq: l.seq,
+        sender: ref_text(l.sender.as_ref()),
+        message_type: &l.message_type,
+        payload: json_value(&l.payload_json),
+        idempotency_key: l.idempotency_key.as_deref(),
+        reason: &l.reason,
+        target_status: l.target_status.as_deref(),
+        at_ms: l.at_ms,
+    }
+}
+
+fn letters_doc(page: &proto::ListDeadLettersResponse) -> LettersDoc<'_> {
+    LettersDoc { letters: page.letters.iter().map(letter_doc).collect(), next: page.next.as_deref() }
+}
+
+/// Dead letters, one line each.
+fn letters_table(letters: &[proto::DeadLetter]) -> String {
+    let rows: Vec<Vec<String>> = letters
+        .iter()
+        .map(|l| {
+            let reason = match &l.target_status {
+                Some(status) => format!("{} ({status})", l.reason),
+                None => l.reason.clone(),
+            };
+            vec![
+                ref_text(l.target.as_ref()).unwrap_or_default(),
+                l.seq.to_string(),
+                ref_text(l.sender.as_ref()).unwrap_or_else(|| "-".into()),
+                reason,
+                l.message_type.clone(),
+                l.payload_json.clone(),
+            ]
+        })
+        .collect();
+    table(&["TARGET", "SEQ", "SENDER", "REASON", "TYPE", "PAYLOAD"], &rows)
+}
+
+/// A page of dead letters, human readable.
+fn letters_text(page: &proto::ListDeadLettersResponse) -> String {
+    let mut out =
+        if page.letters.is_empty() { "no dead letters\n".to_string() } else { letters_table(&page.letters) };
+    if let Some(next) = &page.next {
+        out.push_str(&format!("more: --cursor {next}\n"));
+    }
+    out
 }
 
 #[derive(Serialize)]
@@ -580,6 +683,7 @@ fn flow_doc(flow: &proto::Flow) -> FlowDoc<'_> {
             })
             .collect(),
         timers: flow.timers.iter().map(|t| TimerDoc { id: &t.id, deadline_ms: t.deadline_ms }).collect(),
+        dead_letters: flow.dead_letters.iter().map(letter_doc).collect(),
         leader_node: flow.leader_node,
         parent: flow.parent.as_ref().map(|p| format!("{}/{}", p.flow_type, p.instance)),
         created_ms: flow.created_ms,
@@ -635,7 +739,9 @@ fn json_line(doc: &impl Serialize) -> Result<String, CliError> {
 
 /// A flow as the JSON object `flow get --json` prints: `type`, `instance`, `status`,
 /// `error_kind`, `error`, `epoch`, `input`, `output`, `effects` (`id`, `kind`, `state`, `value`),
-/// `events` (`seq`, `kind`, `name`, `payload`), `timers` (`id`, `deadline_ms`), `leader_node`,
+/// `events` (`seq`, `kind`, `name`, `payload`), `timers` (`id`, `deadline_ms`), `dead_letters`
+/// (`target`, `seq`, `sender`, `message_type`, `payload`, `idempotency_key`, `reason`,
+/// `target_status`, `at_ms`), `leader_node`,
 /// `parent` (`"type/instance"`), `created_ms`, `finished_ms`, `postponed_until_ms`, `note`. JSON texts
 /// are parsed (null when absent or empty).
 pub fn flow_json(flow: &proto::Flow) -> Value {
@@ -781,6 +887,10 @@ fn flow_text(flow: &proto::Flow) -> String {
             flow.timers.iter().map(|t| vec![t.id.clone(), t.deadline_ms.to_string()]).collect();
         out.push_str(&table(&["ID", "DEADLINE_MS"], &rows));
     }
+    if !flow.dead_letters.is_empty() {
+        out.push_str(&format!("dead letters ({}):\n", flow.dead_letters.len()));
+        out.push_str(&letters_table(&flow.dead_letters));
+    }
     out
 }
 
@@ -908,6 +1018,17 @@ mod tests {
             finished_ms: Some(9),
             postponed_until_ms: None,
             note: None,
+            dead_letters: vec![proto::DeadLetter {
+                target: Some(proto::FlowRef { flow_type: "order".into(), instance: "o-1".into() }),
+                seq: 4,
+                sender: Some(proto::FlowRef { flow_type: "batch".into(), instance: "b-1".into() }),
+                message_type: "Paid".into(),
+                payload_json: r#"{"cents":5}"#.into(),
+                idempotency_key: Some("batch/b-1#pay@s1>s0:2".into()),
+                reason: "finished".into(),
+                target_status: Some("failed".into()),
+                at_ms: 10,
+            }],
         }
     }
 
@@ -938,6 +1059,23 @@ mod tests {
         assert_eq!(v["timers"], json!([{"id": "t", "deadline_ms": 5}]));
         assert_eq!(v["leader_node"], 2);
         assert_eq!(v["parent"], "batch/b-1");
+        assert_eq!(
+            v["dead_letters"],
+            json!([{
+                "target": "order/o-1",
+                "seq": 4,
+                "sender": "batch/b-1",
+                "message_type": "Paid",
+                "payload": {"cents": 5},
+                "idempotency_key": "batch/b-1#pay@s1>s0:2",
+                "reason": "finished",
+                "target_status": "failed",
+                "at_ms": 10,
+            }])
+        );
+        let text = flow_text(&sample_flow());
+        assert!(text.contains("dead letters (1):"), "{text}");
+        assert!(text.contains("finished (failed)"), "{text}");
 
         let running = proto::Flow {
             flow_type: "a".into(),
@@ -1170,6 +1308,13 @@ mod tests {
         parse(&["flow", "fail", "order", "o-1", "given up"])?;
         parse(&["flow", "effect-set", "order", "o-1", "ship", r#"{"ok":true}"#, "--epoch", "1"])?;
         parse(&["flow", "effect-remove", "order", "o-1", "ship"])?;
+        parse(&["flow", "dead-letters", "--json"])?;
+        let cli = parse(&["flow", "dead-letters", "order", "o-1", "--limit", "5"])?;
+        assert!(matches!(
+            cli.command,
+            TestCommand::Client(ClientCommand::Flow(FlowCommand::DeadLetters { limit: Some(5), .. }))
+        ));
+        assert!(parse(&["flow", "dead-letters", "order"]).is_err(), "a type needs its instance");
         let cli = parse(&["cluster", "status", "--json"])?;
         assert!(matches!(
             cli.command,

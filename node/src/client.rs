@@ -422,6 +422,23 @@ impl Client {
         self.call(request, Duration::ZERO, |mut c, r| async move { c.list_flows(r).await }).await
     }
 
+    /// One page of dead letters (messages from flows that their target could not take), of one
+    /// target flow or of all (`limit` 0: 100). Pass the response's `next` as `cursor` for the
+    /// next page.
+    pub async fn list_dead_letters(
+        &self,
+        flow: Option<(&str, &str)>,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<proto::ListDeadLettersResponse, ClientError> {
+        let request = proto::ListDeadLettersRequest {
+            flow: flow.map(|(flow_type, instance)| flow_ref(flow_type, instance)),
+            limit,
+            cursor: cursor.map(str::to_string),
+        };
+        self.call(request, Duration::ZERO, |mut c, r| async move { c.list_dead_letters(r).await }).await
+    }
+
     /// Runs the flow again (a finished one too), optionally with a new input and forgetting its
     /// recorded effects.
     pub async fn restart(

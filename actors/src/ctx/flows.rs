@@ -12,7 +12,12 @@ use super::Ctx;
 use crate::flow::{kind, FlowError};
 
 impl Ctx {
-    /// Sends `message` to `target`'s event log, exactly once (recorded under `id`).
+    /// Sends `message` to `target`'s event log, exactly once (recorded under `id`). It returns
+    /// once the send is committed here; delivery follows through the outbox. A target that does
+    /// not exist or has finished when the message arrives does not take it: the message is kept
+    /// as a dead letter on the target's shard (`flow get`, `flow dead-letters`). After an operator
+    /// removes this effect (or restarts the flow without its effects), the send runs again and
+    /// is a new message at the target.
     pub async fn send<M: Message>(
         &self,
         id: impl Into<String>,

@@ -333,7 +333,57 @@ impl Fetter for Api {
     async fn get_flow(&self, request: Request<proto::FlowRef>) -> Result<Response<proto::Flow>, Status> {
         let s = self.shared()?;
         let flow = s.flow_id(Some(request.into_inner()))?;
-        Ok(Response::new(s.view(&flow).await?))
+        match s.view(&flow).await {
+            // Letters to an id that does not exist are worth a pointer: the sender's message
+            // did not vanish.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                let letters = s.panel.dead_letters(&flow, None, 1).await.map_err(panel_status)?;
+                if letters.is_empty() {
+                    Err(status)
+                } else {
+                    Err(Status::not_found(format!(
+                        "flow {flow} not found; messages sent to it are kept as dead letters \
+                         (flow dead-letters {} {})",
+                        flow.flow_type, flow.instance
+                    )))
+                }
+            }
+            view => Ok(Response::new(view?)),
+        }
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<proto::ListDeadLettersRequest>,
+    ) -> Result<Response<proto::ListDeadLettersResponse>, Status> {
+        let s = self.shared()?;
+        let r = request.into_inner();
+        let after = match r.cursor.as_deref() {
+            None | Some("") => None,
+            Some(c) => Some(
+                convert::from_letter_cursor(c).ok_or_else(|| Status::invalid_argument("malformed cursor"))?,
+            ),
+        };
+        let limit = if r.limit == 0 { 100 } else { r.limit.min(10_000) } as usize;
+        let letters = match r.flow {
+            Some(flow) => {
+                let flow = s.flow_id(Some(flow))?;
+                let after_seq = match after {
+                    Some((cursor_flow, _)) if cursor_flow != flow => {
+                        return Err(Status::invalid_argument("the cursor belongs to another flow"))
+                    }
+                    other => other.map(|(_, seq)| seq),
+                };
+                s.panel.dead_letters(&flow, after_seq, limit).await
+            }
+            None => s.panel.list_dead_letters(after, limit).await,
+        }
+        .map_err(panel_status)?;
+        let next = if letters.len() >= limit { letters.last().map(convert::letter_cursor) } else { None };
+        Ok(Response::new(proto::ListDeadLettersResponse {
+            letters: letters.iter().map(convert::dead_letter).collect(),
+            next,
+        }))
     }
 
     async fn list_flows(

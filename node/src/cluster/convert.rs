@@ -2,7 +2,9 @@
 
 use fetter_actors::control::FlowView;
 use fetter_raft::ids::{FlowId, NodeId};
-use fetter_raft::shard::{EffectKind, EffectState, Event, FlowRecord, FlowStatus};
+use fetter_raft::shard::{
+    DeadLetter, DeadLetterReason, EffectKind, EffectState, Event, FlowRecord, FlowStatus,
+};
 
 use crate::proto;
 
@@ -128,7 +130,38 @@ pub(crate) fn flow(view: &FlowView, leader: Option<NodeId>) -> proto::Flow {
             _ => None,
         },
         note: view.note.clone(),
+        dead_letters: view.dead_letters.iter().map(dead_letter).collect(),
     }
+}
+
+/// One dead letter as the API shows it.
+pub(crate) fn dead_letter(letter: &DeadLetter) -> proto::DeadLetter {
+    let (reason, target_status) = match &letter.reason {
+        DeadLetterReason::NotFound => ("not_found", None),
+        DeadLetterReason::Finished { status } => ("finished", Some(status_name(status).to_string())),
+    };
+    proto::DeadLetter {
+        target: Some(flow_ref(&letter.target)),
+        seq: letter.seq,
+        sender: letter.sender.as_ref().map(flow_ref),
+        message_type: letter.type_name.clone(),
+        payload_json: text(&letter.payload),
+        idempotency_key: letter.idempotency_key.clone(),
+        reason: reason.into(),
+        target_status,
+        at_ms: letter.at_ms,
+    }
+}
+
+/// A dead-letter listing cursor: the target and arrival number of a page's last letter.
+pub(crate) fn letter_cursor(letter: &DeadLetter) -> String {
+    serde_json::json!([letter.target.flow_type, letter.target.instance, letter.seq]).to_string()
+}
+
+/// The (target, arrival number) a dead-letter cursor names, or `None` if it is not one of ours.
+pub(crate) fn from_letter_cursor(cursor: &str) -> Option<(FlowId, u64)> {
+    let (flow_type, instance, seq): (String, String, u64) = serde_json::from_str(cursor).ok()?;
+    Some((FlowId::new(flow_type, instance), seq))
 }
 
 /// One line of a listing.
@@ -177,7 +210,19 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_refuse_garbage() {
         let flow = FlowId::new("order", "o-1/with\"odd");
-        assert_eq!(from_cursor(&cursor(&flow)), Some(flow));
+        assert_eq!(from_cursor(&cursor(&flow)), Some(flow.clone()));
         assert_eq!(from_cursor("not a cursor"), None);
+        let letter = DeadLetter {
+            seq: 7,
+            target: flow.clone(),
+            sender: None,
+            type_name: "Go".into(),
+            payload: b"1".to_vec(),
+            idempotency_key: None,
+            reason: DeadLetterReason::NotFound,
+            at_ms: 1,
+        };
+        assert_eq!(from_letter_cursor(&letter_cursor(&letter)), Some((flow, 7)));
+        assert_eq!(from_letter_cursor(&cursor(&letter.target)), None);
     }
 }

@@ -5,7 +5,7 @@
 
 use super::command::*;
 use super::keys;
-use super::read::{ShardConfig, POSTPONE_TIMER_ID, SLEEP_TYPE_NAME};
+use super::read::{ShardConfig, MAX_DEAD_LETTERS, MAX_DEAD_LETTER_BYTES, POSTPONE_TIMER_ID, SLEEP_TYPE_NAME};
 use super::txn;
 use crate::ids::{Epoch, FlowId, ShardId};
 use crate::kv::Overlay;
@@ -366,18 +366,24 @@ impl Cx<'_> {
 
     // --- outbox ---
 
-    /// Appends `entry` to the outbox of the shard that owns its target flow.
-    fn outbox(&mut self, entry: &OutboxEntry) -> Res<()> {
+    /// Where the next outbox entry for `flow` goes: this shard, the shard that owns `flow`, and
+    /// the entry's number in the outbox to that shard.
+    fn outbox_slot(&self, flow: &FlowId) -> Res<(ShardId, ShardId, u64)> {
         let config = self.config()?.ok_or_else(|| invalid("shard not configured"))?;
         if config.shard_count == 0 {
             return Err(txn::corrupt(keys::CONFIG, "shard count 0").into());
         }
-        let target = placement::shard_of(entry.target_flow(), config.shard_count);
-        let next_key = keys::outbox_next(target);
-        let last: u64 = txn::get(&*self.kv, &next_key)?.unwrap_or(0);
+        let target = placement::shard_of(flow, config.shard_count);
+        let last: u64 = txn::get(&*self.kv, &keys::outbox_next(target))?.unwrap_or(0);
         let seq = last.checked_add(1).ok_or_else(|| invalid("outbox numbers exhausted"))?;
+        Ok((config.shard_id, target, seq))
+    }
+
+    /// Appends `entry` to the outbox of the shard that owns its target flow.
+    fn outbox(&mut self, entry: &OutboxEntry) -> Res<()> {
+        let (_, target, seq) = self.outbox_slot(entry.target_flow())?;
         txn::put(self.kv, keys::outbox(target, seq), entry)?;
-        txn::put(self.kv, next_key, &seq)?;
+        txn::put(self.kv, keys::outbox_next(target), &seq)?;
         self.act(Action::DeliverOutbox { target });
         Ok(())
     }
@@ -787,11 +793,18 @@ impl Cx<'_> {
             state: EffectState::Completed(b"null".to_vec()),
         };
         self.record_once(flow, effect_id, &record)?;
-        self.outbox(&OutboxEntry::Message {
+        // Exactly once comes from the recorded effect (a replay finds it and sends nothing) and
+        // the outbox numbering (a redelivery is skipped at the target). The key only names this
+        // send; it holds the entry's outbox position, which is never reused, so a send that runs
+        // again after an operator removed or cleared its effect (or deleted and reused the
+        // sender's id) is a new message at the target, not a duplicate of the old one.
+        let (source, target_shard, seq) = self.outbox_slot(target)?;
+        self.outbox(&OutboxEntry::FlowMessage {
+            sender: flow.clone(),
             target: target.clone(),
             type_name: type_name.into(),
             payload: payload.clone(),
-            idempotency_key: Some(format!("{flow}#{effect_id}")),
+            idempotency_key: Some(format!("{flow}#{effect_id}@{source}>{target_shard}:{seq}")),
         })?;
         Ok(ShardOutcome::Done)
     }
@@ -897,14 +910,10 @@ impl Cx<'_> {
                 }
             }
             OutboxEntry::Message { target, type_name, payload, idempotency_key } => {
-                if let Some(mut rec) = self.load(target)?.filter(|r| !r.status.is_finished()) {
-                    let event = Event::Message {
-                        type_name: type_name.clone(),
-                        payload: payload.clone(),
-                        idempotency_key: idempotency_key.clone(),
-                    };
-                    self.append_event(&mut rec, event)?;
-                }
+                self.deliver_message(None, target, type_name, payload, idempotency_key.as_deref())?;
+            }
+            OutboxEntry::FlowMessage { sender, target, type_name, payload, idempotency_key } => {
+                self.deliver_message(Some(sender), target, type_name, payload, idempotency_key.as_deref())?;
             }
             OutboxEntry::CancelChild { child } => {
                 if let Some(mut rec) = self.load(child)?.filter(|r| !r.status.is_finished()) {
@@ -912,6 +921,124 @@ impl Cx<'_> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Appends a message from another shard's outbox to its target's log, or keeps it as a dead
+    /// letter when the target is missing or finished (a message the target already holds under
+    /// the same key was delivered before and is not a letter).
+    fn deliver_message(
+        &mut self,
+        sender: Option<&FlowId>,
+        target: &FlowId,
+        type_name: &str,
+        payload: &Payload,
+        idempotency_key: Option<&str>,
+    ) -> Res<()> {
+        let reason = match self.load(target)? {
+            Some(mut rec) if !rec.status.is_finished() => {
+                let event = Event::Message {
+                    type_name: type_name.into(),
+                    payload: payload.clone(),
+                    idempotency_key: idempotency_key.map(Into::into),
+                };
+                self.append_event(&mut rec, event)?;
+                return Ok(());
+            }
+            Some(rec) => {
+                if let Some(key) = idempotency_key {
+                    if txn::get::<u64>(&*self.kv, &keys::idem(target, key))?.is_some() {
+                        return Ok(());
+                    }
+                }
+                DeadLetterReason::Finished { status: rec.status }
+            }
+            None => DeadLetterReason::NotFound,
+        };
+        let mut stats = self.dead_letter_stats()?;
+        let seq = stats.last_seq.checked_add(1).ok_or_else(|| invalid("dead-letter numbers exhausted"))?;
+        let letter = DeadLetter {
+            seq,
+            target: target.clone(),
+            sender: sender.cloned(),
+            type_name: type_name.into(),
+            payload: payload.clone(),
+            idempotency_key: idempotency_key.map(Into::into),
+            reason,
+            at_ms: self.clock,
+        };
+        let value = crate::codec::encode(&letter).map_err(|e| KvError::Storage(e.to_string()))?;
+        let size = u64::try_from(value.len()).unwrap_or(u64::MAX);
+        self.kv.put(keys::dead_letter(target, seq), value);
+        txn::put(self.kv, keys::dead_letter_queue(seq, target), &self.clock)?;
+        stats.last_seq = seq;
+        stats.count = stats.count.saturating_add(1);
+        stats.bytes = stats.bytes.saturating_add(size);
+        // The list is bounded by count and bytes: the oldest letters make room (counted, so the
+        // loss is visible). The newest letter always stays.
+        // Each scan starts after the row dropped last, so that rows deleted earlier in this
+        // command (still buffered) are not walked over again.
+        let mut from: Option<Vec<u8>> = None;
+        while stats.count > 1 && (stats.count > MAX_DEAD_LETTERS || stats.bytes > MAX_DEAD_LETTER_BYTES) {
+            let oldest = self.kv.scan(keys::DEAD_LETTER_QUEUE, from.as_deref(), 1)?;
+            let Some((key, _)) = oldest.into_iter().next() else { break };
+            self.drop_dead_letter(&key, &mut stats)?;
+            stats.evicted = stats.evicted.saturating_add(1);
+            from = Some(keys::successor(&key));
+        }
+        txn::put(self.kv, keys::DEAD_LETTER_STATS.to_vec(), &stats)?;
+        Ok(())
+    }
+
+    fn dead_letter_stats(&self) -> Res<DeadLetterStats> {
+        Ok(txn::get(&*self.kv, keys::DEAD_LETTER_STATS)?.unwrap_or_default())
+    }
+
+    /// Removes the dead letter whose arrival-order key is `queue_key` (both of its rows).
+    fn drop_dead_letter(&mut self, queue_key: &[u8], stats: &mut DeadLetterStats) -> Res<()> {
+        let (seq, target) = keys::parse_dead_letter_queue(queue_key)
+            .ok_or_else(|| txn::corrupt(queue_key, "bad dead-letter queue key"))?;
+        let letter_key = keys::dead_letter(&target, seq);
+        if let Some(value) = self.kv.get(&letter_key)? {
+            stats.count = stats.count.saturating_sub(1);
+            stats.bytes = stats.bytes.saturating_sub(u64::try_from(value.len()).unwrap_or(u64::MAX));
+            self.kv.delete(&letter_key);
+        }
+        self.kv.delete(queue_key);
+        Ok(())
+    }
+
+    /// Removes every dead letter addressed to `flow` (an operator deleted that id).
+    fn delete_dead_letters_of(&mut self, flow: &FlowId) -> Res<()> {
+        let letters = txn::scan_all(&*self.kv, &keys::dead_letters_prefix(flow))?;
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let mut stats = self.dead_letter_stats()?;
+        for (key, _) in letters {
+            let (_, seq) =
+                keys::parse_dead_letter(&key).ok_or_else(|| txn::corrupt(&key, "bad dead-letter key"))?;
+            self.drop_dead_letter(&keys::dead_letter_queue(seq, flow), &mut stats)?;
+        }
+        txn::put(self.kv, keys::DEAD_LETTER_STATS.to_vec(), &stats)?;
+        Ok(())
+    }
+
+    /// Removes up to `limit` dead letters that arrived before `cutoff_ms`, oldest first.
+    fn collect_dead_letters(&mut self, cutoff_ms: u64, limit: usize) -> Res<()> {
+        let due = self.kv.scan(keys::DEAD_LETTER_QUEUE, None, limit)?;
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut stats = self.dead_letter_stats()?;
+        for (key, value) in due {
+            let at_ms: u64 = txn::decode(&key, &value)?;
+            if at_ms >= cutoff_ms {
+                break;
+            }
+            self.drop_dead_letter(&key, &mut stats)?;
+        }
+        txn::put(self.kv, keys::DEAD_LETTER_STATS.to_vec(), &stats)?;
         Ok(())
     }
 
@@ -942,6 +1069,7 @@ impl Cx<'_> {
         match op {
             AdminOp::Delete => {
                 self.delete_flow(&rec)?;
+                self.delete_dead_letters_of(flow)?;
                 self.act(Action::Fence { flow: flow.clone() });
                 return Ok(None);
             }
@@ -1035,6 +1163,9 @@ impl Cx<'_> {
             }
             forget_request(self.kv, &key)?;
         }
+        // Dead letters are kept for the retention period from their arrival, with the same bound
+        // on the work of one command.
+        self.collect_dead_letters(cutoff_ms, limit)?;
         Ok(ShardOutcome::Collected { flows })
     }
 }
@@ -1959,11 +2090,12 @@ mod tests {
             s.rej(send(&a, 1, "greet", &b)),
             Rejection::EffectAlreadyRecorded { effect_id: "greet".into() }
         );
-        let sent = OutboxEntry::Message {
+        let sent = OutboxEntry::FlowMessage {
+            sender: a.clone(),
             target: b.clone(),
             type_name: "Msg".into(),
             payload: p("\"hi\""),
-            idempotency_key: Some("order/a#greet".into()),
+            idempotency_key: Some(format!("order/a#greet@s0>{}:1", target_of(&b))),
         };
 
         let (_, actions) = s.ok_actions(start_child(&a, 1, "spawn", &kid));
@@ -2086,7 +2218,7 @@ mod tests {
                 payload: p("1"),
                 idempotency_key: Some("k".into()),
             },
-            // Missing targets are skipped.
+            // A message to a missing target becomes a dead letter; the rest are skipped.
             OutboxEntry::Message {
                 target: f("ghost"),
                 type_name: "M".into(),
@@ -2108,7 +2240,7 @@ mod tests {
             [(1, OutboxEntry::ChildResult { result: Err(ErrorInfo { kind, .. }), .. })] if kind == "input_mismatch"
         ));
 
-        // Messages and results for a finished flow are skipped.
+        // A message for a finished flow becomes a dead letter; a child result is skipped.
         s.ok(complete(&a, 1, "1"));
         let late = vec![
             OutboxEntry::Message {
@@ -2444,14 +2576,223 @@ mod tests {
         c.pump();
         let log = events(&c.at(&parent).kv, &parent, 0, 10).unwrap();
         assert_eq!(log, [(0, Event::ChildResult { child: kid.clone(), result: Ok(p("\"ok\"")) })]);
-        // Messages between flows carry the sender's key: stored once at the target.
+        // A send that runs again after its effect was removed is a new message at the target.
         c.at(&parent).ok(send(&parent, 1, "m", &kid));
         c.at(&parent).ok(admin(&parent, None, AdminOp::RemoveEffect { effect_id: "m".into() }));
         c.at(&parent).ok(activate(&parent, 3));
         c.at(&parent).ok(send(&parent, 3, "m", &kid));
         c.at(&kid).ok(admin(&kid, None, restart(None, false)));
         c.pump();
-        assert_eq!(c.at(&kid).flow(&kid).events_len, 1, "the resent message is a duplicate");
+        assert_eq!(c.at(&kid).flow(&kid).events_len, 2, "the re-run send is delivered again");
+    }
+
+    /// Whether some row of the shard holds `needle` (the bytes of a payload).
+    fn holds(kv: &MemKv, needle: &[u8]) -> bool {
+        kv.rows.values().any(|v| v.windows(needle.len()).any(|w| w == needle))
+    }
+
+    #[test]
+    fn messages_to_missing_or_finished_flows_are_kept_as_dead_letters() {
+        let mut s = Shard::new();
+        let done = f("done");
+        s.running(&done);
+        s.ok(complete(&done, 1, "1"));
+        let letter = |target: &FlowId, body: &str| OutboxEntry::Message {
+            target: target.clone(),
+            type_name: "Msg".into(),
+            payload: p(body),
+            idempotency_key: Some(format!("order/x#{body}")),
+        };
+        let entries = vec![letter(&f("ghost"), "\"to-the-ghost\""), letter(&done, "\"too-late\"")];
+        assert_eq!(s.ok(deliver(5, 1, entries)), ShardOutcome::Delivered { applied: 2, duplicates: 0 });
+        assert_eq!(s.flow(&done).events_len, 0, "a finished flow takes no events");
+        assert!(get_flow(&s.kv, &f("ghost")).unwrap().is_none(), "a letter creates no flow");
+        assert!(holds(&s.kv, b"\"to-the-ghost\""), "the letter to a missing flow is kept");
+        assert!(holds(&s.kv, b"\"too-late\""), "the letter to a finished flow is kept");
+
+        let ghost = dead_letters_of(&s.kv, &f("ghost"), None, 10).unwrap();
+        assert_eq!(
+            ghost,
+            [DeadLetter {
+                seq: 1,
+                target: f("ghost"),
+                sender: None,
+                type_name: "Msg".into(),
+                payload: p("\"to-the-ghost\""),
+                idempotency_key: Some("order/x#\"to-the-ghost\"".into()),
+                reason: DeadLetterReason::NotFound,
+                at_ms: T0,
+            }]
+        );
+        let late = dead_letters_of(&s.kv, &done, None, 10).unwrap();
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].reason, DeadLetterReason::Finished { status: FlowStatus::Succeeded });
+        // The listing of the shard goes by target, then arrival.
+        let all: Vec<(FlowId, u64)> =
+            dead_letters_after(&s.kv, None, 10).unwrap().into_iter().map(|l| (l.target, l.seq)).collect();
+        assert_eq!(all, [(done.clone(), 2), (f("ghost"), 1)]);
+        assert_eq!(dead_letters_after(&s.kv, Some((&done, 2)), 10).unwrap().len(), 1);
+        assert_eq!(dead_letter_stats(&s.kv).unwrap().count, 2);
+
+        // A message from a flow names its sender; one the finished target already holds under the
+        // same key is not a letter (it was delivered before the target finished).
+        let live = f("live");
+        s.running(&live);
+        let from = |target: &FlowId, key: &str| OutboxEntry::FlowMessage {
+            sender: f("sender"),
+            target: target.clone(),
+            type_name: "Msg".into(),
+            payload: p("3"),
+            idempotency_key: Some(key.into()),
+        };
+        s.ok(deliver(5, 3, vec![from(&live, "k-1")]));
+        s.ok(complete(&live, 1, "1"));
+        s.ok(deliver(5, 4, vec![from(&live, "k-1"), from(&live, "k-2"), from(&f("ghost"), "k-3")]));
+        let letters = dead_letters_of(&s.kv, &live, None, 10).unwrap();
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        assert_eq!(letters[0].sender, Some(f("sender")));
+        assert_eq!(letters[0].idempotency_key.as_deref(), Some("k-2"));
+        assert_eq!(dead_letters_of(&s.kv, &f("ghost"), Some(1), 10).unwrap().len(), 1, "a page after seq 1");
+
+        // An operator's delete of an id removes the letters addressed to it.
+        s.ok(deliver(5, 7, vec![from(&done, "k-5")]));
+        s.ok(admin(&done, None, AdminOp::Delete));
+        assert!(dead_letters_of(&s.kv, &done, None, 10).unwrap().is_empty());
+        assert_eq!(dead_letter_stats(&s.kv).unwrap().count, 3);
+
+        // Retention: letters older than the cutoff go, within the bound of the command.
+        s.now = T0 + 100;
+        s.ok(deliver(5, 8, vec![from(&f("ghost"), "k-4")]));
+        assert_eq!(dead_letter_stats(&s.kv).unwrap().count, 4);
+        s.ok(gc(T0 + 1, 1));
+        assert_eq!(dead_letter_stats(&s.kv).unwrap().count, 3, "one per command");
+        s.ok(gc(T0 + 1, 10));
+        let stats = dead_letter_stats(&s.kv).unwrap();
+        assert_eq!((stats.count, stats.evicted, stats.last_seq), (1, 0, 6));
+        let left = dead_letters_after(&s.kv, None, 10).unwrap();
+        assert_eq!(left.iter().map(|l| l.seq).collect::<Vec<_>>(), [6]);
+        let stored: u64 =
+            s.kv.rows.iter().filter(|(k, _)| k.starts_with(b"L")).map(|(_, v)| v.len() as u64).sum();
+        assert_eq!(stats.bytes, stored);
+    }
+
+    #[test]
+    fn dead_letters_are_bounded_oldest_first() {
+        let mut s = Shard::new();
+        let ghost = f("ghost");
+        let n = MAX_DEAD_LETTERS + 3;
+        let entries: Vec<OutboxEntry> = (0..n)
+            .map(|i| OutboxEntry::Message {
+                target: ghost.clone(),
+                type_name: "Msg".into(),
+                payload: p(&i.to_string()),
+                idempotency_key: None,
+            })
+            .collect();
+        s.ok(deliver(2, 1, entries));
+        let stats = dead_letter_stats(&s.kv).unwrap();
+        assert_eq!((stats.count, stats.evicted, stats.last_seq), (MAX_DEAD_LETTERS, 3, n));
+        let first = dead_letters_of(&s.kv, &ghost, None, 1).unwrap();
+        assert_eq!(first[0].seq, 4, "the three oldest were dropped");
+
+        // Bytes bound it too: one large letter pushes out as many old ones as it needs.
+        let big = vec![b'7'; (MAX_DEAD_LETTER_BYTES / 2) as usize];
+        for seq in [n + 1, n + 2, n + 3] {
+            let entry = OutboxEntry::Message {
+                target: ghost.clone(),
+                type_name: "Msg".into(),
+                payload: big.clone(),
+                idempotency_key: None,
+            };
+            s.ok(deliver(2, seq, vec![entry]));
+        }
+        let stats = dead_letter_stats(&s.kv).unwrap();
+        assert!(stats.bytes <= MAX_DEAD_LETTER_BYTES, "{stats:?}");
+        assert_eq!(stats.count, 1, "only the newest large letter fits: {stats:?}");
+        // Every small letter and the first two large ones made room.
+        assert_eq!(stats.evicted, 3 + MAX_DEAD_LETTERS + 2);
+    }
+
+    #[test]
+    fn a_send_rerun_after_a_repair_is_delivered_again_and_a_replay_once() {
+        let mut c = Cluster::new();
+        let sender = f("s-1");
+        let receiver = f("r-1");
+        c.at(&receiver).running(&receiver);
+        c.at(&sender).running(&sender);
+        c.at(&sender).ok(send(&sender, 1, "go", &receiver));
+        c.pump();
+        assert_eq!(c.at(&receiver).flow(&receiver).events_len, 1);
+
+        // A replay finds the send recorded and proposes nothing; a stale proposal is refused.
+        c.at(&sender).ok(activate(&sender, 2));
+        assert_eq!(
+            c.at(&sender).rej(send(&sender, 2, "go", &receiver)),
+            Rejection::EffectAlreadyRecorded { effect_id: "go".into() }
+        );
+        c.pump();
+        assert_eq!(c.at(&receiver).flow(&receiver).events_len, 1, "a replay delivers nothing new");
+
+        // The operator removes the send effect: the re-run is a new delivery.
+        c.at(&sender).ok(admin(&sender, None, AdminOp::RemoveEffect { effect_id: "go".into() }));
+        c.at(&sender).ok(activate(&sender, 4));
+        c.at(&sender).ok(send(&sender, 4, "go", &receiver));
+        c.pump();
+        assert_eq!(c.at(&receiver).flow(&receiver).events_len, 2, "the re-run after effect-remove arrives");
+
+        // A restart without its effects: the re-run is a new delivery too.
+        c.at(&sender).ok(admin(&sender, None, restart(None, true)));
+        c.at(&sender).ok(activate(&sender, 6));
+        c.at(&sender).ok(send(&sender, 6, "go", &receiver));
+        c.pump();
+        assert_eq!(c.at(&receiver).flow(&receiver).events_len, 3, "the re-run after --clear-effects arrives");
+
+        // The delivery of the last send again (a new leader resending before its ack): once.
+        let target = target_of(&receiver);
+        let source = target_of(&sender);
+        let applied = inbound_applied(&c.at(&receiver).kv, source).unwrap();
+        let again = OutboxEntry::Message {
+            target: receiver.clone(),
+            type_name: "Msg".into(),
+            payload: p("\"hi\""),
+            idempotency_key: None,
+        };
+        let outcome = c.at(&receiver).ok(deliver(source.0, applied, vec![again]));
+        assert_eq!(outcome, ShardOutcome::Delivered { applied: 0, duplicates: 1 });
+        assert_eq!(c.at(&receiver).flow(&receiver).events_len, 3);
+        assert!(target.0 < SHARDS);
+    }
+
+    #[test]
+    fn a_child_start_rerun_after_a_repair_reaches_the_child_again() {
+        let mut c = Cluster::new();
+        let parent = f("p-3");
+        let kid = f("k-3");
+        c.at(&parent).running(&parent);
+        c.at(&parent).ok(start_child(&parent, 1, "c", &kid));
+        c.pump();
+        c.at(&kid).ok(activate(&kid, 1));
+        c.at(&kid).ok(complete(&kid, 1, "\"ok\""));
+        c.pump();
+        assert_eq!(c.at(&parent).flow(&parent).events_len, 1);
+
+        // Restarted without its effects (its log is cleared), the parent starts the child again
+        // and hears its result again.
+        c.at(&parent).ok(admin(&parent, None, restart(None, true)));
+        c.at(&parent).ok(activate(&parent, 3));
+        c.at(&parent).ok(start_child(&parent, 3, "c", &kid));
+        c.pump();
+        let log = events(&c.at(&parent).kv, &parent, 0, 10).unwrap();
+        assert_eq!(log, [(0, Event::ChildResult { child: kid.clone(), result: Ok(p("\"ok\"")) })]);
+
+        // The child was deleted meanwhile: the re-run after effect-remove starts it afresh.
+        c.at(&kid).ok(admin(&kid, None, AdminOp::Delete));
+        c.at(&parent).ok(admin(&parent, None, AdminOp::RemoveEffect { effect_id: "c".into() }));
+        c.at(&parent).ok(activate(&parent, 5));
+        c.at(&parent).ok(start_child(&parent, 5, "c", &kid));
+        c.pump();
+        assert_eq!(c.at(&kid).status(&kid), FlowStatus::Running, "the child runs again");
+        assert_eq!(c.at(&kid).flow(&kid).parent, Some(parent.clone()));
     }
 
     #[test]

@@ -192,6 +192,24 @@ pub enum OutboxEntry {
         /// The child to cancel.
         child: FlowId,
     },
+    /// Append a message from `sender` (a flow's `ctx.send`) to another flow's event log; one the
+    /// target cannot take (missing or finished) is kept as a [`DeadLetter`] naming the sender.
+    /// (Appended last: bincode encodes the variant's position, and stored outboxes written before
+    /// it hold [`OutboxEntry::Message`], which is still delivered.)
+    FlowMessage {
+        /// The sending flow.
+        sender: FlowId,
+        /// The receiving flow.
+        target: FlowId,
+        /// The message type's stable name.
+        type_name: String,
+        /// JSON body.
+        #[serde(with = "crate::codec::bytes")]
+        payload: Payload,
+        /// Names this send at the target: the sender, its effect id and the entry's outbox
+        /// position, so a send that runs again after a repair is a new message there.
+        idempotency_key: Option<String>,
+    },
 }
 
 impl OutboxEntry {
@@ -200,9 +218,58 @@ impl OutboxEntry {
         match self {
             OutboxEntry::StartChild { child, .. } | OutboxEntry::CancelChild { child } => child,
             OutboxEntry::ChildResult { parent, .. } => parent,
-            OutboxEntry::Message { target, .. } => target,
+            OutboxEntry::Message { target, .. } | OutboxEntry::FlowMessage { target, .. } => target,
         }
     }
+}
+
+/// Why a message became a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeadLetterReason {
+    /// No flow with the target's id exists on its shard (never started, or already deleted).
+    NotFound,
+    /// The target had finished with this status when the message arrived.
+    Finished {
+        /// The target's status then.
+        status: FlowStatus,
+    },
+}
+
+/// A message between flows that its target could not take, kept on the target's shard (bounded
+/// per shard, oldest dropped first, deleted after the retention period) so that nothing sent is
+/// lost without a trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Its arrival number on the target's shard (increasing, never reused).
+    pub seq: u64,
+    /// The flow it was addressed to.
+    pub target: FlowId,
+    /// The flow that sent it, when known (entries written before senders were recorded lack it).
+    pub sender: Option<FlowId>,
+    /// The message type's stable name.
+    pub type_name: String,
+    /// JSON body.
+    #[serde(with = "crate::codec::bytes")]
+    pub payload: Payload,
+    /// The message's idempotency key (it names the sender's send).
+    pub idempotency_key: Option<String>,
+    /// Why the target did not take it.
+    pub reason: DeadLetterReason,
+    /// When it arrived (shard clock, ms).
+    pub at_ms: u64,
+}
+
+/// The dead-letter list of a shard as a whole.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterStats {
+    /// The last arrival number assigned.
+    pub last_seq: u64,
+    /// Letters kept.
+    pub count: u64,
+    /// Stored bytes of the letters kept.
+    pub bytes: u64,
+    /// Letters dropped (oldest first) because the list was full.
+    pub evicted: u64,
 }
 
 /// A command to a shard group. Every command from a flow's activation carries that activation's

@@ -26,6 +26,9 @@
 //! | `Q` request-id | `RequestRecord`: a control-panel request's fingerprint, time and reply |
 //! | `q` at-ms request-id | marker: request ids by age (collection, the bound) |
 //! | `P` | `u64`: how many request ids are stored |
+//! | `D` | [`super::DeadLetterStats`] of the shard's dead letters |
+//! | `L` flow seq | [`super::DeadLetter`]: a message its target could not take, by target |
+//! | `M` seq flow | `u64` arrival time (ms): the dead letters in arrival order (eviction, GC) |
 
 use crate::ids::{FlowId, ShardId};
 
@@ -55,6 +58,12 @@ const REQUESTS: &[u8] = b"Q";
 pub(super) const REQUESTS_BY_AGE: &[u8] = b"q";
 /// How many request ids are stored.
 pub(super) const REQUEST_COUNT: &[u8] = b"P";
+/// The dead-letter statistics.
+pub(super) const DEAD_LETTER_STATS: &[u8] = b"D";
+/// Prefix of the dead letters by target.
+pub(super) const DEAD_LETTERS: &[u8] = b"L";
+/// Prefix of the dead letters in arrival order.
+pub(super) const DEAD_LETTER_QUEUE: &[u8] = b"M";
 
 const EFFECT: u8 = b'e';
 const EVENT: u8 = b'v';
@@ -330,6 +339,44 @@ pub(super) fn parse_request_by_age(key: &[u8]) -> Option<(u64, String)> {
     Some((at_ms, utf8(rest)?))
 }
 
+// --- dead letters ---
+
+/// The dead letters addressed to `flow` (all of them, in arrival order).
+pub(super) fn dead_letters_prefix(flow: &FlowId) -> Vec<u8> {
+    let mut key = tagged(DEAD_LETTERS, flow_len(flow) + 8);
+    push_flow(&mut key, flow);
+    key
+}
+
+/// `L` flow seq: one dead letter, by target.
+pub(super) fn dead_letter(flow: &FlowId, seq: u64) -> Vec<u8> {
+    let mut key = dead_letters_prefix(flow);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Parses a dead-letter key into (target, seq).
+pub(super) fn parse_dead_letter(key: &[u8]) -> Option<(FlowId, u64)> {
+    let (flow, rest) = take_flow(key.strip_prefix(DEAD_LETTERS)?)?;
+    let (seq, rest) = take_u64(rest)?;
+    rest.is_empty().then_some((flow, seq))
+}
+
+/// `M` seq flow: a dead letter in arrival order.
+pub(super) fn dead_letter_queue(seq: u64, flow: &FlowId) -> Vec<u8> {
+    let mut key = tagged(DEAD_LETTER_QUEUE, 8 + flow_len(flow));
+    key.extend_from_slice(&seq.to_be_bytes());
+    push_flow(&mut key, flow);
+    key
+}
+
+/// Parses an arrival-order key into (seq, target).
+pub(super) fn parse_dead_letter_queue(key: &[u8]) -> Option<(u64, FlowId)> {
+    let (seq, rest) = take_u64(key.strip_prefix(DEAD_LETTER_QUEUE)?)?;
+    let (flow, rest) = take_flow(rest)?;
+    rest.is_empty().then_some((seq, flow))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,6 +394,10 @@ mod tests {
         assert_eq!(parse_retention(&retention(9, &a)), Some((9, a.clone())));
         assert_eq!(parse_outbox(&outbox(ShardId(3), 11)), Some((ShardId(3), 11)));
         assert_eq!(parse_request_by_age(&request_by_age(5, "r-1")), Some((5, "r-1".into())));
+        assert_eq!(parse_dead_letter(&dead_letter(&a, 4)), Some((a.clone(), 4)));
+        assert_eq!(parse_dead_letter_queue(&dead_letter_queue(5, &c)), Some((5, c.clone())));
+        assert!(dead_letter(&a, 1).starts_with(&dead_letters_prefix(&a)));
+        assert!(!dead_letter(&c, 1).starts_with(&dead_letters_prefix(&a)));
         assert!(flow(&a).starts_with(&flows_prefix(Some("ab"))));
         assert!(!flow(&b).starts_with(&flows_prefix(Some("ab"))));
         assert_eq!(parse_flow_tagged(FLOWS, b"F\x00\x00\x00\x09ab"), None);
@@ -373,6 +424,9 @@ mod tests {
             request("r"),
             request_by_age(1, "r"),
             REQUEST_COUNT.to_vec(),
+            DEAD_LETTER_STATS.to_vec(),
+            dead_letter(&f, 1),
+            dead_letter_queue(1, &f),
         ];
         for key in keys {
             assert!(key[0].is_ascii_graphic(), "{key:?}");

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{EffectRecord, Event, FlowRecord, OutboxEntry};
+use super::command::{DeadLetter, DeadLetterStats, EffectRecord, Event, FlowRecord, OutboxEntry};
 use super::keys;
 use super::txn;
 use crate::ids::{FlowId, ShardId};
@@ -16,6 +16,14 @@ pub const POSTPONE_TIMER_ID: &str = "__postpone";
 /// The type name recorded on the `Sleep` effect that `ArmTimer` writes (its value is the deadline
 /// in ms as a JSON number).
 pub const SLEEP_TYPE_NAME: &str = "u64";
+
+/// At most this many dead letters are kept per shard; beyond it the oldest are dropped (and
+/// counted in [`DeadLetterStats::evicted`]).
+pub const MAX_DEAD_LETTERS: u64 = 10_000;
+
+/// At most this many stored bytes of dead letters are kept per shard (the newest letter always
+/// stays, whatever its size); beyond it the oldest are dropped.
+pub const MAX_DEAD_LETTER_BYTES: u64 = 64 << 20;
 
 /// What a shard knows about itself ([`super::ShardCommand::Configure`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,4 +262,33 @@ pub fn running_flows_after(
         .into_iter()
         .map(|(key, _)| keys::parse_running(&key).ok_or_else(|| txn::corrupt(&key, "bad running key")))
         .collect()
+}
+
+/// Up to `limit` dead letters addressed to `flow`, in arrival order, after arrival number
+/// `after_seq` (`None` starts at the first).
+pub fn dead_letters_of(
+    kv: &dyn KvRead,
+    flow: &FlowId,
+    after_seq: Option<u64>,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, KvError> {
+    let start = after_seq.map(|seq| keys::successor(&keys::dead_letter(flow, seq)));
+    decode_all(kv.scan(&keys::dead_letters_prefix(flow), start.as_deref(), limit)?)
+}
+
+/// One page of the shard's dead letters: up to `limit` strictly after `after` (the target and
+/// arrival number of a previous page's last letter; `None` starts at the first), ordered by
+/// target (in the order of [`list_flows`]) and then by arrival.
+pub fn dead_letters_after(
+    kv: &dyn KvRead,
+    after: Option<(&FlowId, u64)>,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, KvError> {
+    let start = after.map(|(flow, seq)| keys::successor(&keys::dead_letter(flow, seq)));
+    decode_all(kv.scan(keys::DEAD_LETTERS, start.as_deref(), limit)?)
+}
+
+/// The shard's dead-letter totals (kept, bytes, dropped).
+pub fn dead_letter_stats(kv: &dyn KvRead) -> Result<DeadLetterStats, KvError> {
+    Ok(txn::get(kv, keys::DEAD_LETTER_STATS)?.unwrap_or_default())
 }
