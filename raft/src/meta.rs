@@ -24,6 +24,8 @@ const CLOCK: &[u8] = b"C";
 const BOOTSTRAP: &[u8] = b"B";
 const CLUSTER: &[u8] = b"K";
 const REMOVED: u8 = b'X';
+/// The members on their way out (`BTreeSet<NodeId>`), see [`MetaCommand::Leave`].
+const LEAVING: &[u8] = b"L";
 
 fn removed_key(node: NodeId) -> Vec<u8> {
     let mut key = vec![REMOVED];
@@ -117,6 +119,9 @@ pub enum MetaCommand {
         /// Its placement.
         placement: ShardPlacement,
     },
+    /// A member is being removed (`remove-node` has begun): the reconciler gives it no seat
+    /// and no leadership from now on. `RemoveMember` ends it. (Appended after `SetParams`.)
+    Leave(NodeId),
     /// Change cluster parameters (those given; the shard count is fixed at creation). Every
     /// node follows group 0's parameters.
     SetParams {
@@ -273,6 +278,11 @@ pub fn read_cluster(kv: &dyn KvRead) -> Result<Option<ClusterInfo>, KvError> {
     txn::get(kv, CLUSTER)
 }
 
+/// The members being removed ([`MetaCommand::Leave`]).
+pub fn read_leaving(kv: &dyn KvRead) -> Result<BTreeSet<NodeId>, KvError> {
+    Ok(txn::get(kv, LEAVING)?.unwrap_or_default())
+}
+
 /// The batch clock of group 0 (0 before any command).
 pub fn meta_clock(kv: &dyn KvRead) -> Result<u64, KvError> {
     Ok(txn::get(kv, CLOCK)?.unwrap_or(0))
@@ -337,6 +347,10 @@ fn run(kv: &mut dyn Kv, cmd: &MetaCommand) -> Result<MetaOutcome, Fail> {
             }
             info.members.retain(|m| m.node != *node);
             txn::put(kv, removed_key(*node), &member.incarnation)?;
+            let mut leaving = read_leaving(&*kv)?;
+            if leaving.remove(node) {
+                txn::put(kv, LEAVING.to_vec(), &leaving)?;
+            }
             MetaOutcome::MemberRemoved
         }
         MetaCommand::SetPlacement { shard, placement } => {
@@ -346,6 +360,17 @@ fn run(kv: &mut dyn Kv, cmd: &MetaCommand) -> Result<MetaOutcome, Fail> {
             validate_placement(&info, *shard, placement)?;
             info.placement.insert(*shard, placement.clone());
             MetaOutcome::PlacementSet
+        }
+        MetaCommand::Leave(node) => {
+            if info.member(*node).is_none() {
+                return Ok(MetaOutcome::Unchanged);
+            }
+            let mut leaving = read_leaving(&*kv)?;
+            if !leaving.insert(*node) {
+                return Ok(MetaOutcome::Unchanged);
+            }
+            txn::put(kv, LEAVING.to_vec(), &leaving)?;
+            MetaOutcome::MemberUpdated
         }
         MetaCommand::SetParams { retention_ms, max_payload_bytes } => {
             let mut params = info.params.clone();
@@ -492,6 +517,21 @@ mod tests {
         ));
         assert_eq!(read_cluster(&kv).unwrap().unwrap().params.max_payload_bytes, 4 << 20);
         assert_eq!(run(&mut MemKv::new(), 1, set(Some(1), None)), Err(MetaRejection::NotInitialized));
+    }
+
+    #[test]
+    fn a_leaving_member_is_listed_until_it_is_removed() {
+        let mut kv = initialized();
+        assert_eq!(run(&mut kv, 101, MetaCommand::Leave(NodeId(2))), Ok(MetaOutcome::MemberUpdated));
+        assert_eq!(run(&mut kv, 102, MetaCommand::Leave(NodeId(2))), Ok(MetaOutcome::Unchanged));
+        assert_eq!(run(&mut kv, 103, MetaCommand::Leave(NodeId(9))), Ok(MetaOutcome::Unchanged));
+        assert_eq!(read_leaving(&kv).unwrap(), BTreeSet::from([NodeId(2)]));
+        for s in 0..3 {
+            let cmd = MetaCommand::SetPlacement { shard: ShardId(s), placement: placement(&[1, 3], 1) };
+            assert_eq!(run(&mut kv, 104, cmd), Ok(MetaOutcome::PlacementSet));
+        }
+        assert_eq!(run(&mut kv, 105, MetaCommand::RemoveMember(NodeId(2))), Ok(MetaOutcome::MemberRemoved));
+        assert!(read_leaving(&kv).unwrap().is_empty());
     }
 
     #[test]

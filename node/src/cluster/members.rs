@@ -110,6 +110,9 @@ pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Statu
     if info.members.len() <= 1 {
         return Err(Status::failed_precondition("the last node of a cluster cannot be removed"));
     }
+    // First the node is marked as leaving, so that the reconciler (on group 0's leader, maybe
+    // another node) gives it no seat or leadership while its replicas move away.
+    submit_meta(shared, MetaCommand::Leave(id)).await?;
     // The groups are independent: each one's change runs at once (a dozen sequential
     // reconfigurations took longer than a client's attempt).
     let changes = groups(shared).map(|(shard, group)| async move {

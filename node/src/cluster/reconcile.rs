@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use fetter_raft::handle::MembershipOp;
 use fetter_raft::ids::NodeId;
+use fetter_raft::meta;
 use tokio::sync::watch;
 
 use super::Shared;
@@ -25,9 +26,13 @@ const EVERY: Duration = Duration::from_secs(1);
 /// Bound on one leadership move.
 pub(super) const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// This node and every member that answered the last ping.
+/// This node and every member that answered the last ping, except those being removed (a
+/// replica or leadership moved to one would race its removal).
 fn live_nodes(shared: &Shared) -> impl Iterator<Item = NodeId> {
-    std::iter::once(shared.node.id()).chain(shared.liveness.alive_members())
+    let leaving = shared.meta.read_local(meta::read_leaving).unwrap_or_default();
+    std::iter::once(shared.node.id())
+        .chain(shared.liveness.alive_members())
+        .filter(move |n| !leaving.contains(n))
 }
 
 /// The leadership moves that make leaders even, planned together so that they can run at
