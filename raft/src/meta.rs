@@ -90,9 +90,11 @@ impl ClusterInfo {
     }
 }
 
-/// The largest payload limit a cluster may set (bytes): one payload must fit well inside one
-/// log entry and one replication request.
-pub const MAX_PAYLOAD_BYTES_LIMIT: u64 = 16 << 20;
+/// The largest payload limit a cluster may set (bytes). A proposal may carry two payloads (an
+/// at-least-once result rides with the next step, which may be the flow's output) plus their
+/// commands, and the handle refuses a proposal over `handle::MAX_PROPOSAL_BYTES` — a refusal
+/// the flow would meet on every activation; a quarter of that leaves room for both.
+pub const MAX_PAYLOAD_BYTES_LIMIT: u64 = (crate::handle::MAX_PROPOSAL_BYTES / 4) as u64;
 
 /// A command to group 0.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
