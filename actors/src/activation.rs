@@ -14,7 +14,7 @@ use fetter_raft::kv::KvError;
 use fetter_raft::shard::{self, FlowStatus, Rejection, ShardCommand};
 use futures::FutureExt;
 
-use crate::ctx::{Ctx, Halt};
+use crate::ctx::{over_limit, Ctx, Halt};
 use crate::flow::{kind, FlowError};
 use crate::registry::Registry;
 
@@ -63,7 +63,7 @@ pub struct Limits {
 impl Default for Limits {
     /// The cluster default: 1 MiB.
     fn default() -> Self {
-        Limits { max_payload_bytes: 1 << 20 }
+        Limits { max_payload_bytes: fetter_raft::meta::ClusterParams::default().max_payload_bytes }
     }
 }
 
@@ -124,8 +124,8 @@ pub async fn run(
                 flow.flow_type,
                 types.join(", ")
             );
-            let mut note: String = note.chars().take(shard::MAX_NOTE_BYTES / 4).collect();
-            note.shrink_to_fit();
+            // Characters are at most 4 bytes: this stays within the note's bound.
+            let note: String = note.chars().take(shard::MAX_NOTE_BYTES / 4).collect();
             tracing::warn!(flow = %flow, epoch = %epoch, "{note}");
             let command = ShardCommand::Note { flow: flow.clone(), epoch, note };
             return match group.propose_shard(command).await {
@@ -152,22 +152,16 @@ pub async fn run(
     // A value over the limit never enters the log: the flow fails naming what was too large.
     let limit = limits.max_payload_bytes;
     let result = match result {
-        Ok(output) if output.len() as u64 > limit => Err(FlowError::new(
-            kind::PAYLOAD_TOO_LARGE,
-            format!(
-                "the output of the flow is {} bytes, over the payload limit of {limit} bytes",
-                output.len()
-            ),
-        )),
-        Err(error) if (error.kind.len() + error.message.len()) as u64 > limit => Err(FlowError::new(
-            kind::PAYLOAD_TOO_LARGE,
-            format!(
-                "the error of the flow (kind {:?}) is {} bytes, over the payload limit of {limit} bytes",
-                error.kind.chars().take(64).collect::<String>(),
-                error.kind.len() + error.message.len()
-            ),
-        )),
-        other => other,
+        Ok(output) => match over_limit(|| "the output of the flow".into(), output.len(), limit) {
+            None => Ok(output),
+            Some(too_large) => Err(too_large),
+        },
+        Err(error) => {
+            let what = || {
+                format!("the error of the flow (kind {:?})", error.kind.chars().take(64).collect::<String>())
+            };
+            Err(over_limit(what, error.kind.len() + error.message.len(), limit).unwrap_or(error))
+        }
     };
     let (command, outcome) = match result {
         Ok(output) => (ShardCommand::Complete { flow: flow.clone(), epoch, output }, Outcome::Succeeded),

@@ -160,12 +160,10 @@ impl Ctx {
     /// returns into flow code: a value over the limit must not enter the log (a large entry
     /// would stall the shard's replication).
     async fn bounded(&self, what: impl FnOnce() -> String, bytes: Vec<u8>) -> Vec<u8> {
-        let limit = self.inner.max_payload_bytes;
-        if bytes.len() as u64 <= limit {
-            return bytes;
+        match over_limit(what, bytes.len(), self.inner.max_payload_bytes) {
+            None => bytes,
+            Some(error) => self.halt(Halt::Fail(error)).await,
         }
-        let message = format!("{} is {} bytes, over the payload limit of {limit} bytes", what(), bytes.len());
-        self.halt(Halt::Fail(FlowError::new(kind::PAYLOAD_TOO_LARGE, message))).await
     }
 
     /// Ends the activation: never returns into flow code.
@@ -530,12 +528,9 @@ where
         }
         Err(error) => {
             let size = error.kind.len() + error.message.len();
-            if size as u64 > ctx.inner.max_payload_bytes {
-                let message = format!(
-                    "the error of effect {id:?} is {size} bytes, over the payload limit of {} bytes",
-                    ctx.inner.max_payload_bytes
-                );
-                return ctx.halt(Halt::Fail(FlowError::new(kind::PAYLOAD_TOO_LARGE, message))).await;
+            let what = || format!("the error of effect {id:?}");
+            if let Some(too_large) = over_limit(what, size, ctx.inner.max_payload_bytes) {
+                return ctx.halt(Halt::Fail(too_large)).await;
             }
             let command = ShardCommand::EffectFailed {
                 flow,
@@ -560,6 +555,15 @@ where
     }
     ctx.remember(&id, Some(EffectRecord { kind: EffectKind::Effect, type_name, state }));
     result
+}
+
+/// The `payload_too_large` error of `what` (the step and what of it), `size` bytes, if that is
+/// over `limit`.
+pub(crate) fn over_limit(what: impl FnOnce() -> String, size: usize, limit: u64) -> Option<FlowError> {
+    (size as u64 > limit).then(|| {
+        let message = format!("{} is {size} bytes, over the payload limit of {limit} bytes", what());
+        FlowError::new(kind::PAYLOAD_TOO_LARGE, message)
+    })
 }
 
 /// `d` in whole milliseconds, saturating.

@@ -368,7 +368,7 @@ impl Actor for ShardActor {
     ) -> Result<ShardState, ActorProcessingErr> {
         let _ = myself.send_message(ShardMsg::Tick);
         let tuning = args.tuning;
-        Ok(ShardState {
+        let state = ShardState {
             _feed: Task::spawn(feed(args.group.clone(), myself.clone())),
             args,
             leading: false,
@@ -386,7 +386,10 @@ impl Actor for ShardActor {
             delivering: HashMap::new(),
             last_gc: tokio::time::Instant::now(),
             collecting: None,
-        })
+        };
+        // A replacement of a failed actor starts from nothing: so do its counters.
+        self.publish(&state);
+        Ok(state)
     }
 
     /// Flow actors are linked to this actor. One that ends normally has already reported

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fetter_raft::meta::ClusterParams;
+
 use crate::activation::Limits;
 
 /// Retention and payload limit, shared and updatable. Cheap to clone.
@@ -27,6 +29,13 @@ impl Params {
         }))
     }
 
+    /// The parameters of a cluster as group 0 records them.
+    pub fn of(cluster: &ClusterParams) -> Self {
+        let params = Params::new(Duration::ZERO, Limits::default());
+        params.follow(cluster);
+        params
+    }
+
     /// How long finished flows are kept.
     pub fn retention(&self) -> Duration {
         Duration::from_millis(self.0.retention_ms.load(Ordering::SeqCst))
@@ -37,17 +46,19 @@ impl Params {
         Limits { max_payload_bytes: self.0.max_payload_bytes.load(Ordering::SeqCst) }
     }
 
-    /// Follows new values (every holder sees them from now on).
-    pub fn set(&self, retention: Duration, limits: Limits) {
-        self.0.retention_ms.store(millis(retention), Ordering::SeqCst);
-        self.0.max_payload_bytes.store(limits.max_payload_bytes, Ordering::SeqCst);
+    /// Follows the cluster's parameters (every holder sees them from now on); whether they
+    /// differed from the values held.
+    pub fn follow(&self, cluster: &ClusterParams) -> bool {
+        let retention_ms = self.0.retention_ms.swap(cluster.retention_ms, Ordering::SeqCst);
+        let max_payload_bytes = self.0.max_payload_bytes.swap(cluster.max_payload_bytes, Ordering::SeqCst);
+        retention_ms != cluster.retention_ms || max_payload_bytes != cluster.max_payload_bytes
     }
 }
 
 impl Default for Params {
-    /// Seven days of retention, the default limits.
+    /// The cluster defaults (seven days of retention, 1 MiB payloads).
     fn default() -> Self {
-        Params::new(Duration::from_secs(7 * 24 * 3600), Limits::default())
+        Params::of(&ClusterParams::default())
     }
 }
 

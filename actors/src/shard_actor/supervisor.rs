@@ -98,8 +98,7 @@ impl Actor for Supervisor {
             SupervisionEvent::ActorFailed(who, reason) if is_child(&who) => {
                 tracing::error!(shard = %state.args.shard, %reason, "the shard actor failed; starting a new one");
                 state.child = None;
-                self.stats.live_flows.store(0, std::sync::atomic::Ordering::SeqCst);
-                self.stats.timers_in_memory.store(0, std::sync::atomic::Ordering::SeqCst);
+                // The replacement publishes its own (empty) counters as it starts.
                 self.stats.restarts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let _ = myself.send_message(SupervisorMsg::Spawn);
             }

@@ -40,7 +40,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fetter_actors::activation::Limits;
 use fetter_actors::control::ControlPanel;
 use fetter_actors::shard_actor::{Params, Router, ShardActor, ShardArgs, ShardHandle};
 use fetter_actors::Registry;
@@ -459,10 +458,7 @@ impl ClusterNode {
             }
             current = info.params;
         }
-        let params = Params::new(
-            Duration::from_millis(current.retention_ms),
-            Limits { max_payload_bytes: current.max_payload_bytes },
-        );
+        let params = Params::of(&current);
         let mut groups = Vec::new();
         for s in 0..shards {
             groups.push(node.open_group(GroupId::of_shard(ShardId(s))).await?);
@@ -581,17 +577,12 @@ async fn follow_params(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         if let Ok(Some(info)) = shared.meta.read_local(meta::read_cluster) {
-            let (retention, limits) = (
-                Duration::from_millis(info.params.retention_ms),
-                Limits { max_payload_bytes: info.params.max_payload_bytes },
-            );
-            if shared.params.retention() != retention || shared.params.limits() != limits {
+            if shared.params.follow(&info.params) {
                 tracing::info!(
-                    ?retention,
-                    max_payload_bytes = limits.max_payload_bytes,
+                    retention_ms = info.params.retention_ms,
+                    max_payload_bytes = info.params.max_payload_bytes,
                     "cluster parameters changed"
                 );
-                shared.params.set(retention, limits);
             }
         }
     }
