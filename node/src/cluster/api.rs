@@ -555,10 +555,7 @@ impl Fetter for Api {
         _request: Request<proto::ClusterStatusRequest>,
     ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
         let s = self.shared()?;
-        let info = s
-            .cluster_info()
-            .await?
-            .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
+        let info = s.initialized_cluster().await?;
         let me = s.node.id();
         let members = info
             .members
@@ -591,10 +588,7 @@ impl Fetter for Api {
         _request: Request<proto::GetClusterConfigRequest>,
     ) -> Result<Response<proto::ClusterConfig>, Status> {
         let s = self.shared()?;
-        let info = s
-            .cluster_info()
-            .await?
-            .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
+        let info = s.initialized_cluster().await?;
         Ok(Response::new(config_of(&info.params)))
     }
 
@@ -609,10 +603,7 @@ impl Fetter for Api {
             max_payload_bytes: r.max_payload_bytes,
         };
         super::members::submit_meta(s, command).await?;
-        let info = s
-            .cluster_info()
-            .await?
-            .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
+        let info = s.initialized_cluster().await?;
         Ok(Response::new(config_of(&info.params)))
     }
 

@@ -100,10 +100,7 @@ pub(crate) async fn add_node(
 
 /// Removes node `id` (alive or dead) and moves its replicas to the other nodes.
 pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Status> {
-    let info = shared
-        .cluster_info()
-        .await?
-        .ok_or_else(|| Status::unavailable("the cluster is not initialized yet"))?;
+    let info = shared.initialized_cluster().await?;
     if info.member(id).is_none() {
         return Err(Status::not_found(format!("node {} is not a member of this cluster", id.0)));
     }

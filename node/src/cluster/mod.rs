@@ -295,6 +295,13 @@ impl Shared {
             .map_err(api::journal_status)?
             .map_err(|e| tonic::Status::internal(e.to_string()))
     }
+
+    /// [`Shared::cluster_info`] of an initialized cluster; `UNAVAILABLE` before.
+    pub(crate) async fn initialized_cluster(&self) -> Result<meta::ClusterInfo, tonic::Status> {
+        self.cluster_info()
+            .await?
+            .ok_or_else(|| tonic::Status::unavailable("the cluster is not initialized yet"))
+    }
 }
 
 /// A running cluster node.
