@@ -97,6 +97,10 @@ pub struct NodeArgs<X: Args> {
     /// `--max-payload-bytes` (default 7 days).
     #[arg(long)]
     pub retention_secs: Option<u64>,
+    /// This node's snapshot policy: a group snapshots its state after this many log entries
+    /// and keeps a quarter of that (at most 1,000) for slow followers.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_after_entries: u64,
     /// The application's node options.
     #[command(flatten)]
     pub app: X,
@@ -254,6 +258,7 @@ impl<X: Args + FromArgMatches + Clone + std::fmt::Debug + Send + Sync + 'static>
         options.timing = args.timing.timing();
         options.max_payload_bytes = args.max_payload_bytes;
         options.retention = args.retention_secs.map(Duration::from_secs);
+        options.snapshot_after_entries = args.snapshot_after_entries;
         let node = match ClusterNode::start(options, registry).await {
             Ok(node) => node,
             Err(e) => {

@@ -93,6 +93,10 @@ pub struct NodeOptions {
     pub max_payload_bytes: Option<u64>,
     /// sled's page cache.
     pub cache_bytes: u64,
+    /// Each group builds a snapshot of its state after this many log entries since the last
+    /// one and keeps a quarter of that (at most 1,000) behind it for slow followers; a follower
+    /// further behind catches up by snapshot. A node's own storage policy (default 10,000).
+    pub snapshot_after_entries: u64,
 }
 
 impl NodeOptions {
@@ -112,6 +116,7 @@ impl NodeOptions {
             retention: None,
             max_payload_bytes: None,
             cache_bytes: fetter_raft::storage::DEFAULT_CACHE_BYTES,
+            snapshot_after_entries: 10_000,
         }
     }
 
@@ -421,6 +426,11 @@ impl ClusterNode {
         config.cluster_id = cluster_id;
         config.timing = options.timing.clone();
         config.cache_bytes = options.cache_bytes;
+        if options.snapshot_after_entries == 0 {
+            return Err(StartError::Config("--snapshot-after-entries must be at least 1".into()));
+        }
+        config.snapshot_after_entries = options.snapshot_after_entries;
+        config.entries_kept_after_snapshot = (options.snapshot_after_entries / 4).min(1_000);
         let late = api::Late::default();
         let service = api::Api::new(late.clone()).into_server();
         let node = RaftNode::start_with(config, Some(tonic::service::Routes::new(service))).await?;

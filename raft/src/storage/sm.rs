@@ -348,6 +348,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         *write(&self.current) = tree;
         self.generation = next;
         self.db.drop_tree(&old).map_err(|e| snap_err(any(e)))?;
+        tracing::info!(
+            group = %self.group,
+            last_log_id = ?meta.last_log_id,
+            bytes = stored.data.len(),
+            "installed a snapshot"
+        );
         // Everything derived from state may have changed: tell the leader's consumer.
         let _ = self.actions.send(Arc::new(Vec::new()));
         Ok(())
