@@ -1,8 +1,17 @@
-//! # fetter-chaos — multi-process fault injection
+//! # fetter-chaos — seeded fault injection against real node processes
 //!
-//! Will run seeded, long, multi-fault scenarios against real node processes (kill -9, SIGSTOP /
-//! SIGCONT, restarts, node loss and replacement) with a workload, a recorded history and a
-//! checker of the contract in DESIGN.md §1 (no flow lost or run twice, at-most-once effects at
-//! most once, no acknowledged message lost, locks exclusive).
-//!
-//! Nothing is implemented here yet.
+//! `fetter-chaos run` starts a cluster of node processes (this program's `node` command: the
+//! `shop` application, its fake services writing the run's ledger), drives a workload through the
+//! public gRPC API while a seeded schedule injects faults — `kill -9`, SIGSTOP past the election
+//! timeout, SIGTERM, and network partitions made by the kernel (nftables in a private network
+//! namespace, every node on its own loopback address) — then heals everything, reads the final
+//! state and checks the run. Everything a run saw is in its directory as JSON lines
+//! ([`history`]); the [`checker`] reads only those files, so `fetter-chaos check <dir>`
+//! re-checks a saved run.
+
+pub mod checker;
+pub mod history;
+pub mod net;
+pub mod report;
+pub mod run;
+pub mod schedule;

@@ -101,6 +101,11 @@ pub struct NodeArgs<X: Args> {
     /// and keeps a quarter of that (at most 1,000) for slow followers.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_after_entries: u64,
+    /// The local address of the connections this node opens to other nodes (default: the
+    /// system's choice). Several nodes on one host, each listening on its own address, give
+    /// their own address here so that every node's traffic carries it.
+    #[arg(long)]
+    pub source_ip: Option<std::net::IpAddr>,
     /// The application's node options.
     #[command(flatten)]
     pub app: X,
@@ -259,6 +264,7 @@ impl<X: Args + FromArgMatches + Clone + std::fmt::Debug + Send + Sync + 'static>
         options.max_payload_bytes = args.max_payload_bytes;
         options.retention = args.retention_secs.map(Duration::from_secs);
         options.snapshot_after_entries = args.snapshot_after_entries;
+        options.source_ip = args.source_ip;
         let node = match ClusterNode::start(options, registry).await {
             Ok(node) => node,
             Err(e) => {

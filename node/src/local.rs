@@ -63,6 +63,7 @@ pub struct LocalCluster {
     shards: u32,
     timing: Option<String>,
     node_args: Vec<String>,
+    own_addresses: bool,
     children: BTreeMap<u64, Child>,
 }
 
@@ -77,6 +78,7 @@ impl LocalCluster {
             shards: 12,
             timing: None,
             node_args: Vec::new(),
+            own_addresses: false,
             children: BTreeMap::new(),
         }
     }
@@ -105,6 +107,23 @@ impl LocalCluster {
         self
     }
 
+    /// Each node on its own loopback address: node `i` listens on `127.0.1.i` (all on the base
+    /// port) and opens its connections from there (`--source-ip`), so that rules on addresses
+    /// can cut the network between nodes. Linux routes all of `127.0.0.0/8` to loopback.
+    pub fn own_addresses(mut self, own: bool) -> Self {
+        self.own_addresses = own;
+        self
+    }
+
+    /// Node `id`'s IP address.
+    pub fn ip(&self, id: u64) -> String {
+        if self.own_addresses {
+            format!("127.0.1.{id}")
+        } else {
+            "127.0.0.1".to_string()
+        }
+    }
+
     /// Where the nodes keep data and logs.
     pub fn data_dir(&self) -> &Path {
         &self.dir
@@ -117,7 +136,11 @@ impl LocalCluster {
 
     /// Node `id`'s address.
     pub fn addr(&self, id: u64) -> String {
-        format!("127.0.0.1:{}", u64::from(self.base_port) + id - 1)
+        if self.own_addresses {
+            format!("{}:{}", self.ip(id), self.base_port)
+        } else {
+            format!("127.0.0.1:{}", u64::from(self.base_port) + id - 1)
+        }
     }
 
     /// Every initial node's address.
@@ -157,6 +180,9 @@ impl LocalCluster {
         ];
         if let Some(t) = &self.timing {
             args.extend(["--timing".to_string(), t.clone()]);
+        }
+        if self.own_addresses {
+            args.extend(["--source-ip".to_string(), self.ip(id)]);
         }
         args.extend(self.node_args.iter().cloned());
         args

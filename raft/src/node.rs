@@ -87,6 +87,11 @@ pub struct NodeConfig {
     pub entries_kept_after_snapshot: u64,
     /// sled's page cache.
     pub cache_bytes: u64,
+    /// The local address of every connection this node opens to other nodes (`None`: the
+    /// system's choice). A node that listens on one of several addresses of its host binds its
+    /// outgoing connections to it too, so that peers (and firewall rules) see one address per
+    /// node.
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 impl NodeConfig {
@@ -101,6 +106,7 @@ impl NodeConfig {
             snapshot_after_entries: 10_000,
             entries_kept_after_snapshot: 1_000,
             cache_bytes: storage::DEFAULT_CACHE_BYTES,
+            source_ip: None,
         }
     }
 }
@@ -241,7 +247,7 @@ impl RaftNode {
         });
         tracing::info!(node_id = node_id.0, %addr, incarnation = %identity.incarnation, "raft node started");
         Ok(Arc::new(RaftNode {
-            peers: Peers::new(identity.clone()),
+            peers: Peers::new(identity.clone()).with_source_ip(config.source_ip),
             identity,
             addr,
             store,
@@ -370,15 +376,28 @@ impl RaftNode {
         if let Some(stop) = lock(&self.server_stop).take() {
             let _ = stop.send(());
         }
+        // The server stops taking calls at once and lets those in flight finish, for a while: a
+        // call that cannot finish (its proposal needs a majority this node no longer reaches, a
+        // client waits for a flow) must not keep the process from exiting.
         let server = lock(&self.server).take();
-        if let Some(server) = server {
-            let _ = server.await;
+        if let Some(mut server) = server {
+            if tokio::time::timeout(SERVER_DRAIN, &mut server).await.is_err() {
+                tracing::warn!(
+                    drain = ?SERVER_DRAIN,
+                    "calls in flight did not finish in time after the stop; dropping them"
+                );
+                server.abort();
+                let _ = server.await;
+            }
         }
         if let Err(e) = self.store.db().flush_async().await {
             tracing::warn!(error = %e, "final flush failed");
         }
     }
 }
+
+/// How long a stopping node's server lets the calls in flight finish before it drops them.
+pub const SERVER_DRAIN: Duration = Duration::from_secs(2);
 
 /// The cluster id stored while a node does not know it yet (an identity record's encoding has
 /// no optional field, and directories written before it was random hold a non-empty one).

@@ -990,3 +990,45 @@ async fn a_waiting_start_on_a_node_frozen_while_its_flow_finishes_answers_once_t
     c.stop().await;
     Ok(())
 }
+
+/// Found by chaos (seed 7, fault 41): a node told to stop (SIGTERM) while its cluster has lost
+/// the majority, with client calls in flight on it, must still exit promptly: its hand-overs
+/// fail fast and its server does not wait for calls that cannot finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_promptly_while_the_majority_is_lost_and_calls_are_in_flight() -> Result<()> {
+    let mut c = TestCluster::start(EXE, 3, &[]).await?;
+    let via = c.client_of(3)?.with_timeout(Duration::from_secs(120));
+    for id in [1, 2] {
+        c.local.signal(id, Signal::Stop).map_err(|e| anyhow!(e))?;
+    }
+    // Calls that cannot finish without a majority, in flight on node 3.
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let via = via.clone();
+        calls.push(tokio::spawn(async move {
+            via.start_flow("order", &format!("o-{i}"), &order_input(i), true, Some(Duration::from_secs(90)))
+                .await
+        }));
+    }
+    let log_from = log_len(&c, 3);
+    // Not observable from outside: give the calls a moment to reach node 3 (had they not, the
+    // test would only be weaker, not wrong).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = std::time::Instant::now();
+    let (exited, code) = c.local.terminate(3, Duration::from_secs(30)).await.map_err(|e| anyhow!(e))?;
+    let took = asked.elapsed();
+    println!("node 3 exited after {took:?} (code {code:?})");
+    ensure!(exited, "node 3 did not exit within 30 s of SIGTERM");
+    ensure!(took < Duration::from_secs(15), "node 3 took {took:?} to exit after SIGTERM");
+    ensure!(code == Some(0), "node 3 exited with {code:?}");
+    let log = std::fs::read_to_string(c.local.log_file(3))?;
+    ensure!(log.get(log_from..).is_some_and(|l| l.contains("stopping")), "node 3 never began to stop");
+    for call in calls {
+        call.abort();
+    }
+    for id in [1, 2] {
+        c.local.signal(id, Signal::Cont).map_err(|e| anyhow!(e))?;
+    }
+    c.stop().await;
+    Ok(())
+}

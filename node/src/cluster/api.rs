@@ -684,7 +684,7 @@ pub(crate) async fn ping_members(shared: Arc<Shared>, mut stop: watch::Receiver<
         let pings = members.iter().filter(|(id, _)| **id != me).map(|(id, addr)| {
             let channel = match channels.get(addr) {
                 Some(c) => Ok(c.clone()),
-                None => lazy_channel(addr).inspect(|c| {
+                None => lazy_channel(addr, shared.node.peers().source_ip()).inspect(|c| {
                     channels.insert(addr.clone(), c.clone());
                 }),
             };

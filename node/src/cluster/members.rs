@@ -59,7 +59,7 @@ pub(crate) async fn add_node(
     if id.0 == 0 {
         return Err(Status::invalid_argument("node ids start at 1"));
     }
-    let info = node_info(addr)
+    let info = node_info(addr, shared.node.peers().source_ip())
         .await
         .map_err(|e| Status::failed_precondition(format!("cannot reach node {} at {addr}: {e}", id.0)))?;
     if info.node_id != id.0 {

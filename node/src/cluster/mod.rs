@@ -35,7 +35,7 @@ mod members;
 mod reconcile;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,6 +97,10 @@ pub struct NodeOptions {
     /// one and keeps a quarter of that (at most 1,000) behind it for slow followers; a follower
     /// further behind catches up by snapshot. A node's own storage policy (default 10,000).
     pub snapshot_after_entries: u64,
+    /// The local address of the connections this node opens to other nodes (`None`: the
+    /// system's choice). With several nodes on one host, each on its own address, this makes
+    /// every node's traffic carry its own address (as the chaos harness's network rules need).
+    pub source_ip: Option<IpAddr>,
 }
 
 impl NodeOptions {
@@ -117,6 +121,7 @@ impl NodeOptions {
             max_payload_bytes: None,
             cache_bytes: fetter_raft::storage::DEFAULT_CACHE_BYTES,
             snapshot_after_entries: 10_000,
+            source_ip: None,
         }
     }
 
@@ -319,15 +324,17 @@ pub struct ClusterNode {
 }
 
 /// How this node reaches a peer's API: connecting and each call bounded by [`PEER_CALL`].
-fn peer_endpoint(addr: &str) -> Result<tonic::transport::Endpoint, String> {
+/// `source` is the local address of the connection (the node's `--source-ip`).
+fn peer_endpoint(addr: &str, source: Option<IpAddr>) -> Result<tonic::transport::Endpoint, String> {
     Ok(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(PEER_CALL)
-        .timeout(PEER_CALL))
+        .timeout(PEER_CALL)
+        .local_address(source))
 }
 
-async fn node_info(addr: &str) -> Result<proto::NodeInfoResponse, String> {
-    let endpoint = peer_endpoint(addr)?;
+async fn node_info(addr: &str, source: Option<IpAddr>) -> Result<proto::NodeInfoResponse, String> {
+    let endpoint = peer_endpoint(addr, source)?;
     let call = async {
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         node_info_over(channel).await
@@ -337,8 +344,8 @@ async fn node_info(addr: &str) -> Result<proto::NodeInfoResponse, String> {
 
 /// A channel to `addr` that connects on first use and reconnects after a failure (for calls
 /// repeated every few hundred milliseconds, such as liveness pings).
-fn lazy_channel(addr: &str) -> Result<tonic::transport::Channel, String> {
-    Ok(peer_endpoint(addr)?.connect_lazy())
+fn lazy_channel(addr: &str, source: Option<IpAddr>) -> Result<tonic::transport::Channel, String> {
+    Ok(peer_endpoint(addr, source)?.connect_lazy())
 }
 
 /// `NodeInfo` over an open (or lazy) channel, bounded by [`PEER_CALL`].
@@ -408,7 +415,7 @@ impl ClusterNode {
                 (None, options.shards)
             }
             (None, None, Some(join)) => {
-                let info = node_info(join)
+                let info = node_info(join, options.source_ip)
                     .await
                     .map_err(|e| StartError::Cluster(format!("cannot reach {join} to join: {e}")))?;
                 if !info.initialized || info.cluster_id.is_empty() {
@@ -430,6 +437,7 @@ impl ClusterNode {
             return Err(StartError::Config("--snapshot-after-entries must be at least 1".into()));
         }
         config.snapshot_after_entries = options.snapshot_after_entries;
+        config.source_ip = options.source_ip;
         config.entries_kept_after_snapshot = (options.snapshot_after_entries / 4).min(1_000);
         let late = api::Late::default();
         let service = api::Api::new(late.clone()).into_server();
@@ -673,7 +681,7 @@ async fn check_fresh_against_peers(
     peers: &BTreeMap<NodeId, String>,
 ) -> Result<(), StartError> {
     for (id, addr) in peers.iter().filter(|(id, _)| **id != options.id) {
-        let Ok(info) = node_info(addr).await else { continue };
+        let Ok(info) = node_info(addr, options.source_ip).await else { continue };
         if info.initialized && info.members.iter().any(|m| m.id == options.id.0) {
             return Err(StartError::IdReused(options.id.0));
         }
@@ -704,7 +712,7 @@ async fn check_running_cluster<'a>(
     addrs: impl IntoIterator<Item = &'a str>,
 ) -> Result<(), StartError> {
     for addr in addrs {
-        let Ok(info) = node_info(addr).await else { continue };
+        let Ok(info) = node_info(addr, options.source_ip).await else { continue };
         if !info.cluster_id.is_empty() && info.cluster_id != known.0 {
             return Err(StartError::WrongCluster {
                 dir: options.data_dir.display().to_string(),
@@ -770,7 +778,7 @@ async fn cluster_id_of_new_cluster(shared: &Shared, init: &Init) -> Result<Clust
     let cluster_id = if *seed == me {
         new_cluster_id()
     } else {
-        let info = node_info(seed_addr)
+        let info = node_info(seed_addr, shared.node.peers().source_ip())
             .await
             .map_err(|e| format!("waiting for node {} at {seed_addr} to create the cluster: {e}", seed.0))?;
         if info.node_id != seed.0 {
@@ -805,7 +813,9 @@ async fn ready_members(
         let incarnation = if *id == me {
             shared.node.identity().incarnation
         } else {
-            let info = node_info(addr).await.map_err(|e| format!("peer {} not reachable: {e}", id.0))?;
+            let info = node_info(addr, shared.node.peers().source_ip())
+                .await
+                .map_err(|e| format!("peer {} not reachable: {e}", id.0))?;
             if info.node_id != id.0 {
                 return Err(format!("the node at {addr} is node {}, not node {}", info.node_id, id.0));
             }

@@ -53,6 +53,7 @@ pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     batchers: Arc<Mutex<HashMap<String, mpsc::Sender<Pending>>>>,
     large: Arc<Semaphore>,
+    source_ip: Option<std::net::IpAddr>,
 }
 
 fn client(channel: Channel) -> RaftTransportClient<Channel> {
@@ -77,7 +78,19 @@ impl Peers {
             channels: Arc::new(Mutex::new(HashMap::new())),
             batchers: Arc::new(Mutex::new(HashMap::new())),
             large: Arc::new(Semaphore::new(LARGE_IN_FLIGHT)),
+            source_ip: None,
         }
+    }
+
+    /// Connections to peers are made from `ip` (`None`: the system's choice).
+    pub fn with_source_ip(mut self, ip: Option<std::net::IpAddr>) -> Self {
+        self.source_ip = ip;
+        self
+    }
+
+    /// The local address of this node's connections to peers, if set.
+    pub fn source_ip(&self) -> Option<std::net::IpAddr> {
+        self.source_ip
     }
 
     /// Who this node is.
@@ -95,6 +108,7 @@ impl Peers {
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
+            .local_address(self.source_ip)
             .connect_lazy();
         channels.insert(addr.to_string(), ch.clone());
         Ok(ch)

@@ -1,0 +1,940 @@
+//! The independent checker of a chaos run.
+//!
+//! It reads only the files of a run directory ([`crate::history`]: `history.jsonl`,
+//! `faults.jsonl`, `ledger.jsonl`, `final.jsonl`) and checks them against the contract:
+//!
+//! | invariant | required | what |
+//! |---|---|---|
+//! | `acknowledged_starts_kept` | yes | every flow whose start was acknowledged (`ok`) is in the final state |
+//! | `input_kept` | no | the final input of such a flow is JSON-equal to every acknowledged start's input |
+//! | `terminal_after_heal` | yes | every flow of the final state is `succeeded`, `failed` or `cancelled` |
+//! | `order_effects_once` | yes | the ledger of each `order` is one the order flow can write (see [`check`]) |
+//! | `no_refund_of_unknown_shipment` | no | an order whose shipment is unknown was not refunded |
+//! | `unknown_outcome_in_fault_window` | no | an unknown shipment happened near a fault |
+//! | `messages_once_per_key` | no | no message key twice in a flow; every acknowledged send there once |
+//!
+//! Each invariant counts the individual checks it made; a required invariant that checked
+//! nothing fails the run (a run that checked nothing cannot pass). Optional invariants are the
+//! ones the workload may not exercise in a given run (no unknown shipment, no message): they may
+//! check nothing, but a violation of any invariant fails the run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::Result;
+use fetter_examples::ledger::LedgerEntry;
+use serde_json::Value;
+
+use crate::history::{self, FaultRecord, FinalFlow, Op, OpRecord, Phase};
+
+/// How many violations of one invariant [`CheckReport::summary`] shows.
+const SUMMARY_VIOLATIONS: usize = 3;
+
+/// The error kind of an at-most-once effect whose outcome was not recorded before a crash.
+const EFFECT_OUTCOME_UNKNOWN: &str = "effect_outcome_unknown";
+/// The error kind of an error a flow's effect returned (a fake service's [`Rejected`] answer).
+///
+/// [`Rejected`]: fetter_examples::fakes::ServiceError::Rejected
+const ERROR: &str = "error";
+/// How logistics' "no" reads in a failed order's message.
+const LOGISTICS_REJECTED: &str = "logistics rejected the call";
+/// How the email service's "no" reads in a failed order's message.
+const EMAIL_REJECTED: &str = "email rejected the call";
+/// A product id that makes logistics refuse a shipment starts with this.
+const FAIL_SHIP_PREFIX: &str = "fail-ship";
+/// The template of the order confirmation mail (ledger key `order-confirmation:<order id>`).
+const ORDER_CONFIRMATION: &str = "order-confirmation";
+
+/// Knobs of the checker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckOptions {
+    /// How far (ms) before a fault's start and after its end an unknown outcome still counts as
+    /// inside the fault's window (clock skew, election timeouts, the time to notice a death).
+    pub fault_slack_ms: u64,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions { fault_slack_ms: 5_000 }
+    }
+}
+
+/// One invariant's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invariant {
+    /// Its stable name, e.g. `acknowledged_starts_kept`.
+    pub name: &'static str,
+    /// Whether a run must exercise it (`checked > 0`) to pass.
+    pub required: bool,
+    /// How many individual checks it made.
+    pub checked: u64,
+    /// What it found wrong, one message each.
+    pub violations: Vec<String>,
+}
+
+impl Invariant {
+    fn new(name: &'static str, required: bool) -> Self {
+        Invariant { name, required, checked: 0, violations: Vec::new() }
+    }
+
+    /// Counts one check, and a violation (`message()`) if `ok` is false.
+    fn check(&mut self, ok: bool, message: impl FnOnce() -> String) {
+        self.checked += 1;
+        if !ok {
+            self.violations.push(message());
+        }
+    }
+
+    /// Whether this invariant lets the run pass.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty() && (self.checked > 0 || !self.required)
+    }
+}
+
+/// What the checker found: every invariant, in a fixed order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    /// The invariants.
+    pub invariants: Vec<Invariant>,
+}
+
+impl CheckReport {
+    /// Whether the run passed: no invariant has a violation and every required one checked
+    /// something.
+    pub fn passed(&self) -> bool {
+        self.invariants.iter().all(Invariant::passed)
+    }
+
+    /// One line per invariant: its name, how often it was checked, how many violations it found
+    /// and the first few of them.
+    pub fn summary(&self) -> String {
+        let mut lines = Vec::with_capacity(self.invariants.len());
+        for inv in &self.invariants {
+            let mut line = format!(
+                "{} {}{}: checked {}, violations {}",
+                if inv.passed() { "ok  " } else { "FAIL" },
+                inv.name,
+                if inv.required { "" } else { " (optional)" },
+                inv.checked,
+                inv.violations.len()
+            );
+            if inv.required && inv.checked == 0 {
+                line.push_str(" (nothing checked)");
+            }
+            if !inv.violations.is_empty() {
+                let first: Vec<&str> =
+                    inv.violations.iter().take(SUMMARY_VIOLATIONS).map(String::as_str).collect();
+                line.push_str(": ");
+                line.push_str(&first.join("; "));
+                if inv.violations.len() > SUMMARY_VIOLATIONS {
+                    line.push_str("; …");
+                }
+            }
+            lines.push(line);
+        }
+        lines.join("\n")
+    }
+
+    /// The invariant called `name`, if the report has it.
+    pub fn invariant(&self, name: &str) -> Option<&Invariant> {
+        self.invariants.iter().find(|i| i.name == name)
+    }
+}
+
+/// The four files of a run directory: history, faults (as written: start and end lines apart),
+/// ledger and final state.
+pub type RunFiles = (Vec<OpRecord>, Vec<FaultRecord>, Vec<LedgerEntry>, Vec<FinalFlow>);
+
+/// Reads a run directory's [`RunFiles`]. A missing file reads as empty.
+pub fn load(dir: &Path) -> Result<RunFiles> {
+    Ok((
+        history::read_lines(&dir.join(history::HISTORY))?,
+        history::read_lines(&dir.join(history::FAULTS))?,
+        history::read_lines(&dir.join(history::LEDGER))?,
+        history::read_lines(&dir.join(history::FINAL))?,
+    ))
+}
+
+/// Loads the run directory `dir` and [`check`]s it.
+pub fn check_dir(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
+    let (history, faults, ledger, finals) = load(dir)?;
+    Ok(check(&history, &faults, &ledger, &finals, opts))
+}
+
+fn terminal(status: &str) -> bool {
+    matches!(status, "succeeded" | "failed" | "cancelled")
+}
+
+/// The `"key"` of a message payload, if it is a JSON object with a string `key`.
+fn payload_key(payload: &str) -> Option<String> {
+    serde_json::from_str::<Value>(payload).ok()?.get("key")?.as_str().map(str::to_owned)
+}
+
+/// A fault's window: merged from its start and end records.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start_ms: u64,
+    /// `None`: never healed, the window extends forever.
+    end_ms: Option<u64>,
+}
+
+fn windows(faults: &[FaultRecord]) -> Vec<Window> {
+    let mut by_id: BTreeMap<u64, Window> = BTreeMap::new();
+    for f in faults {
+        let w = by_id.entry(f.id).or_insert(Window { start_ms: f.start_ms, end_ms: None });
+        w.start_ms = w.start_ms.min(f.start_ms);
+        if let Some(end) = f.end_ms {
+            w.end_ms = Some(w.end_ms.map_or(end, |e| e.max(end)));
+        }
+    }
+    by_id.into_values().collect()
+}
+
+/// Checks a run. Every invariant counts each individual check it makes.
+///
+/// # The ledger of an `order` (examples/src/flows/order.rs)
+///
+/// The flow captures a transaction id `tx` (a journaled UUID), then calls, as effects:
+/// `payment`/`reserve` (key `tx`, at least once); `logistics`/`ship` (key the order id, **at most
+/// once**); on success `payment`/`capture` (key `tx`) and `email`/`send` (key
+/// `order-confirmation:<order id>`), both at least once; when logistics says "no",
+/// `payment`/`cancel` (key `tx`: the refund, at least once) and the flow fails with that answer.
+///
+/// So every order's payment calls carry one transaction id, and it ships at most once. An
+/// at-least-once effect may legitimately be called again by a replay after a crash between the
+/// call and its journal entry, with the same `tx` (the provider's idempotency key): "captured
+/// exactly once" therefore means exactly one transaction captured, the reserved one — not one
+/// ledger line.
+///
+/// # Failed orders: the accepted kinds
+///
+/// The fakes never decline a payment (every `reserve`/`capture`/`cancel` succeeds), so a failed
+/// order is accepted only as one of:
+///
+/// - `effect_outcome_unknown` naming the `ship` effect (the flow's only at-most-once effect: a
+///   crash after its `Started` marker): shipped at most once, never captured, no confirmation
+///   mail. (That it was not refunded is `no_refund_of_unknown_shipment`'s business.)
+/// - `error` with logistics' "no" (`logistics rejected the call: …`), which logistics answers
+///   only for a product id starting with `fail-ship`: the input must have such a product; shipped
+///   (the call is recorded) exactly once, refunded (`cancel` of the reserved transaction), never
+///   captured.
+/// - `error` with the email service's "no" (`email rejected the call: …`), which it answers only
+///   for an empty recipient (the customer id): the input's customer id must be empty; shipped
+///   exactly once and captured.
+///
+/// Anything else fails the check: another kind (`panic`, `replay_drift`, `bad_input`, …), or an
+/// `error` that is not a service's "no" — e.g. `ledger: …`, a fake that could not record its
+/// call, so the ledger cannot vouch for the effect.
+pub fn check(
+    history: &[OpRecord],
+    faults: &[FaultRecord],
+    ledger: &[LedgerEntry],
+    finals: &[FinalFlow],
+    opts: &CheckOptions,
+) -> CheckReport {
+    let finals_by_flow: BTreeMap<&str, &FinalFlow> = finals.iter().map(|f| (f.flow.as_str(), f)).collect();
+    let mut ledger_by_flow: BTreeMap<&str, Vec<&LedgerEntry>> = BTreeMap::new();
+    for e in ledger {
+        ledger_by_flow.entry(e.flow.as_str()).or_default().push(e);
+    }
+    let oks: Vec<&OpRecord> = history.iter().filter(|r| r.phase == Phase::Ok).collect();
+
+    let mut starts_kept = Invariant::new("acknowledged_starts_kept", true);
+    let mut input_kept = Invariant::new("input_kept", false);
+    let mut terminal_inv = Invariant::new("terminal_after_heal", true);
+    let mut effects_once = Invariant::new("order_effects_once", true);
+    let mut no_refund = Invariant::new("no_refund_of_unknown_shipment", false);
+    let mut in_window = Invariant::new("unknown_outcome_in_fault_window", false);
+    let mut messages_once = Invariant::new("messages_once_per_key", false);
+
+    // 1 and 2: acknowledged starts are kept, with their input.
+    let mut started: BTreeSet<String> = BTreeSet::new();
+    for r in &oks {
+        let Op::Start { input, .. } = &r.op else { continue };
+        let flow = r.op.flow();
+        if started.insert(flow.clone()) {
+            starts_kept.check(finals_by_flow.contains_key(flow.as_str()), || {
+                format!("{flow}: its start was acknowledged (op {}) but it is not in the final state", r.id)
+            });
+        }
+        let Some(last) = finals_by_flow.get(flow.as_str()) else { continue };
+        let acked = serde_json::from_str::<Value>(input);
+        let kept = serde_json::from_str::<Value>(&last.input);
+        input_kept.check(matches!((&acked, &kept), (Ok(a), Ok(k)) if a == k), || match (acked, kept) {
+            (Err(e), _) => format!("{flow}: the acknowledged input (op {}) is not JSON ({e}): {input}", r.id),
+            (_, Err(e)) => format!("{flow}: the final input is not JSON ({e}): {}", last.input),
+            _ => format!(
+                "{flow}: acknowledged input (op {}) {input} but the final input is {}",
+                r.id, last.input
+            ),
+        });
+    }
+
+    // 3: every flow of the final state is terminal (one acknowledged but missing is 1's business).
+    for f in finals {
+        terminal_inv.check(terminal(&f.status), || {
+            format!("{}: status {:?} after the final heal, not terminal", f.flow, f.status)
+        });
+    }
+
+    // 4, 5, 6: orders.
+    let windows = windows(faults);
+    let none: Vec<&LedgerEntry> = Vec::new();
+    for f in finals.iter().filter(|f| f.flow.starts_with("order/")) {
+        let entries = ledger_by_flow.get(f.flow.as_str()).unwrap_or(&none);
+        check_order(f, entries, &mut effects_once);
+        if f.status == "failed" && f.error_kind.as_deref() == Some(EFFECT_OUTCOME_UNKNOWN) {
+            let refunds = entries.iter().filter(|e| e.service == "payment" && e.op == "cancel").count();
+            no_refund.check(refunds == 0, || {
+                format!(
+                    "{}: failed {EFFECT_OUTCOME_UNKNOWN} (it may have shipped) but its payment was cancelled \
+                     (refunded) {refunds} time(s)",
+                    f.flow
+                )
+            });
+            check_unknown_in_window(f, entries, &windows, opts.fault_slack_ms, &mut in_window);
+        }
+    }
+
+    // 7: messages once per key; every acknowledged send there once.
+    for f in finals {
+        let mut keys: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, payload) in &f.messages {
+            if let Some(key) = payload_key(payload) {
+                *keys.entry(key).or_default() += 1;
+            }
+        }
+        for (key, n) in &keys {
+            messages_once.check(*n == 1, || {
+                format!("{}: message key {key:?} appears {n} times among its messages", f.flow)
+            });
+        }
+    }
+    let mut sent: BTreeSet<(String, String)> = BTreeSet::new();
+    for r in &oks {
+        let Op::Send { message_type, key, .. } = &r.op else { continue };
+        let flow = r.op.flow();
+        let Some(last) = finals_by_flow.get(flow.as_str()) else { continue };
+        if !sent.insert((flow.clone(), key.clone())) {
+            continue;
+        }
+        let found: Vec<&str> = last
+            .messages
+            .iter()
+            .filter(|(_, p)| payload_key(p).as_deref() == Some(key.as_str()))
+            .map(|(t, _)| t.as_str())
+            .collect();
+        messages_once.check(found.len() == 1 && found[0] == message_type, || {
+            format!(
+                "{flow}: acknowledged send of {message_type} with key {key:?} (op {}) found {} time(s) among \
+                 its messages (types {found:?})",
+                r.id,
+                found.len()
+            )
+        });
+    }
+
+    CheckReport {
+        invariants: vec![
+            starts_kept,
+            input_kept,
+            terminal_inv,
+            effects_once,
+            no_refund,
+            in_window,
+            messages_once,
+        ],
+    }
+}
+
+/// Counts of an order's ledger entries.
+struct OrderLedger {
+    ships: usize,
+    reserved: BTreeSet<String>,
+    captured: BTreeSet<String>,
+    cancels: usize,
+    transactions: BTreeSet<String>,
+    confirmations: usize,
+}
+
+impl OrderLedger {
+    fn of(entries: &[&LedgerEntry], order_id: &str) -> Self {
+        let mut l = OrderLedger {
+            ships: 0,
+            reserved: BTreeSet::new(),
+            captured: BTreeSet::new(),
+            cancels: 0,
+            transactions: BTreeSet::new(),
+            confirmations: 0,
+        };
+        let confirmation = format!("{ORDER_CONFIRMATION}:{order_id}");
+        for e in entries {
+            match (e.service.as_str(), e.op.as_str()) {
+                ("logistics", "ship") => l.ships += 1,
+                ("payment", op) => {
+                    l.transactions.insert(e.key.clone());
+                    match op {
+                        "reserve" => {
+                            l.reserved.insert(e.key.clone());
+                        }
+                        "capture" => {
+                            l.captured.insert(e.key.clone());
+                        }
+                        "cancel" => l.cancels += 1,
+                        _ => {}
+                    }
+                }
+                ("email", "send") if e.key == confirmation => l.confirmations += 1,
+                _ => {}
+            }
+        }
+        l
+    }
+}
+
+/// How a failed order failed, as far as the order flow can fail.
+enum OrderFailure {
+    /// `effect_outcome_unknown` on the `ship` step.
+    UnknownShipment,
+    /// Logistics said no.
+    Refused,
+    /// The confirmation mail was refused.
+    MailRefused,
+}
+
+/// The `order_effects_once` checks of one order (see [`check`]).
+fn check_order(f: &FinalFlow, entries: &[&LedgerEntry], inv: &mut Invariant) {
+    let flow = f.flow.as_str();
+    let input: Option<Value> = serde_json::from_str(&f.input).ok();
+    let instance = flow.strip_prefix("order/").unwrap_or(flow);
+    let order_id = input.as_ref().and_then(|i| i.get("order_id")).and_then(Value::as_str).unwrap_or(instance);
+    let l = OrderLedger::of(entries, order_id);
+    let message = f.error.as_deref().unwrap_or("");
+    let kind = f.error_kind.as_deref().unwrap_or("");
+
+    let failure = if f.status == "failed" {
+        let products: Vec<&str> = input
+            .as_ref()
+            .and_then(|i| i.get("products"))
+            .and_then(Value::as_array)
+            .map(|ps| ps.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let customer = input.as_ref().and_then(|i| i.get("customer_id")).and_then(Value::as_str);
+        let failure = match kind {
+            EFFECT_OUTCOME_UNKNOWN if message.contains("\"ship\"") => Some(OrderFailure::UnknownShipment),
+            ERROR
+                if message.starts_with(LOGISTICS_REJECTED)
+                    && products.iter().any(|p| p.starts_with(FAIL_SHIP_PREFIX)) =>
+            {
+                Some(OrderFailure::Refused)
+            }
+            ERROR if message.starts_with(EMAIL_REJECTED) && customer == Some("") => {
+                Some(OrderFailure::MailRefused)
+            }
+            _ => None,
+        };
+        inv.check(failure.is_some(), || {
+            format!(
+                "{flow}: failed with kind {kind:?} ({message:?}), which the order flow cannot produce here \
+                 (products {products:?}, customer {customer:?})"
+            )
+        });
+        failure
+    } else {
+        None
+    };
+
+    // Shipped at most once; exactly once when the flow got logistics' answer.
+    let exactly =
+        f.status == "succeeded" || matches!(failure, Some(OrderFailure::Refused | OrderFailure::MailRefused));
+    inv.check(if exactly { l.ships == 1 } else { l.ships <= 1 }, || {
+        let want = if exactly { "exactly once" } else { "at most once" };
+        format!("{flow} ({}): shipped {} times, expected {want}", f.status, l.ships)
+    });
+    // One transaction id (the journaled UUID) for every payment call.
+    inv.check(l.transactions.len() <= 1, || {
+        format!("{flow}: payment calls under {} transaction ids {:?}", l.transactions.len(), l.transactions)
+    });
+
+    let captured_once = || l.captured.len() == 1 && l.captured == l.reserved;
+    let captured_message = |why: &str| {
+        format!(
+            "{flow} ({why}): payment captured for transactions {:?}, reserved {:?}; expected exactly one \
+             capture of the reserved transaction",
+            l.captured, l.reserved
+        )
+    };
+    let never_captured =
+        |why: &str| format!("{flow} ({why}): payment captured ({:?}) but it never should be", l.captured);
+    match (f.status.as_str(), &failure) {
+        ("succeeded", _) => {
+            inv.check(captured_once(), || captured_message("succeeded"));
+            inv.check(l.cancels == 0, || {
+                format!("{flow} (succeeded): payment cancelled (refunded) {} time(s)", l.cancels)
+            });
+            inv.check(l.confirmations >= 1, || {
+                format!("{flow} (succeeded): no {ORDER_CONFIRMATION}:{order_id} mail sent")
+            });
+        }
+        (_, Some(OrderFailure::UnknownShipment)) => {
+            inv.check(l.captured.is_empty(), || never_captured("shipment unknown"));
+            inv.check(l.confirmations == 0, || {
+                format!("{flow} (shipment unknown): {} confirmation mail(s) sent", l.confirmations)
+            });
+        }
+        (_, Some(OrderFailure::Refused)) => {
+            inv.check(l.captured.is_empty(), || never_captured("refused by logistics"));
+            inv.check(l.cancels >= 1 && !l.reserved.is_empty(), || {
+                format!("{flow} (refused by logistics): the reservation {:?} was never cancelled", l.reserved)
+            });
+        }
+        (_, Some(OrderFailure::MailRefused)) => {
+            inv.check(captured_once(), || captured_message("mail refused"))
+        }
+        _ => {}
+    }
+}
+
+/// The `unknown_outcome_in_fault_window` check of an order failed `effect_outcome_unknown`.
+fn check_unknown_in_window(
+    f: &FinalFlow,
+    entries: &[&LedgerEntry],
+    windows: &[Window],
+    slack: u64,
+    inv: &mut Invariant,
+) {
+    let ships: Vec<u64> =
+        entries.iter().filter(|e| e.service == "logistics" && e.op == "ship").map(|e| e.ts_ms).collect();
+    let (times, what) = if ships.is_empty() {
+        (entries.iter().map(|e| e.ts_ms).max().into_iter().collect::<Vec<_>>(), "last ledger entry")
+    } else {
+        (ships, "ship")
+    };
+    if times.is_empty() {
+        inv.check(false, || {
+            format!("{}: failed {EFFECT_OUTCOME_UNKNOWN} with no ledger entry at all", f.flow)
+        });
+        return;
+    }
+    let covered = |t: u64| {
+        windows.iter().any(|w| {
+            w.start_ms.saturating_sub(slack) <= t && w.end_ms.is_none_or(|e| t <= e.saturating_add(slack))
+        })
+    };
+    let outside: Vec<u64> = times.iter().copied().filter(|&t| !covered(t)).collect();
+    inv.check(outside.is_empty(), || {
+        format!(
+            "{}: failed {EFFECT_OUTCOME_UNKNOWN} but its {what} at {outside:?} ms is not within {slack} ms of any \
+             of the {} fault(s)",
+            f.flow,
+            windows.len()
+        )
+    });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::history::FaultKind;
+
+    const SHIP_UNKNOWN: &str = "effect \"ship\" was started but its outcome was not recorded";
+
+    /// A synthetic run: what the four files would hold.
+    #[derive(Clone)]
+    struct Run {
+        history: Vec<OpRecord>,
+        faults: Vec<FaultRecord>,
+        ledger: Vec<LedgerEntry>,
+        finals: Vec<FinalFlow>,
+    }
+
+    impl Run {
+        fn check(&self) -> CheckReport {
+            check(&self.history, &self.faults, &self.ledger, &self.finals, &CheckOptions::default())
+        }
+
+        fn last(&mut self, flow: &str) -> &mut FinalFlow {
+            self.finals.iter_mut().find(|f| f.flow == flow).unwrap()
+        }
+
+        /// Records `op` as an invoke and then `phase`, at `t`.
+        fn op(&mut self, t: u64, op: Op, phase: Phase) {
+            let id = self.history.len() as u64 / 2 + 1;
+            let error = (phase != Phase::Ok).then(|| "deadline exceeded".to_owned());
+            self.history.push(OpRecord {
+                id,
+                t_ms: t,
+                process: 0,
+                node: 1,
+                phase: Phase::Invoke,
+                op: op.clone(),
+                error: None,
+            });
+            self.history.push(OpRecord { id, t_ms: t + 5, process: 0, node: 1, phase, op, error });
+        }
+    }
+
+    fn order_input(instance: &str, products: &[&str]) -> String {
+        serde_json::json!({
+            "order_id": instance,
+            "customer_id": "c-1",
+            "total_cents": 1_000,
+            "products": products,
+        })
+        .to_string()
+    }
+
+    /// The same JSON, formatted otherwise (as the API may give it back).
+    fn reformatted(json: &str) -> String {
+        serde_json::to_string_pretty(&serde_json::from_str::<Value>(json).unwrap()).unwrap()
+    }
+
+    fn start(flow_type: &str, instance: &str, input: &str) -> Op {
+        Op::Start { flow_type: flow_type.into(), instance: instance.into(), input: input.into() }
+    }
+
+    fn send(instance: &str, key: &str) -> Op {
+        Op::Send {
+            flow_type: "signup".into(),
+            instance: instance.into(),
+            message_type: "EmailVerified".into(),
+            key: key.into(),
+            payload: serde_json::json!({ "key": key }).to_string(),
+        }
+    }
+
+    fn message(key: &str) -> (String, String) {
+        ("EmailVerified".into(), serde_json::json!({ "key": key }).to_string())
+    }
+
+    fn entry(service: &str, op: &str, instance: &str, key: &str, ts_ms: u64) -> LedgerEntry {
+        LedgerEntry {
+            service: service.into(),
+            op: op.into(),
+            flow: format!("order/{instance}"),
+            key: key.into(),
+            node: 1,
+            ts_ms,
+        }
+    }
+
+    /// How far an order got, for [`order_ledger`].
+    enum Outcome {
+        /// reserve, ship, capture, confirmation mail.
+        Shipped,
+        /// reserve, ship (logistics said no), cancel.
+        Refused,
+        /// reserve, ship (then a crash before the outcome was recorded).
+        Unknown,
+    }
+
+    /// The ledger entries order.rs makes for order `instance` (order id = instance) with
+    /// transaction `tx`, from `t0` on, 100 ms apart.
+    fn order_ledger(instance: &str, tx: &str, t0: u64, outcome: Outcome) -> Vec<LedgerEntry> {
+        let mut out = vec![
+            entry("payment", "reserve", instance, tx, t0),
+            entry("logistics", "ship", instance, instance, t0 + 100),
+        ];
+        match outcome {
+            Outcome::Shipped => {
+                out.push(entry("payment", "capture", instance, tx, t0 + 200));
+                out.push(entry(
+                    "email",
+                    "send",
+                    instance,
+                    &format!("order-confirmation:{instance}"),
+                    t0 + 300,
+                ));
+            }
+            Outcome::Refused => out.push(entry("payment", "cancel", instance, tx, t0 + 200)),
+            Outcome::Unknown => {}
+        }
+        out
+    }
+
+    fn final_flow(flow: &str, status: &str, input: &str) -> FinalFlow {
+        FinalFlow {
+            flow: flow.into(),
+            status: status.into(),
+            error_kind: None,
+            error: None,
+            input: reformatted(input),
+            messages: Vec::new(),
+        }
+    }
+
+    fn failed(flow: &str, input: &str, kind: &str, error: &str) -> FinalFlow {
+        FinalFlow {
+            error_kind: Some(kind.into()),
+            error: Some(error.into()),
+            ..final_flow(flow, "failed", input)
+        }
+    }
+
+    /// A run that passes: a shipped order, a refused one, one whose shipment is unknown (during a
+    /// kill), one whose start is unknown and that never happened, and a signup with messages.
+    fn clean() -> Run {
+        let mut run = Run { history: Vec::new(), faults: Vec::new(), ledger: Vec::new(), finals: Vec::new() };
+
+        let o1 = order_input("o-1", &["p-1", "p-2"]);
+        run.op(1_000, start("order", "o-1", &o1), Phase::Ok);
+        run.ledger.extend(order_ledger("o-1", "tx-1", 1_100, Outcome::Shipped));
+        run.finals.push(final_flow("order/o-1", "succeeded", &o1));
+
+        let o2 = order_input("o-2", &["p-1", "fail-ship-7"]);
+        run.op(2_000, start("order", "o-2", &o2), Phase::Ok);
+        run.ledger.extend(order_ledger("o-2", "tx-2", 2_100, Outcome::Refused));
+        run.finals.push(failed(
+            "order/o-2",
+            &o2,
+            "error",
+            "logistics rejected the call: cannot ship product fail-ship-7",
+        ));
+
+        // Acknowledged twice (a retried start), shipped during the kill of node 2.
+        let o3 = order_input("o-3", &["p-1"]);
+        run.op(9_500, start("order", "o-3", &o3), Phase::Ok);
+        run.op(9_600, start("order", "o-3", &o3), Phase::Ok);
+        run.ledger.extend(order_ledger("o-3", "tx-3", 9_900, Outcome::Unknown));
+        run.finals.push(failed("order/o-3", &o3, EFFECT_OUTCOME_UNKNOWN, SHIP_UNKNOWN));
+        run.faults.push(FaultRecord {
+            id: 1,
+            start_ms: 9_000,
+            end_ms: None,
+            kind: FaultKind::Kill { node: 2 },
+        });
+        run.faults.push(FaultRecord {
+            id: 1,
+            start_ms: 9_000,
+            end_ms: Some(12_000),
+            kind: FaultKind::Kill { node: 2 },
+        });
+
+        // Its outcome unknown, and it did not happen: no obligation.
+        run.op(13_000, start("order", "o-4", &order_input("o-4", &["p-1"])), Phase::Info);
+
+        let s1 = serde_json::json!({ "customer_id": "s-1", "email": "s-1@example.org" }).to_string();
+        run.op(3_000, start("signup", "s-1", &s1), Phase::Ok);
+        // Acknowledged, then delivered again (through another node): one message.
+        run.op(3_100, send("s-1", "verify-s-1-0"), Phase::Ok);
+        run.op(3_200, send("s-1", "verify-s-1-0"), Phase::Ok);
+        // Its outcome unknown, and it did arrive.
+        run.op(3_300, send("s-1", "verify-s-1-1"), Phase::Info);
+        let mut s1_final = final_flow("signup/s-1", "succeeded", &s1);
+        s1_final.messages = vec![message("verify-s-1-0"), message("verify-s-1-1")];
+        run.finals.push(s1_final);
+        run
+    }
+
+    /// Asserts that `report` has exactly one violation, in `name`, and that it mentions every
+    /// one of `needles`.
+    fn assert_only(report: &CheckReport, name: &str, needles: &[&str]) {
+        assert!(!report.passed(), "{}", report.summary());
+        for inv in &report.invariants {
+            if inv.name == name {
+                assert_eq!(inv.violations.len(), 1, "{}", report.summary());
+                for needle in needles {
+                    assert!(inv.violations[0].contains(needle), "{needle:?} not in {:?}", inv.violations[0]);
+                }
+            } else {
+                assert!(inv.violations.is_empty(), "{}", report.summary());
+            }
+        }
+        assert!(report.invariant(name).is_some(), "no invariant {name}");
+    }
+
+    #[test]
+    fn clean_run_passes() {
+        let report = clean().check();
+        assert!(report.passed(), "{}", report.summary());
+        assert_eq!(report.invariants.len(), 7);
+        for inv in &report.invariants {
+            assert!(inv.checked > 0, "{} checked nothing", inv.name);
+            assert!(inv.violations.is_empty());
+        }
+        let required: Vec<&str> = report.invariants.iter().filter(|i| i.required).map(|i| i.name).collect();
+        assert_eq!(required, ["acknowledged_starts_kept", "terminal_after_heal", "order_effects_once"]);
+        // Four acknowledged starts of three orders and a signup; four flows in the end.
+        assert_eq!(report.invariant("acknowledged_starts_kept").unwrap().checked, 4);
+        assert_eq!(report.invariant("input_kept").unwrap().checked, 5);
+        assert_eq!(report.invariant("terminal_after_heal").unwrap().checked, 4);
+        assert_eq!(report.invariant("no_refund_of_unknown_shipment").unwrap().checked, 1);
+        assert_eq!(report.invariant("unknown_outcome_in_fault_window").unwrap().checked, 1);
+        // Two keys in the signup's messages, one acknowledged key.
+        assert_eq!(report.invariant("messages_once_per_key").unwrap().checked, 3);
+        assert_eq!(report.summary().lines().count(), 7);
+    }
+
+    #[test]
+    fn a_run_with_no_operations_does_not_pass() {
+        let report = check(&[], &[], &[], &[], &CheckOptions::default());
+        assert!(!report.passed(), "{}", report.summary());
+        assert!(report.invariants.iter().all(|i| i.checked == 0 && i.violations.is_empty()));
+        assert!(report.summary().contains("nothing checked"), "{}", report.summary());
+    }
+
+    #[test]
+    fn optional_invariants_may_check_nothing() {
+        let mut run = clean();
+        // Only the shipped order and no messages: the optional invariants about unknown
+        // shipments and messages check nothing, and the run still passes.
+        run.finals.retain(|f| f.flow == "order/o-1");
+        run.history.retain(|r| r.op.flow() == "order/o-1");
+        let report = run.check();
+        assert!(report.passed(), "{}", report.summary());
+        assert_eq!(report.invariant("unknown_outcome_in_fault_window").unwrap().checked, 0);
+        assert_eq!(report.invariant("messages_once_per_key").unwrap().checked, 0);
+    }
+
+    #[test]
+    fn an_acknowledged_start_missing_is_caught() {
+        let mut run = clean();
+        run.finals.retain(|f| f.flow != "order/o-1");
+        assert_only(&run.check(), "acknowledged_starts_kept", &["order/o-1", "not in the final state"]);
+    }
+
+    #[test]
+    fn a_changed_input_is_caught() {
+        let mut run = clean();
+        run.last("order/o-1").input = order_input("o-1", &["p-1", "p-3"]);
+        assert_only(&run.check(), "input_kept", &["order/o-1", "p-2", "p-3"]);
+    }
+
+    #[test]
+    fn a_flow_left_running_is_caught() {
+        let mut run = clean();
+        run.last("signup/s-1").status = "running".into();
+        assert_only(&run.check(), "terminal_after_heal", &["signup/s-1", "running"]);
+    }
+
+    #[test]
+    fn an_order_shipped_twice_is_caught() {
+        let mut run = clean();
+        run.ledger.push(entry("logistics", "ship", "o-1", "o-1", 5_000));
+        assert_only(&run.check(), "order_effects_once", &["order/o-1", "shipped 2 times"]);
+    }
+
+    #[test]
+    fn a_succeeded_order_never_captured_is_caught() {
+        let mut run = clean();
+        run.ledger.retain(|e| !(e.flow == "order/o-1" && e.op == "capture"));
+        assert_only(&run.check(), "order_effects_once", &["order/o-1", "captured for transactions {}"]);
+    }
+
+    #[test]
+    fn a_capture_retried_with_the_same_transaction_is_one_capture() {
+        let mut run = clean();
+        run.ledger.push(entry("payment", "capture", "o-1", "tx-1", 1_250));
+        assert!(run.check().passed(), "{}", run.check().summary());
+        // Under another transaction id it is a second payment.
+        run.ledger.push(entry("payment", "capture", "o-1", "tx-9", 1_260));
+        let report = run.check();
+        let inv = report.invariant("order_effects_once").unwrap();
+        assert!(inv.violations.iter().any(|v| v.contains("2 transaction ids")), "{}", report.summary());
+    }
+
+    #[test]
+    fn a_failure_the_order_flow_cannot_produce_is_caught() {
+        let mut run = clean();
+        run.last("order/o-1").status = "failed".into();
+        run.last("order/o-1").error_kind = Some("panic".into());
+        run.last("order/o-1").error = Some("boom".into());
+        let report = run.check();
+        let inv = report.invariant("order_effects_once").unwrap();
+        assert!(
+            inv.violations.iter().any(|v| v.contains("order/o-1") && v.contains("\"panic\"")),
+            "{}",
+            report.summary()
+        );
+
+        // effect_outcome_unknown on a step other than ship.
+        let mut run = clean();
+        run.last("order/o-3").error =
+            Some("effect \"capture\" was started but its outcome was not recorded".into());
+        assert_only(&run.check(), "order_effects_once", &["order/o-3", "effect_outcome_unknown"]);
+
+        // logistics' "no" for an order without a fail-ship product.
+        let mut run = clean();
+        let input = order_input("o-2", &["p-1"]);
+        run.last("order/o-2").input = input.clone();
+        for r in &mut run.history {
+            if let Op::Start { instance, input: i, .. } = &mut r.op {
+                if instance == "o-2" {
+                    *i = input.clone();
+                }
+            }
+        }
+        assert_only(&run.check(), "order_effects_once", &["order/o-2", "logistics rejected"]);
+    }
+
+    #[test]
+    fn a_refund_of_an_unknown_shipment_is_caught() {
+        let mut run = clean();
+        run.ledger.push(entry("payment", "cancel", "o-3", "tx-3", 10_500));
+        assert_only(&run.check(), "no_refund_of_unknown_shipment", &["order/o-3", "refunded"]);
+    }
+
+    #[test]
+    fn an_unknown_outcome_outside_every_fault_window_is_caught() {
+        let mut run = clean();
+        for e in &mut run.ledger {
+            if e.flow == "order/o-3" {
+                e.ts_ms += 90_000;
+            }
+        }
+        assert_only(&run.check(), "unknown_outcome_in_fault_window", &["order/o-3", "[100000]"]);
+
+        // Within the slack after the end: fine; an unhealed fault lasts forever.
+        let mut run = clean();
+        run.ledger.iter_mut().filter(|e| e.flow == "order/o-3").for_each(|e| e.ts_ms = 16_900);
+        assert!(run.check().passed(), "{}", run.check().summary());
+        run.ledger.iter_mut().filter(|e| e.flow == "order/o-3").for_each(|e| e.ts_ms = 100_000);
+        run.faults.retain(|f| f.end_ms.is_none());
+        assert!(run.check().passed(), "{}", run.check().summary());
+    }
+
+    #[test]
+    fn an_unknown_outcome_without_a_ship_entry_uses_the_last_entry() {
+        let mut run = clean();
+        run.ledger.retain(|e| !(e.flow == "order/o-3" && e.op == "ship"));
+        assert!(run.check().passed(), "{}", run.check().summary());
+        run.ledger.iter_mut().filter(|e| e.flow == "order/o-3").for_each(|e| e.ts_ms = 50_000);
+        assert_only(&run.check(), "unknown_outcome_in_fault_window", &["order/o-3", "last ledger entry"]);
+    }
+
+    #[test]
+    fn a_message_key_twice_is_caught() {
+        let mut run = clean();
+        run.last("signup/s-1").messages.push(message("verify-s-1-1"));
+        assert_only(&run.check(), "messages_once_per_key", &["signup/s-1", "verify-s-1-1", "2 times"]);
+    }
+
+    #[test]
+    fn an_acknowledged_send_missing_is_caught() {
+        let mut run = clean();
+        run.last("signup/s-1").messages.retain(|(_, p)| !p.contains("verify-s-1-0"));
+        assert_only(&run.check(), "messages_once_per_key", &["signup/s-1", "verify-s-1-0", "0 time(s)"]);
+    }
+
+    #[test]
+    fn check_dir_reads_a_run_directory() {
+        let run = clean();
+        let dir = std::env::temp_dir().join(format!("fetter-chaos-checker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        fn write<T: serde::Serialize>(path: &std::path::Path, records: &[T]) {
+            let text: String = records.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
+            std::fs::write(path, text).unwrap();
+        }
+        write(&dir.join(history::HISTORY), &run.history);
+        write(&dir.join(history::FAULTS), &run.faults);
+        write(&dir.join(history::LEDGER), &run.ledger);
+        write(&dir.join(history::FINAL), &run.finals);
+        let (h, f, l, fin) = load(&dir).unwrap();
+        assert_eq!((h.len(), f.len(), l.len(), fin.len()), (run.history.len(), 2, run.ledger.len(), 4));
+        let report = check_dir(&dir, &CheckOptions::default()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(report.passed(), "{}", report.summary());
+        assert_eq!(report, run.check());
+    }
+}

@@ -1,0 +1,86 @@
+//! Network faults made by the kernel: the harness runs in a private network namespace of its
+//! own (`unshare --net`), where every node has its own loopback address (`127.0.1.N`) and sends
+//! from it, and nftables rules in that namespace drop the traffic between chosen addresses.
+//! The namespace, its rules and every process in it go away with the harness, whatever way it
+//! ends.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Set in the environment of the harness once it runs inside its own namespace.
+pub const IN_NAMESPACE: &str = "FETTER_CHAOS_NETNS";
+
+/// The nftables table of the harness.
+const TABLE: &str = "fetter_chaos";
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program} (is it installed?)"))?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Whether this process runs as root (network namespaces and nftables need it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1).map(|uid| uid == "0"))
+            .unwrap_or(false)
+    })
+}
+
+/// Runs this program again, with the same arguments, in a new network namespace, and returns
+/// its exit code. The child sees [`IN_NAMESPACE`] set.
+pub fn reexec_in_namespace() -> Result<i32> {
+    if !is_root() {
+        bail!("network partitions need root (a private network namespace and nftables); run as root or pass --no-partitions");
+    }
+    let exe = std::env::current_exe().context("cannot find this program")?;
+    let status = Command::new("unshare")
+        .arg("--net")
+        .arg("--")
+        .arg(exe)
+        .args(std::env::args_os().skip(1))
+        .env(IN_NAMESPACE, "1")
+        .status()
+        .context("cannot run unshare (util-linux)")?;
+    Ok(status.code().unwrap_or(1))
+}
+
+/// Inside the namespace: brings loopback up and creates the harness's empty rule set.
+pub fn setup() -> Result<()> {
+    run("ip", &["link", "set", "lo", "up"])?;
+    run("nft", &["add", "table", "inet", TABLE])?;
+    run(
+        "nft",
+        &["add", "chain", "inet", TABLE, "cut", "{ type filter hook output priority 0 ; policy accept ; }"],
+    )?;
+    Ok(())
+}
+
+/// Drops every packet from an address of `a` to one of `b` and, unless `one_way`, back.
+pub fn cut(a: &[String], b: &[String], one_way: bool) -> Result<()> {
+    for x in a {
+        for y in b {
+            run("nft", &["add", "rule", "inet", TABLE, "cut", "ip", "saddr", x, "ip", "daddr", y, "drop"])?;
+            if !one_way {
+                run(
+                    "nft",
+                    &["add", "rule", "inet", TABLE, "cut", "ip", "saddr", y, "ip", "daddr", x, "drop"],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes every cut.
+pub fn heal() -> Result<()> {
+    run("nft", &["flush", "chain", "inet", TABLE, "cut"])
+}

@@ -1,0 +1,452 @@
+//! One chaos run: a cluster of node processes (this program's `node` command: the `shop`
+//! application with its fake services writing the run's ledger), a workload through the public
+//! API recorded as a history, the seeded faults, the final heal, the final state, the checker
+//! and the report.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use fetter::client::ClientError;
+use fetter::local::{LocalCluster, Signal};
+use fetter::Client;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::history::{self, FaultKind, FaultRecord, FinalFlow, Op, OpRecord, Phase, Recorder};
+use crate::net;
+use crate::schedule::{self, Planned, Profile, Target};
+
+/// Shards of the run's cluster.
+const SHARDS: u32 = 6;
+/// Client tasks of the workload.
+const WORKERS: u32 = 8;
+/// Bound on every wait of the harness (readiness, the final state).
+const WAIT: Duration = Duration::from_secs(180);
+/// One client call's budget, retries across nodes included.
+const CALL: Duration = Duration::from_secs(10);
+
+/// What `run` was asked for.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Nodes (3 or 5).
+    pub nodes: u64,
+    /// The seed of the fault schedule and the workload.
+    pub seed: u64,
+    /// How long faults are injected.
+    pub duration: Duration,
+    /// Kernel partitions (needs root and a private network namespace).
+    pub partitions: bool,
+    /// The run directory.
+    pub out: PathBuf,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The cluster of one run and what its faults need.
+struct Cluster {
+    local: LocalCluster,
+    partitions: bool,
+}
+
+impl Cluster {
+    fn ips(&self, ids: &[u64]) -> Vec<String> {
+        ids.iter().map(|id| self.local.ip(*id)).collect()
+    }
+
+    async fn busiest_leader(&self) -> Option<u64> {
+        let client = self.local.client().ok()?.with_timeout(Duration::from_secs(3));
+        let status = client.cluster_status().await.ok()?;
+        status.leaders_per_node().into_iter().max_by_key(|(_, n)| *n).map(|(id, _)| id)
+    }
+
+    async fn resolve(&self, target: Target) -> u64 {
+        match target {
+            Target::Node(n) => n,
+            Target::BusiestLeader => self.busiest_leader().await.unwrap_or(1),
+        }
+    }
+
+    /// Starts `planned` on `node`; returns what to record.
+    async fn inject(&mut self, planned: &Planned, node: u64) -> Result<FaultKind> {
+        let e = |e: String| anyhow!(e);
+        Ok(match planned {
+            Planned::Kill { .. } => {
+                self.local.kill(node).await.map_err(e)?;
+                FaultKind::Kill { node }
+            }
+            Planned::Pause { .. } => {
+                self.local.signal(node, Signal::Stop).map_err(e)?;
+                FaultKind::Pause { node }
+            }
+            Planned::Terminate { .. } => {
+                // Not waited for here: a graceful stop hands leadership over while the run goes on.
+                self.local.signal(node, Signal::Term).map_err(e)?;
+                FaultKind::Terminate { node }
+            }
+            Planned::Isolate { one_way, .. } => {
+                let others: Vec<u64> = self.local.ids().into_iter().filter(|id| *id != node).collect();
+                net::cut(&self.ips(&[node]), &self.ips(&others), *one_way)?;
+                FaultKind::Partition { a: vec![node], b: others, one_way: *one_way }
+            }
+            Planned::Double { .. } => bail!("a double fault is injected as its two parts"),
+        })
+    }
+
+    /// Ends `kind`.
+    async fn heal(&mut self, kind: &FaultKind) -> Result<()> {
+        let e = |e: String| anyhow!(e);
+        match kind {
+            FaultKind::Kill { node } => self.local.start(*node).await.map_err(e)?,
+            FaultKind::Pause { node } => self.local.signal(*node, Signal::Cont).map_err(e)?,
+            FaultKind::Terminate { node } => {
+                let (exited, _) =
+                    self.local.terminate(*node, Duration::from_secs(20)).await.unwrap_or((false, None));
+                if !exited {
+                    eprintln!("node {node} did not stop within 20 s of SIGTERM; killed");
+                }
+                self.local.start(*node).await.map_err(e)?;
+            }
+            FaultKind::Partition { .. } => net::heal()?,
+        }
+        Ok(())
+    }
+
+    /// Every node running and connected.
+    async fn heal_all(&mut self) -> Result<()> {
+        if self.partitions {
+            net::heal()?;
+        }
+        for id in self.local.ids() {
+            let _ = self.local.signal(id, Signal::Cont);
+            if !self.local.is_running(id) {
+                self.local.start(id).await.map_err(|e| anyhow!(e))?;
+            }
+        }
+        self.local.wait_ready(WAIT).await.map_err(|e| anyhow!(e))
+    }
+}
+
+/// Runs the faults of the schedule until it ends or `stop` is set.
+async fn faults(
+    cluster: &mut Cluster,
+    steps: Vec<schedule::Step>,
+    rec: Recorder,
+    stop: Arc<AtomicBool>,
+) -> Result<u64> {
+    let mut n = 0;
+    for step in steps {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(step.gap).await;
+        let parts: Vec<&Planned> = match &step.fault {
+            Planned::Double { first, second } => vec![first.as_ref(), second.as_ref()],
+            other => vec![other],
+        };
+        let mut active = Vec::new();
+        for planned in parts {
+            let target = match planned {
+                Planned::Kill { target }
+                | Planned::Pause { target }
+                | Planned::Terminate { target }
+                | Planned::Isolate { target, .. } => *target,
+                Planned::Double { .. } => continue,
+            };
+            let node = cluster.resolve(target).await;
+            if !cluster.local.is_running(node) {
+                continue;
+            }
+            let start_ms = now_ms();
+            let kind = cluster.inject(planned, node).await?;
+            n += 1;
+            let record = FaultRecord { id: n, start_ms, end_ms: None, kind: kind.clone() };
+            rec.record(&record)?;
+            println!("fault {n}: {}", serde_json::to_string(&record.kind)?);
+            active.push(record);
+        }
+        tokio::time::sleep(step.down).await;
+        for mut record in active {
+            cluster.heal(&record.kind).await?;
+            record.end_ms = Some(now_ms());
+            rec.record(&record)?;
+        }
+        rec.flush()?;
+    }
+    Ok(n)
+}
+
+/// Whether a client error means the operation certainly did not take effect.
+fn definite(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::InvalidArgument(_)
+            | ClientError::NotFound(_)
+            | ClientError::AlreadyExists(_)
+            | ClientError::FailedPrecondition(_)
+            | ClientError::Json(_)
+    )
+}
+
+/// One client task: starts orders and signups and verifies some signups (with duplicate
+/// deliveries through different nodes), one operation at a time.
+async fn worker(
+    process: u32,
+    seed: u64,
+    clients: Vec<(u64, Client)>,
+    rec: Recorder,
+    ids: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Result<u64> {
+    let mut rng = StdRng::seed_from_u64(seed ^ (u64::from(process) << 32));
+    let mut signups: Vec<String> = Vec::new();
+    let mut done = 0;
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let (node, client) = &clients[rng.random_range(0..clients.len())];
+        let op = if !signups.is_empty() && rng.random_bool(0.3) {
+            let instance = signups[rng.random_range(0..signups.len())].clone();
+            let key = format!("verify-{instance}-{}", rng.random_range(0..2));
+            Op::Send {
+                flow_type: "signup".into(),
+                instance,
+                message_type: "EmailVerified".into(),
+                payload: serde_json::json!({ "key": key }).to_string(),
+                key,
+            }
+        } else if rng.random_bool(0.2) {
+            let instance = format!("s-{process}-{n}");
+            signups.push(instance.clone());
+            let input = serde_json::json!({
+                "customer_id": instance,
+                "email": format!("{instance}@example.org"),
+                "reminder_interval_ms": 2_000,
+            });
+            Op::Start { flow_type: "signup".into(), instance, input: input.to_string() }
+        } else {
+            let instance = format!("o-{process}-{n}");
+            let input = serde_json::json!({
+                "order_id": instance,
+                "customer_id": format!("c-{}", n % 17),
+                "total_cents": 1_000 + n,
+                "products": ["p-1", "p-2"],
+            });
+            Op::Start { flow_type: "order".into(), instance, input: input.to_string() }
+        };
+        let id = ids.fetch_add(1, Ordering::SeqCst);
+        let record = |phase: Phase, error: Option<String>| OpRecord {
+            id,
+            t_ms: now_ms(),
+            process,
+            node: *node,
+            phase,
+            op: op.clone(),
+            error,
+        };
+        rec.record(&record(Phase::Invoke, None))?;
+        let result = match &op {
+            Op::Start { flow_type, instance, input } => {
+                client.start_flow(flow_type, instance, input, false, None).await.map(|_| ())
+            }
+            Op::Send { flow_type, instance, message_type, key, payload } => client
+                .send_message(flow_type, instance, message_type, payload, Some(key.clone()))
+                .await
+                .map(|_| ()),
+        };
+        match result {
+            Ok(()) => {
+                rec.record(&record(Phase::Ok, None))?;
+                done += 1;
+            }
+            Err(e) if definite(&e) => rec.record(&record(Phase::Fail, Some(e.to_string())))?,
+            Err(e) => rec.record(&record(Phase::Info, Some(e.to_string())))?,
+        }
+        // A duplicate delivery of a message, through another node, now and then.
+        if let Op::Send { flow_type, instance, message_type, key, payload } = &op {
+            if rng.random_bool(0.3) {
+                let (dup_node, dup) = &clients[rng.random_range(0..clients.len())];
+                let id = ids.fetch_add(1, Ordering::SeqCst);
+                let dup_record = |phase: Phase, error: Option<String>| OpRecord {
+                    id,
+                    t_ms: now_ms(),
+                    process,
+                    node: *dup_node,
+                    phase,
+                    op: op.clone(),
+                    error,
+                };
+                rec.record(&dup_record(Phase::Invoke, None))?;
+                match dup.send_message(flow_type, instance, message_type, payload, Some(key.clone())).await {
+                    Ok(_) => rec.record(&dup_record(Phase::Ok, None))?,
+                    Err(e) if definite(&e) => rec.record(&dup_record(Phase::Fail, Some(e.to_string())))?,
+                    Err(e) => rec.record(&dup_record(Phase::Info, Some(e.to_string())))?,
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(5..40))).await;
+    }
+    Ok(done)
+}
+
+fn terminal(status: &str) -> bool {
+    matches!(status, "succeeded" | "failed" | "cancelled")
+}
+
+/// Every flow, read once all are terminal (or the wait ran out: then as they are).
+async fn final_state(client: &Client, wanted: usize) -> Result<Vec<FinalFlow>> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = client.list_flows(None, None, 1_000, cursor.as_deref()).await?;
+            all.extend(page.flows);
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        let open = all.iter().filter(|f| !terminal(&f.status)).count();
+        if (open == 0 && all.len() >= wanted) || Instant::now() > deadline {
+            if open > 0 {
+                println!("{open} of {} flows not terminal {:?} after the final heal", all.len(), WAIT);
+            }
+            let mut out = Vec::with_capacity(all.len());
+            for f in all {
+                let flow = client.get_flow(&f.flow_type, &f.instance).await?;
+                out.push(FinalFlow {
+                    flow: format!("{}/{}", flow.flow_type, flow.instance),
+                    status: flow.status.clone(),
+                    error_kind: flow.error_kind.clone(),
+                    error: flow.error.clone(),
+                    input: flow.input_json.clone(),
+                    messages: flow
+                        .events
+                        .iter()
+                        .filter(|e| e.kind == "message")
+                        .map(|e| (e.name.clone(), e.payload_json.clone()))
+                        .collect(),
+                });
+            }
+            return Ok(out);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Runs one chaos run into `opts.out`; returns whether the checker passed.
+pub async fn run(opts: RunOptions) -> Result<bool> {
+    if opts.nodes == 0 || opts.nodes > 9 {
+        bail!("--nodes must be 1 to 9");
+    }
+    if opts.partitions {
+        net::setup()?;
+    }
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let out = opts.out.canonicalize()?;
+    println!(
+        "chaos run: seed {}, {} nodes, {:?} of faults, partitions {}, into {}",
+        opts.seed,
+        opts.nodes,
+        opts.duration,
+        opts.partitions,
+        out.display()
+    );
+    let exe = std::env::current_exe().context("cannot find this program")?;
+    let ledger = out.join(history::LEDGER);
+    let _ = std::fs::remove_file(&ledger);
+    let cluster_dir = out.join("cluster");
+    let _ = std::fs::remove_dir_all(&cluster_dir);
+    let mut local =
+        LocalCluster::new(&exe, &cluster_dir, opts.nodes).shards(SHARDS).timing("relaxed").node_args(vec![
+            "--ledger".into(),
+            ledger.display().to_string(),
+            "--service-latency-ms".into(),
+            "20".into(),
+        ]);
+    if opts.partitions {
+        local = local.own_addresses(true);
+    } else {
+        local = local.base_port(free_base_port(opts.nodes)?);
+    }
+    local.start_all().await.map_err(|e| anyhow!(e))?;
+    let mut cluster = Cluster { local, partitions: opts.partitions };
+    if let Err(e) = cluster.local.wait_ready(WAIT).await {
+        cluster.local.stop_all().await;
+        bail!("the cluster did not get ready: {e}");
+    }
+    let result = drive(&mut cluster, &opts, &out).await;
+    cluster.local.stop_all().await;
+    result
+}
+
+fn free_base_port(nodes: u64) -> Result<u16> {
+    for _ in 0..200 {
+        let base: u16 = rand::random_range(20_000..60_000);
+        if (0..nodes as u16).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return Ok(base);
+        }
+    }
+    bail!("no free ports")
+}
+
+async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<bool> {
+    let history_rec = Recorder::create(&out.join(history::HISTORY))?;
+    let fault_rec = Recorder::create(&out.join(history::FAULTS))?;
+    let clients: Vec<(u64, Client)> = cluster
+        .local
+        .ids()
+        .into_iter()
+        .map(|id| Ok((id, Client::connect([cluster.local.addr(id)])?.with_timeout(CALL))))
+        .collect::<Result<_>>()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ids = Arc::new(AtomicU64::new(1));
+    let mut workers = tokio::task::JoinSet::new();
+    for process in 0..WORKERS {
+        workers.spawn(worker(
+            process,
+            opts.seed,
+            clients.clone(),
+            history_rec.clone(),
+            ids.clone(),
+            stop.clone(),
+        ));
+    }
+    let profile = Profile { duration: opts.duration, nodes: opts.nodes, partitions: opts.partitions };
+    let steps = schedule::plan(opts.seed, profile);
+    let started = Instant::now();
+    let injected = faults(cluster, steps, fault_rec.clone(), stop.clone()).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut ok_ops = 0;
+    while let Some(done) = workers.join_next().await {
+        ok_ops += done??;
+    }
+    let injected = injected?;
+    history_rec.flush()?;
+    fault_rec.flush()?;
+    println!(
+        "{injected} faults in {:.0} s; {ok_ops} operations acknowledged; healing",
+        started.elapsed().as_secs_f64()
+    );
+    cluster.heal_all().await?;
+    let client = cluster.local.client().map_err(|e| anyhow!(e))?.with_timeout(CALL);
+    let starts: usize = history::read_lines::<OpRecord>(&out.join(history::HISTORY))?
+        .iter()
+        .filter(|r| r.phase == Phase::Ok && matches!(r.op, Op::Start { .. }))
+        .count();
+    let finals = final_state(&client, starts).await?;
+    let final_rec = Recorder::create(&out.join(history::FINAL))?;
+    for f in &finals {
+        final_rec.record(f)?;
+    }
+    final_rec.flush()?;
+    let report = crate::checker::check_dir(out, &crate::checker::CheckOptions::default())?;
+    crate::report::write(out, opts.seed, &report)?;
+    println!("{}", report.summary());
+    Ok(report.passed())
+}

@@ -1,0 +1,159 @@
+//! The seeded fault schedule: the same seed and profile give the same faults, in the same order,
+//! at the same offsets from the start of the fault phase.
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// How a planned fault picks its node(s) when it starts (leaders move, so the schedule names a
+/// role, and the harness resolves it against the cluster then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// The node leading the most shards.
+    BusiestLeader,
+    /// Node `n` (1-based).
+    Node(u64),
+}
+
+/// One planned fault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Planned {
+    /// `kill -9`, restart after `down`.
+    Kill {
+        /// Which node.
+        target: Target,
+    },
+    /// SIGSTOP, SIGCONT after `down` (past the election timeout: a zombie leader).
+    Pause {
+        /// Which node.
+        target: Target,
+    },
+    /// SIGTERM (a graceful stop), restart after `down`.
+    Terminate {
+        /// Which node.
+        target: Target,
+    },
+    /// Cut the network around one node (both ways, or only its outgoing traffic).
+    Isolate {
+        /// Which node.
+        target: Target,
+        /// Only the node's outgoing packets are dropped.
+        one_way: bool,
+    },
+    /// Two faults at once on two different nodes: the majority is lost for `down`.
+    Double {
+        /// The first node's fault.
+        first: Box<Planned>,
+        /// The second node's fault.
+        second: Box<Planned>,
+    },
+}
+
+/// A fault at an offset of the fault phase, lasting `down`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Pause before the fault, after the previous one healed.
+    pub gap: Duration,
+    /// How long the fault lasts.
+    pub down: Duration,
+    /// The fault.
+    pub fault: Planned,
+}
+
+/// A profile's fault rate and duration.
+#[derive(Debug, Clone, Copy)]
+pub struct Profile {
+    /// How long the fault phase runs.
+    pub duration: Duration,
+    /// Nodes in the cluster.
+    pub nodes: u64,
+    /// Whether kernel partitions are available (a private network namespace as root).
+    pub partitions: bool,
+}
+
+fn one(rng: &mut StdRng, nodes: u64, partitions: bool) -> Planned {
+    let target =
+        if rng.random_bool(0.5) { Target::BusiestLeader } else { Target::Node(rng.random_range(1..=nodes)) };
+    let kinds = if partitions { 5 } else { 3 };
+    match rng.random_range(0..kinds) {
+        0 => Planned::Kill { target },
+        1 => Planned::Pause { target },
+        2 => Planned::Terminate { target },
+        3 => Planned::Isolate { target, one_way: false },
+        _ => Planned::Isolate { target, one_way: rng.random_bool(0.3) },
+    }
+}
+
+/// The schedule of `profile` for `seed`: faults one after the other, each lasting 1–6 s after a
+/// gap of 0.5–3 s; one in eight is a double fault on two nodes (the majority lost).
+pub fn plan(seed: u64, profile: Profile) -> Vec<Step> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut steps = Vec::new();
+    let mut at = Duration::ZERO;
+    while at < profile.duration {
+        let gap = Duration::from_millis(rng.random_range(500..3_000));
+        let down = Duration::from_millis(rng.random_range(1_000..6_000));
+        let fault = if profile.nodes >= 3 && rng.random_bool(0.125) {
+            let a = rng.random_range(1..=profile.nodes);
+            let b = (a % profile.nodes) + 1;
+            let pick = |rng: &mut StdRng, n: u64| match one(rng, profile.nodes, profile.partitions) {
+                Planned::Kill { .. } => Planned::Kill { target: Target::Node(n) },
+                Planned::Pause { .. } => Planned::Pause { target: Target::Node(n) },
+                Planned::Terminate { .. } => Planned::Terminate { target: Target::Node(n) },
+                Planned::Isolate { one_way, .. } => Planned::Isolate { target: Target::Node(n), one_way },
+                Planned::Double { .. } => Planned::Kill { target: Target::Node(n) },
+            };
+            let first = pick(&mut rng, a);
+            let second = pick(&mut rng, b);
+            Planned::Double { first: Box::new(first), second: Box::new(second) }
+        } else {
+            one(&mut rng, profile.nodes, profile.partitions)
+        };
+        at += gap + down;
+        steps.push(Step { gap, down, fault });
+    }
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(partitions: bool) -> Profile {
+        Profile { duration: Duration::from_secs(180), nodes: 3, partitions }
+    }
+
+    #[test]
+    fn the_same_seed_plans_the_same_faults_and_another_seed_others() {
+        assert_eq!(plan(42, profile(true)), plan(42, profile(true)));
+        assert_ne!(plan(42, profile(true)), plan(43, profile(true)));
+    }
+
+    #[test]
+    fn a_ci_run_plans_enough_faults_of_every_kind() {
+        for seed in 0..20 {
+            let steps = plan(seed, profile(true));
+            let flat: Vec<&Planned> = steps
+                .iter()
+                .flat_map(|s| match &s.fault {
+                    Planned::Double { first, second } => vec![first.as_ref(), second.as_ref()],
+                    other => vec![other],
+                })
+                .collect();
+            let count = |f: fn(&Planned) -> bool| flat.iter().filter(|p| f(p)).count();
+            assert!(flat.len() >= 30, "seed {seed}: {} faults", flat.len());
+            assert!(count(|p| matches!(p, Planned::Isolate { .. })) >= 3, "seed {seed}: partitions");
+            assert!(count(|p| matches!(p, Planned::Pause { .. })) >= 2, "seed {seed}: pauses");
+        }
+    }
+
+    #[test]
+    fn without_partitions_none_is_planned() {
+        let steps = plan(7, profile(false));
+        assert!(steps.iter().all(|s| !matches!(s.fault, Planned::Isolate { .. })));
+    }
+}
