@@ -25,7 +25,9 @@ use anyhow::Result;
 use fetter_examples::ledger::LedgerEntry;
 use serde_json::Value;
 
-use crate::history::{self, FaultRecord, FinalFlow, Op, OpRecord, Phase};
+use fetter_examples::fakes::Email;
+
+use crate::history::{self, DigestRecord, FaultRecord, FinalFlow, Op, OpRecord, Phase};
 
 /// How many violations of one invariant [`CheckReport::summary`] shows.
 const SUMMARY_VIOLATIONS: usize = 3;
@@ -155,10 +157,92 @@ pub fn load(dir: &Path) -> Result<RunFiles> {
     ))
 }
 
-/// Loads the run directory `dir` and [`check`]s it.
+/// Loads the run directory `dir` and [`check`]s it, with [`check_replicas`] over its digests.
 pub fn check_dir(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     let (history, faults, ledger, finals) = load(dir)?;
-    Ok(check(&history, &faults, &ledger, &finals, opts))
+    let mut report = check(&history, &faults, &ledger, &finals, opts);
+    report.invariants.push(check_timers_not_early(&ledger, &finals));
+    let digests: Vec<DigestRecord> = history::read_lines(&dir.join(history::DIGESTS))?;
+    report.invariants.push(check_replicas(&digests));
+    Ok(report)
+}
+
+/// `timers_not_early` (optional): a signup's first reminder comes at least its reminder
+/// interval after its first activation mail. The reminder is sent when the timer `verify-0`
+/// fires, and that timer is armed (deadline: now + interval) only after the activation mail's
+/// effect completed, which is after the mail's first call; so a first reminder earlier than
+/// that means a timer fired before its deadline. (Later reminders cannot be told apart in the
+/// ledger: they share one key, and an at-least-once mail may be sent again after a crash.)
+pub fn check_timers_not_early(ledger: &[LedgerEntry], finals: &[FinalFlow]) -> Invariant {
+    let mut inv = Invariant::new("timers_not_early", false);
+    let mut mails: BTreeMap<&str, Vec<&LedgerEntry>> = BTreeMap::new();
+    for e in ledger.iter().filter(|e| e.service == Email::SERVICE && e.op == Email::SEND) {
+        mails.entry(e.flow.as_str()).or_default().push(e);
+    }
+    for f in finals.iter().filter(|f| f.flow.starts_with("signup/")) {
+        let Ok(input) = serde_json::from_str::<Value>(&f.input) else { continue };
+        let (Some(customer), Some(interval)) = (
+            input.get("customer_id").and_then(Value::as_str),
+            input.get("reminder_interval_ms").and_then(Value::as_u64),
+        ) else {
+            continue;
+        };
+        let entries = mails.get(f.flow.as_str()).map(Vec::as_slice).unwrap_or_default();
+        let first = |template: &str| {
+            let key = Email::key_of(template, customer);
+            entries.iter().filter(|e| e.key == key).map(|e| e.ts_ms).min()
+        };
+        let (Some(activation), Some(reminder)) = (first(Email::ACTIVATION), first(Email::REMINDER)) else {
+            continue;
+        };
+        inv.check(reminder >= activation + interval, || {
+            format!(
+                "{}: first reminder {} ms after the activation mail, before the {interval} ms interval",
+                f.flow,
+                reminder.saturating_sub(activation)
+            )
+        });
+    }
+    inv
+}
+
+/// `replicas_agree` (required): after the final heal, every shard's replicas report the same
+/// applied index, each read while nothing was applied, and the same digest of their state.
+pub fn check_replicas(digests: &[DigestRecord]) -> Invariant {
+    let mut inv = Invariant::new("replicas_agree", true);
+    let mut by_shard: BTreeMap<u32, Vec<&DigestRecord>> = BTreeMap::new();
+    for d in digests {
+        by_shard.entry(d.shard).or_default().push(d);
+    }
+    for (shard, replicas) in by_shard {
+        let Some(first) = replicas.first() else { continue };
+        let describe = || {
+            replicas
+                .iter()
+                .map(|d| {
+                    format!(
+                        "n{}@{}{}:{}",
+                        d.node,
+                        d.applied_index,
+                        if d.stable { "" } else { "(moving)" },
+                        d.digest
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let settled = replicas.iter().all(|d| d.stable && d.applied_index == first.applied_index);
+        inv.check(settled, || {
+            format!("shard {shard}: replicas never settled at one applied index: {}", describe())
+        });
+        if settled {
+            let same = replicas.iter().all(|d| d.digest == first.digest && d.rows == first.rows);
+            inv.check(same, || {
+                format!("shard {shard}: replicas at index {} differ: {}", first.applied_index, describe())
+            });
+        }
+    }
+    inv
 }
 
 fn terminal(status: &str) -> bool {
@@ -930,11 +1014,88 @@ mod tests {
         write(&dir.join(history::FAULTS), &run.faults);
         write(&dir.join(history::LEDGER), &run.ledger);
         write(&dir.join(history::FINAL), &run.finals);
+        let digests: Vec<DigestRecord> = (1..=3).map(|n| digest(0, n, 7, "aa")).collect();
+        write(&dir.join(history::DIGESTS), &digests);
         let (h, f, l, fin) = load(&dir).unwrap();
         assert_eq!((h.len(), f.len(), l.len(), fin.len()), (run.history.len(), 2, run.ledger.len(), 4));
         let report = check_dir(&dir, &CheckOptions::default()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(report.passed(), "{}", report.summary());
-        assert_eq!(report, run.check());
+        let mut expected = run.check();
+        expected.invariants.push(check_timers_not_early(&run.ledger, &run.finals));
+        expected.invariants.push(check_replicas(&digests));
+        assert_eq!(report, expected);
+    }
+
+    fn digest(shard: u32, node: u64, index: u64, digest: &str) -> DigestRecord {
+        DigestRecord { shard, node, applied_index: index, stable: true, rows: 10, digest: digest.into() }
+    }
+
+    #[test]
+    fn replicas_that_agree_pass_and_a_divergent_or_unsettled_replica_is_reported() {
+        let good: Vec<DigestRecord> =
+            (0..2).flat_map(|s| (1..=3).map(move |n| digest(s, n, 40 + u64::from(s), "aa"))).collect();
+        let inv = check_replicas(&good);
+        assert!(inv.passed() && inv.checked == 4, "{inv:?}");
+
+        let mut diverged = good.clone();
+        diverged[4].digest = "bb".into();
+        let inv = check_replicas(&diverged);
+        assert_eq!(inv.violations.len(), 1, "{inv:?}");
+        assert!(inv.violations[0].contains("shard 1") && inv.violations[0].contains("differ"), "{inv:?}");
+
+        let mut behind = good.clone();
+        behind[0].applied_index = 39;
+        let inv = check_replicas(&behind);
+        assert!(inv.violations.len() == 1 && inv.violations[0].contains("never settled"), "{inv:?}");
+
+        let mut moving = good;
+        moving[2].stable = false;
+        assert!(!check_replicas(&moving).passed());
+
+        assert!(!check_replicas(&[]).passed(), "no digests: nothing checked, and it is required");
+    }
+
+    fn mail(flow: &str, template: &str, customer: &str, ts_ms: u64) -> LedgerEntry {
+        LedgerEntry {
+            service: Email::SERVICE.into(),
+            op: Email::SEND.into(),
+            flow: flow.into(),
+            key: Email::key_of(template, customer),
+            node: 1,
+            ts_ms,
+        }
+    }
+
+    fn signup(instance: &str, interval: u64) -> FinalFlow {
+        FinalFlow {
+            flow: format!("signup/{instance}"),
+            status: "failed".into(),
+            error_kind: Some("not_verified".into()),
+            error: None,
+            input:
+                serde_json::json!({"customer_id": instance, "email": "x@y", "reminder_interval_ms": interval})
+                    .to_string(),
+            messages: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_reminder_before_its_interval_is_an_early_timer() {
+        let finals = vec![signup("s-1", 2_000), signup("s-2", 2_000)];
+        let mut ledger = vec![
+            mail("signup/s-1", Email::ACTIVATION, "s-1", 1_000),
+            // A repeated activation mail (a replay) does not move the first one.
+            mail("signup/s-1", Email::ACTIVATION, "s-1", 1_500),
+            mail("signup/s-1", Email::REMINDER, "s-1", 3_000),
+            mail("signup/s-2", Email::ACTIVATION, "s-2", 1_000),
+            mail("signup/s-2", Email::REMINDER, "s-2", 3_100),
+        ];
+        let inv = check_timers_not_early(&ledger, &finals);
+        assert!(inv.passed() && inv.checked == 2, "{inv:?}");
+        ledger.push(mail("signup/s-2", Email::REMINDER, "s-2", 2_500));
+        let inv = check_timers_not_early(&ledger, &finals);
+        assert_eq!(inv.violations.len(), 1, "{inv:?}");
+        assert!(inv.violations[0].contains("signup/s-2") && inv.violations[0].contains("1500 ms"), "{inv:?}");
     }
 }

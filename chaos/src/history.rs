@@ -24,6 +24,8 @@ pub const FAULTS: &str = "faults.jsonl";
 pub const LEDGER: &str = "ledger.jsonl";
 /// The final-state file of a run directory.
 pub const FINAL: &str = "final.jsonl";
+/// The replica digests of a run directory.
+pub const DIGESTS: &str = "digests.jsonl";
 
 /// The phase of an operation record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,4 +217,21 @@ pub struct FinalFlow {
     /// The messages in the flow's event log: (message type, payload JSON text).
     #[serde(default)]
     pub messages: Vec<(String, String)>,
+}
+
+/// One line of `digests.jsonl`: one node's replica of one shard after the final heal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestRecord {
+    /// The shard.
+    pub shard: u32,
+    /// The node.
+    pub node: u64,
+    /// The last index applied to this replica.
+    pub applied_index: u64,
+    /// Nothing was applied while the digest was computed.
+    pub stable: bool,
+    /// Rows in the replica's state.
+    pub rows: u64,
+    /// The digest of the state (hex).
+    pub digest: String,
 }

@@ -15,3 +15,4 @@ pub mod net;
 pub mod report;
 pub mod run;
 pub mod schedule;
+pub mod timeline;

@@ -14,9 +14,11 @@ use crate::history::{self, FaultKind, FaultRecord, Op, OpRecord, Phase};
 pub fn write(dir: &Path, seed: u64, report: &CheckReport) -> Result<()> {
     let history: Vec<OpRecord> = history::read_lines(&dir.join(history::HISTORY))?;
     let faults: Vec<FaultRecord> = history::read_lines(&dir.join(history::FAULTS))?;
+    crate::timeline::write_svg(dir, &format!("chaos run, seed {seed}"))?;
     let mut md = String::new();
     writeln!(md, "# Chaos run, seed {seed}\n")?;
     writeln!(md, "Verdict: **{}**\n", if report.passed() { "passed" } else { "FAILED" })?;
+    writeln!(md, "![timeline]({})\n", crate::timeline::TIMELINE)?;
 
     let mut kinds: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
     for f in faults.iter().filter(|f| f.end_ms.is_some()) {

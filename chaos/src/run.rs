@@ -15,7 +15,7 @@ use fetter::Client;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::history::{self, FaultKind, FaultRecord, FinalFlow, Op, OpRecord, Phase, Recorder};
+use crate::history::{self, DigestRecord, FaultKind, FaultRecord, FinalFlow, Op, OpRecord, Phase, Recorder};
 use crate::net;
 use crate::schedule::{self, Planned, Profile, Target};
 
@@ -339,6 +339,39 @@ async fn final_state(client: &Client, wanted: usize) -> Result<Vec<FinalFlow>> {
     }
 }
 
+/// Every node's digest of every shard, once each shard's replicas report the same applied
+/// index, read while nothing was applied (or as they are after [`WAIT`]: the checker says so).
+async fn digests(clients: &[(u64, Client)]) -> Result<Vec<DigestRecord>> {
+    let mut out = Vec::new();
+    for shard in 0..SHARDS {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut replicas = Vec::new();
+            for (node, client) in clients {
+                match client.shard_digest(shard).await {
+                    Ok(d) => replicas.push(DigestRecord {
+                        shard,
+                        node: *node,
+                        applied_index: d.applied_index,
+                        stable: d.stable,
+                        rows: d.rows,
+                        digest: d.digest,
+                    }),
+                    Err(e) => println!("node {node}: no digest of shard {shard}: {e}"),
+                }
+            }
+            let settled = replicas.len() == clients.len()
+                && replicas.iter().all(|d| d.stable && d.applied_index == replicas[0].applied_index);
+            if settled || Instant::now() > deadline {
+                out.extend(replicas);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(out)
+}
+
 /// Runs one chaos run into `opts.out`; returns whether the checker passed.
 pub async fn run(opts: RunOptions) -> Result<bool> {
     if opts.nodes == 0 || opts.nodes > 9 {
@@ -398,11 +431,21 @@ fn free_base_port(nodes: u64) -> Result<u16> {
 async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<bool> {
     let history_rec = Recorder::create(&out.join(history::HISTORY))?;
     let fault_rec = Recorder::create(&out.join(history::FAULTS))?;
-    let clients: Vec<(u64, Client)> = cluster
-        .local
-        .ids()
-        .into_iter()
-        .map(|id| Ok((id, Client::connect([cluster.local.addr(id)])?.with_timeout(CALL))))
+    // As an application would: each client knows every node and goes on to the next when one
+    // does not answer; client `i` asks node `i` first (the history records that node).
+    let ids = cluster.local.ids();
+    let clients: Vec<(u64, Client)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let order = ids.iter().cycle().skip(i).take(ids.len()).map(|n| cluster.local.addr(*n));
+            Ok((*id, Client::connect(order)?.with_timeout(CALL)))
+        })
+        .collect::<Result<_>>()?;
+    // The digests are asked of each node alone.
+    let single: Vec<(u64, Client)> = ids
+        .iter()
+        .map(|id| Ok((*id, Client::connect([cluster.local.addr(*id)])?.with_timeout(CALL))))
         .collect::<Result<_>>()?;
     let stop = Arc::new(AtomicBool::new(false));
     let ids = Arc::new(AtomicU64::new(1));
@@ -445,6 +488,11 @@ async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<b
         final_rec.record(f)?;
     }
     final_rec.flush()?;
+    let digest_rec = Recorder::create(&out.join(history::DIGESTS))?;
+    for record in digests(&single).await? {
+        digest_rec.record(&record)?;
+    }
+    digest_rec.flush()?;
     let report = crate::checker::check_dir(out, &crate::checker::CheckOptions::default())?;
     crate::report::write(out, opts.seed, &report)?;
     println!("{}", report.summary());

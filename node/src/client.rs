@@ -591,6 +591,13 @@ impl Client {
         Ok(())
     }
 
+    /// A digest of the answering node's replica of `shard` (not forwarded: use a client of one
+    /// node to ask that node).
+    pub async fn shard_digest(&self, shard: u32) -> Result<proto::ShardDigestResponse, ClientError> {
+        let request = proto::ShardDigestRequest { shard };
+        self.call(request, Duration::ZERO, |mut c, r| async move { c.shard_digest(r).await }).await
+    }
+
     /// Who the answering node is and what it knows of its cluster.
     pub async fn node_info(&self) -> Result<proto::NodeInfoResponse, ClientError> {
         let request = proto::NodeInfoRequest {};

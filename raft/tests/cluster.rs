@@ -81,6 +81,17 @@ async fn commits_reach_all_replicas() -> Result<()> {
         ensure!(events_len(&c, id).await? == 200, "node {id} has every event");
         ensure!(c.state(id, g(0))? == reference, "node {id}'s state equals the leader's");
     }
+    // Equal states have equal digests at the same index; one more command changes it.
+    let digest = c.handle(leader, g(0))?.state_digest()?;
+    ensure!(digest.stable && digest.rows > 0, "{digest:?}");
+    for id in 1..=3 {
+        let d = c.handle(id, g(0))?.state_digest()?;
+        ensure!(d == digest, "node {id}'s digest {d:?} differs from the leader's {digest:?}");
+    }
+    expect_ok(h.propose_shard(message(200)).await?)?;
+    c.converge(g(0)).await?;
+    let after = c.handle(leader, g(0))?.state_digest()?;
+    ensure!(after.digest != digest.digest && after.applied_index > digest.applied_index, "{after:?}");
     c.shutdown().await;
     Ok(())
 }
@@ -163,6 +174,8 @@ async fn node_behind_purged_logs_catches_up_by_snapshot() -> Result<()> {
     drop(lh);
     ensure!(events_len(&c, lagger).await? == 120);
     ensure!(c.state(lagger, g(0))? == c.state(leader, g(0))?, "identical state after install");
+    let (ld, lgd) = (c.handle(leader, g(0))?.state_digest()?, c.handle(lagger, g(0))?.state_digest()?);
+    ensure!(ld == lgd, "digests after install: leader {ld:?}, lagger {lgd:?}");
     // And the installed state survives a restart.
     c.stop(lagger).await?;
     c.restart(lagger).await?;

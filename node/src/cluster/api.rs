@@ -631,6 +631,26 @@ impl Fetter for Api {
         Ok(Response::new(proto::RemoveNodeResponse {}))
     }
 
+    async fn shard_digest(
+        &self,
+        request: Request<proto::ShardDigestRequest>,
+    ) -> Result<Response<proto::ShardDigestResponse>, Status> {
+        let s = self.shared()?;
+        let shard = request.into_inner().shard;
+        let group = s.shards.get(shard as usize).ok_or_else(|| {
+            Status::invalid_argument(format!("no shard {shard}: the cluster has {} shards", s.shards.len()))
+        })?;
+        let d = group.state_digest().map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(proto::ShardDigestResponse {
+            node_id: s.node.id().0,
+            shard,
+            applied_index: d.applied_index.unwrap_or(0),
+            stable: d.stable,
+            rows: d.rows,
+            digest: format!("{:032x}", d.digest),
+        }))
+    }
+
     async fn node_info(
         &self,
         _request: Request<proto::NodeInfoRequest>,

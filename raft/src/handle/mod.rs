@@ -397,6 +397,14 @@ impl GroupHandle {
         InFlight(self.inner.at_most_once.clone())
     }
 
+    /// A digest of this replica's applied state (see [`crate::storage::StateReader::digest`]).
+    pub fn state_digest(&self) -> Result<crate::storage::StateDigest, Error> {
+        self.inner
+            .reader
+            .digest()
+            .map_err(|e| Error::Internal { group: self.inner.group, reason: e.to_string() })
+    }
+
     /// A read of this replica's applied state, possibly stale.
     pub fn read_local<R>(&self, f: impl FnOnce(&dyn KvRead) -> R) -> R {
         self.inner.reader.read(f)

@@ -22,7 +22,7 @@ mod tree;
 use std::path::Path;
 
 pub use self::log::LogStore;
-pub use self::sm::{GroupKind, SnapshotBuilder, StateMachineStore, StateReader};
+pub use self::sm::{GroupKind, SnapshotBuilder, StateDigest, StateMachineStore, StateReader};
 use crate::ids::GroupId;
 use crate::types::StorageError;
 
