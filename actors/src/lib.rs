@@ -21,6 +21,7 @@
 //! Still to come: locks and semaphores, and delivery to shards led by other nodes (the cluster).
 
 pub mod activation;
+pub mod bugs;
 pub mod control;
 mod ctx;
 mod flow;

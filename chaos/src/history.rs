@@ -130,6 +130,11 @@ pub enum FaultKind {
         #[serde(default)]
         one_way: bool,
     },
+    /// A fifth of the packets `node` sends are dropped at random, until the end.
+    Lossy {
+        /// The node.
+        node: u64,
+    },
 }
 
 /// One line of `faults.jsonl`: written when the fault starts (`end_ms` absent) and again when

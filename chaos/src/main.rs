@@ -54,6 +54,9 @@ enum Command {
         /// Run without kernel partitions (no root needed).
         #[arg(long)]
         no_partitions: bool,
+        /// Plant a bug in every node, to see the checker catch it: amo-rerun, timer-early.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(fetter::bugs::BUGS.iter().copied()))]
+        plant_bug: Option<String>,
     },
     /// Check a saved run directory again.
     Check {
@@ -83,7 +86,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { nodes, profile, minutes, seed, out, no_partitions } => {
+        Command::Run { nodes, profile, minutes, seed, out, no_partitions, plant_bug } => {
             let partitions = !no_partitions;
             if partitions && std::env::var_os(net::IN_NAMESPACE).is_none() {
                 // Again, inside a network namespace of its own: its rules and processes die with it.
@@ -102,7 +105,7 @@ fn main() -> ExitCode {
                 ProfileName::Long => ("long", Duration::from_secs(minutes * 60)),
             };
             let out = out.unwrap_or_else(|| PathBuf::from(format!("chaos-runs/{name}-{seed}")));
-            let opts = run::RunOptions { nodes, seed, duration, partitions, out };
+            let opts = run::RunOptions { nodes, seed, duration, partitions, out, plant_bug };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {

@@ -61,7 +61,28 @@ pub fn setup() -> Result<()> {
         "nft",
         &["add", "chain", "inet", TABLE, "cut", "{ type filter hook output priority 0 ; policy accept ; }"],
     )?;
+    run(
+        "nft",
+        &["add", "chain", "inet", TABLE, "loss", "{ type filter hook output priority 1 ; policy accept ; }"],
+    )?;
     Ok(())
+}
+
+/// Drops a fifth of the packets sent from `ip`, at random. (Delay would need `tc netem`, which
+/// the kernels this runs on lack; loss makes TCP retransmit, which delays too.)
+pub fn lossy(ip: &str) -> Result<()> {
+    run(
+        "nft",
+        &[
+            "add", "rule", "inet", TABLE, "loss", "ip", "saddr", ip, "numgen", "random", "mod", "100", "<",
+            "20", "drop",
+        ],
+    )
+}
+
+/// No packet is dropped at random any more.
+pub fn unlossy() -> Result<()> {
+    run("nft", &["flush", "chain", "inet", TABLE, "loss"])
 }
 
 /// Drops every packet from an address of `a` to one of `b` and, unless `one_way`, back.

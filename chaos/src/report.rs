@@ -28,6 +28,7 @@ pub fn write(dir: &Path, seed: u64, report: &CheckReport) -> Result<()> {
             FaultKind::Terminate { .. } => "SIGTERM",
             FaultKind::Partition { one_way: false, .. } => "partition",
             FaultKind::Partition { one_way: true, .. } => "one-way partition",
+            FaultKind::Lossy { .. } => "packet loss (20 %)",
         };
         let e = kinds.entry(name).or_default();
         e.0 += 1;

@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub partitions: bool,
     /// The run directory.
     pub out: PathBuf,
+    /// A bug to plant in every node (`fetter_actors::bugs::BUGS`), to see the checker catch it.
+    pub plant_bug: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -88,6 +90,10 @@ impl Cluster {
                 self.local.signal(node, Signal::Term).map_err(e)?;
                 FaultKind::Terminate { node }
             }
+            Planned::Lossy { .. } => {
+                net::lossy(&self.local.ip(node))?;
+                FaultKind::Lossy { node }
+            }
             Planned::Isolate { one_way, .. } => {
                 let others: Vec<u64> = self.local.ids().into_iter().filter(|id| *id != node).collect();
                 net::cut(&self.ips(&[node]), &self.ips(&others), *one_way)?;
@@ -112,6 +118,7 @@ impl Cluster {
                 self.local.start(*node).await.map_err(e)?;
             }
             FaultKind::Partition { .. } => net::heal()?,
+            FaultKind::Lossy { .. } => net::unlossy()?,
         }
         Ok(())
     }
@@ -120,6 +127,7 @@ impl Cluster {
     async fn heal_all(&mut self) -> Result<()> {
         if self.partitions {
             net::heal()?;
+            net::unlossy()?;
         }
         for id in self.local.ids() {
             let _ = self.local.signal(id, Signal::Cont);
@@ -154,6 +162,7 @@ async fn faults(
                 Planned::Kill { target }
                 | Planned::Pause { target }
                 | Planned::Terminate { target }
+                | Planned::Lossy { target }
                 | Planned::Isolate { target, .. } => *target,
                 Planned::Double { .. } => continue,
             };
@@ -401,7 +410,14 @@ pub async fn run(opts: RunOptions) -> Result<bool> {
             ledger.display().to_string(),
             "--service-latency-ms".into(),
             "20".into(),
+            // A slow shipment: a fault often hits one in flight (its outcome becomes unknown).
+            "--ship-latency-ms".into(),
+            "100".into(),
         ]);
+    if let Some(bug) = &opts.plant_bug {
+        println!("planting bug {bug} in every node");
+        local = local.env("FETTER_CHAOS_BUG", bug.clone());
+    }
     if opts.partitions {
         local = local.own_addresses(true);
     } else {

@@ -37,6 +37,11 @@ pub enum Planned {
         /// Which node.
         target: Target,
     },
+    /// Drop a fifth of the packets one node sends, at random (TCP retransmits them late).
+    Lossy {
+        /// Which node.
+        target: Target,
+    },
     /// Cut the network around one node (both ways, or only its outgoing traffic).
     Isolate {
         /// Which node.
@@ -78,13 +83,14 @@ pub struct Profile {
 fn one(rng: &mut StdRng, nodes: u64, partitions: bool) -> Planned {
     let target =
         if rng.random_bool(0.5) { Target::BusiestLeader } else { Target::Node(rng.random_range(1..=nodes)) };
-    let kinds = if partitions { 5 } else { 3 };
+    let kinds = if partitions { 6 } else { 3 };
     match rng.random_range(0..kinds) {
         0 => Planned::Kill { target },
         1 => Planned::Pause { target },
         2 => Planned::Terminate { target },
         3 => Planned::Isolate { target, one_way: false },
-        _ => Planned::Isolate { target, one_way: rng.random_bool(0.3) },
+        4 => Planned::Isolate { target, one_way: rng.random_bool(0.3) },
+        _ => Planned::Lossy { target },
     }
 }
 
@@ -105,6 +111,7 @@ pub fn plan(seed: u64, profile: Profile) -> Vec<Step> {
                 Planned::Pause { .. } => Planned::Pause { target: Target::Node(n) },
                 Planned::Terminate { .. } => Planned::Terminate { target: Target::Node(n) },
                 Planned::Isolate { one_way, .. } => Planned::Isolate { target: Target::Node(n), one_way },
+                Planned::Lossy { .. } => Planned::Lossy { target: Target::Node(n) },
                 Planned::Double { .. } => Planned::Kill { target: Target::Node(n) },
             };
             let first = pick(&mut rng, a);
@@ -154,6 +161,6 @@ mod tests {
     #[test]
     fn without_partitions_none_is_planned() {
         let steps = plan(7, profile(false));
-        assert!(steps.iter().all(|s| !matches!(s.fault, Planned::Isolate { .. })));
+        assert!(steps.iter().all(|s| !matches!(s.fault, Planned::Isolate { .. } | Planned::Lossy { .. })));
     }
 }

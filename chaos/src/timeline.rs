@@ -36,8 +36,13 @@ const INFO_COLOUR: &str = "#d62728";
 const P50_COLOUR: &str = "#1f77b4";
 const MAX_COLOUR: &str = "#ff7f0e";
 /// Fault kinds in legend order: (name, colour).
-const FAULT_COLOURS: [(&str, &str); 4] =
-    [("kill", "#e41a1c"), ("pause", "#377eb8"), ("terminate", "#ff7f00"), ("partition", "#984ea3")];
+const FAULT_COLOURS: [(&str, &str); 5] = [
+    ("kill", "#e41a1c"),
+    ("pause", "#377eb8"),
+    ("terminate", "#ff7f00"),
+    ("partition", "#984ea3"),
+    ("lossy", "#4daf4a"),
+];
 const FAULT_OPACITY: f64 = 0.16;
 
 /// Reads `history.jsonl` and `faults.jsonl` of the run directory `dir` and writes
@@ -411,6 +416,7 @@ fn fault_style(kind: &FaultKind) -> (&'static str, &'static str) {
         FaultKind::Pause { .. } => 1,
         FaultKind::Terminate { .. } => 2,
         FaultKind::Partition { .. } => 3,
+        FaultKind::Lossy { .. } => 4,
     };
     FAULT_COLOURS[i]
 }
@@ -422,6 +428,7 @@ fn fault_label(kind: &FaultKind) -> String {
         FaultKind::Kill { node } => format!("kill n{node}"),
         FaultKind::Pause { node } => format!("pause n{node}"),
         FaultKind::Terminate { node } => format!("term n{node}"),
+        FaultKind::Lossy { node } => format!("lossy n{node}"),
         FaultKind::Partition { a, b, one_way } => {
             format!("part {}{}{}", nodes(a), if *one_way { "→" } else { "|" }, nodes(b))
         }

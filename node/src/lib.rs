@@ -22,6 +22,8 @@ pub mod local;
 pub use app::App;
 pub use client::Client;
 pub use engine::{Engine, EngineConfig, Error};
+/// The chaos harness's planted bugs (off unless the `chaos-bugs` feature and the environment ask).
+pub use fetter_actors::bugs;
 /// Which shard a flow lives on (stable across releases).
 pub use fetter_raft::placement;
 

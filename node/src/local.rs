@@ -64,6 +64,7 @@ pub struct LocalCluster {
     timing: Option<String>,
     node_args: Vec<String>,
     own_addresses: bool,
+    envs: Vec<(String, String)>,
     children: BTreeMap<u64, Child>,
 }
 
@@ -79,6 +80,7 @@ impl LocalCluster {
             timing: None,
             node_args: Vec::new(),
             own_addresses: false,
+            envs: Vec::new(),
             children: BTreeMap::new(),
         }
     }
@@ -112,6 +114,12 @@ impl LocalCluster {
     /// can cut the network between nodes. Linux routes all of `127.0.0.0/8` to loopback.
     pub fn own_addresses(mut self, own: bool) -> Self {
         self.own_addresses = own;
+        self
+    }
+
+    /// An environment variable for every node process.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.envs.push((key.into(), value.into()));
         self
     }
 
@@ -211,6 +219,7 @@ impl LocalCluster {
         let child = Command::new(&self.exe)
             .args(&args)
             .env("FETTER_EXIT_WITH_PARENT", "1")
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)

@@ -194,6 +194,12 @@ impl Ctx {
                 Err(d) => self.drift(id, d).await,
             };
         }
+        let deadline_ms = if crate::bugs::planted("timer-early") {
+            let now = now_ms();
+            now + deadline_ms.saturating_sub(now) / 4
+        } else {
+            deadline_ms
+        };
         let command = ShardCommand::ArmTimer {
             flow: self.inner.flow.clone(),
             epoch: self.inner.epoch,
