@@ -130,6 +130,14 @@ pub enum FaultKind {
         #[serde(default)]
         one_way: bool,
     },
+    /// `node` is lost with its disk, removed from the cluster, and node `by` joins in its place
+    /// (the fault ends when `by` serves and holds replicas).
+    Replace {
+        /// The lost node.
+        node: u64,
+        /// The node that took its place.
+        by: u64,
+    },
     /// A fifth of the packets `node` sends are dropped at random, until the end.
     Lossy {
         /// The node.

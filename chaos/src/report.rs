@@ -29,6 +29,7 @@ pub fn write(dir: &Path, seed: u64, report: &CheckReport) -> Result<()> {
             FaultKind::Partition { one_way: false, .. } => "partition",
             FaultKind::Partition { one_way: true, .. } => "one-way partition",
             FaultKind::Lossy { .. } => "packet loss (20 %)",
+            FaultKind::Replace { .. } => "node lost and replaced",
         };
         let e = kinds.entry(name).or_default();
         e.0 += 1;

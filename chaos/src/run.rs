@@ -53,23 +53,89 @@ fn now_ms() -> u64 {
 struct Cluster {
     local: LocalCluster,
     partitions: bool,
+    /// The current members (a replaced node leaves, its successor joins).
+    members: Vec<u64>,
+    /// The id the next joining node gets.
+    next_id: u64,
 }
 
 impl Cluster {
+    /// A client of the current members.
+    fn client(&self) -> Result<Client> {
+        Ok(Client::connect(self.members.iter().map(|id| self.local.addr(*id)))?.with_timeout(CALL))
+    }
+
+    /// Until every member is alive and every shard has a leader and 3 replicas, all members.
+    async fn wait_members_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + WAIT;
+        let client = self.client()?;
+        loop {
+            if let Ok(status) = client.cluster_status().await {
+                let alive: Vec<u64> = status.members.iter().filter(|m| m.alive).map(|m| m.id).collect();
+                let placed = status.shards.iter().all(|s| {
+                    s.leader.is_some()
+                        && s.replicas.iter().all(|r| self.members.contains(r))
+                        && s.replicas.len() >= 3.min(self.members.len())
+                });
+                if alive.len() == self.members.len()
+                    && self.members.iter().all(|m| alive.contains(m))
+                    && placed
+                {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "members {:?} not all alive with every shard placed on them: {status:?}",
+                        self.members
+                    );
+                }
+            } else if Instant::now() > deadline {
+                bail!("no member answered cluster status");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Node `node` is lost with its disk: killed, its data deleted, removed from the cluster
+    /// through another member, and a new node with a new id joins in its place.
+    async fn replace(&mut self, node: u64) -> Result<u64> {
+        self.local.kill(node).await.map_err(|e| anyhow!(e))?;
+        let _ = std::fs::remove_dir_all(self.local.node_dir(node));
+        self.members.retain(|m| *m != node);
+        let client = self.client()?;
+        client.remove_node(node).await.map_err(|e| anyhow!("remove-node {node}: {e}"))?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let via = self.local.addr(self.members[0]);
+        let args = self.local.join_command(id, &via);
+        self.local.spawn(id, args).map_err(|e| anyhow!(e))?;
+        self.members.push(id);
+        self.wait_members_ready().await?;
+        Ok(id)
+    }
+
     fn ips(&self, ids: &[u64]) -> Vec<String> {
         ids.iter().map(|id| self.local.ip(*id)).collect()
     }
 
     async fn busiest_leader(&self) -> Option<u64> {
-        let client = self.local.client().ok()?.with_timeout(Duration::from_secs(3));
+        let client = self.client().ok()?.with_timeout(Duration::from_secs(3));
         let status = client.cluster_status().await.ok()?;
         status.leaders_per_node().into_iter().max_by_key(|(_, n)| *n).map(|(id, _)| id)
     }
 
     async fn resolve(&self, target: Target) -> u64 {
+        let first = self.members.first().copied().unwrap_or(1);
         match target {
-            Target::Node(n) => n,
-            Target::BusiestLeader => self.busiest_leader().await.unwrap_or(1),
+            // The n-th current member (node ids change as nodes are replaced).
+            Target::Node(n) => self
+                .members
+                .get((n as usize).saturating_sub(1) % self.members.len().max(1))
+                .copied()
+                .unwrap_or(first),
+            Target::BusiestLeader => {
+                self.busiest_leader().await.filter(|n| self.members.contains(n)).unwrap_or(first)
+            }
         }
     }
 
@@ -95,9 +161,13 @@ impl Cluster {
                 FaultKind::Lossy { node }
             }
             Planned::Isolate { one_way, .. } => {
-                let others: Vec<u64> = self.local.ids().into_iter().filter(|id| *id != node).collect();
+                let others: Vec<u64> = self.members.iter().copied().filter(|id| *id != node).collect();
                 net::cut(&self.ips(&[node]), &self.ips(&others), *one_way)?;
                 FaultKind::Partition { a: vec![node], b: others, one_way: *one_way }
+            }
+            Planned::Replace { .. } => {
+                let by = self.replace(node).await?;
+                FaultKind::Replace { node, by }
             }
             Planned::Double { .. } => bail!("a double fault is injected as its two parts"),
         })
@@ -107,7 +177,7 @@ impl Cluster {
     async fn heal(&mut self, kind: &FaultKind) -> Result<()> {
         let e = |e: String| anyhow!(e);
         match kind {
-            FaultKind::Kill { node } => self.local.start(*node).await.map_err(e)?,
+            FaultKind::Kill { node } => self.local.restart(*node).await.map_err(e)?,
             FaultKind::Pause { node } => self.local.signal(*node, Signal::Cont).map_err(e)?,
             FaultKind::Terminate { node } => {
                 let (exited, _) =
@@ -115,8 +185,10 @@ impl Cluster {
                 if !exited {
                     eprintln!("node {node} did not stop within 20 s of SIGTERM; killed");
                 }
-                self.local.start(*node).await.map_err(e)?;
+                self.local.restart(*node).await.map_err(e)?;
             }
+            // Permanent: the new node took the old one's place when the fault began.
+            FaultKind::Replace { .. } => {}
             FaultKind::Partition { .. } => net::heal()?,
             FaultKind::Lossy { .. } => net::unlossy()?,
         }
@@ -129,13 +201,13 @@ impl Cluster {
             net::heal()?;
             net::unlossy()?;
         }
-        for id in self.local.ids() {
+        for id in self.members.clone() {
             let _ = self.local.signal(id, Signal::Cont);
             if !self.local.is_running(id) {
-                self.local.start(id).await.map_err(|e| anyhow!(e))?;
+                self.local.restart(id).await.map_err(|e| anyhow!(e))?;
             }
         }
-        self.local.wait_ready(WAIT).await.map_err(|e| anyhow!(e))
+        self.wait_members_ready().await
     }
 }
 
@@ -163,6 +235,7 @@ async fn faults(
                 | Planned::Pause { target }
                 | Planned::Terminate { target }
                 | Planned::Lossy { target }
+                | Planned::Replace { target }
                 | Planned::Isolate { target, .. } => *target,
                 Planned::Double { .. } => continue,
             };
@@ -424,7 +497,8 @@ pub async fn run(opts: RunOptions) -> Result<bool> {
         local = local.base_port(free_base_port(opts.nodes)?);
     }
     local.start_all().await.map_err(|e| anyhow!(e))?;
-    let mut cluster = Cluster { local, partitions: opts.partitions };
+    let members = local.ids();
+    let mut cluster = Cluster { local, partitions: opts.partitions, members, next_id: opts.nodes + 1 };
     if let Err(e) = cluster.local.wait_ready(WAIT).await {
         cluster.local.stop_all().await;
         bail!("the cluster did not get ready: {e}");
@@ -458,11 +532,6 @@ async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<b
             Ok((*id, Client::connect(order)?.with_timeout(CALL)))
         })
         .collect::<Result<_>>()?;
-    // The digests are asked of each node alone.
-    let single: Vec<(u64, Client)> = ids
-        .iter()
-        .map(|id| Ok((*id, Client::connect([cluster.local.addr(*id)])?.with_timeout(CALL))))
-        .collect::<Result<_>>()?;
     let stop = Arc::new(AtomicBool::new(false));
     let ids = Arc::new(AtomicU64::new(1));
     let mut workers = tokio::task::JoinSet::new();
@@ -493,7 +562,7 @@ async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<b
         started.elapsed().as_secs_f64()
     );
     cluster.heal_all().await?;
-    let client = cluster.local.client().map_err(|e| anyhow!(e))?.with_timeout(CALL);
+    let client = cluster.client()?;
     let starts: usize = history::read_lines::<OpRecord>(&out.join(history::HISTORY))?
         .iter()
         .filter(|r| r.phase == Phase::Ok && matches!(r.op, Op::Start { .. }))
@@ -504,6 +573,12 @@ async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<b
         final_rec.record(f)?;
     }
     final_rec.flush()?;
+    // The digests are asked of each current member alone.
+    let single: Vec<(u64, Client)> = cluster
+        .members
+        .iter()
+        .map(|id| Ok((*id, Client::connect([cluster.local.addr(*id)])?.with_timeout(CALL))))
+        .collect::<Result<_>>()?;
     let digest_rec = Recorder::create(&out.join(history::DIGESTS))?;
     for record in digests(&single).await? {
         digest_rec.record(&record)?;

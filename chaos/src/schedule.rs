@@ -42,6 +42,11 @@ pub enum Planned {
         /// Which node.
         target: Target,
     },
+    /// The node is lost with its disk; it is removed and a new node joins in its place.
+    Replace {
+        /// Which node.
+        target: Target,
+    },
     /// Cut the network around one node (both ways, or only its outgoing traffic).
     Isolate {
         /// Which node.
@@ -98,6 +103,10 @@ fn one(rng: &mut StdRng, nodes: u64, partitions: bool) -> Planned {
 /// gap of 0.5–3 s; one in eight is a double fault on two nodes (the majority lost).
 pub fn plan(seed: u64, profile: Profile) -> Vec<Step> {
     let mut rng = StdRng::seed_from_u64(seed);
+    // Replacements are drawn from a stream of their own: they turn one single fault in fifteen
+    // into the loss of its node (with its own address free for the successor, so only with
+    // partitions' per-node addresses), leaving every other draw of the plan as it was.
+    let mut replace_rng = StdRng::seed_from_u64(seed ^ 0x5eed_5eed_5eed_5eed);
     let mut steps = Vec::new();
     let mut at = Duration::ZERO;
     while at < profile.duration {
@@ -112,13 +121,27 @@ pub fn plan(seed: u64, profile: Profile) -> Vec<Step> {
                 Planned::Terminate { .. } => Planned::Terminate { target: Target::Node(n) },
                 Planned::Isolate { one_way, .. } => Planned::Isolate { target: Target::Node(n), one_way },
                 Planned::Lossy { .. } => Planned::Lossy { target: Target::Node(n) },
+                // Never part of a double fault: the majority must survive a replacement.
+                Planned::Replace { .. } => Planned::Kill { target: Target::Node(n) },
                 Planned::Double { .. } => Planned::Kill { target: Target::Node(n) },
             };
             let first = pick(&mut rng, a);
             let second = pick(&mut rng, b);
             Planned::Double { first: Box::new(first), second: Box::new(second) }
         } else {
-            one(&mut rng, profile.nodes, profile.partitions)
+            let single = one(&mut rng, profile.nodes, profile.partitions);
+            match single {
+                Planned::Kill { target }
+                | Planned::Pause { target }
+                | Planned::Terminate { target }
+                | Planned::Lossy { target }
+                | Planned::Isolate { target, .. }
+                    if profile.partitions && profile.nodes >= 3 && replace_rng.random_bool(1.0 / 15.0) =>
+                {
+                    Planned::Replace { target }
+                }
+                other => other,
+            }
         };
         at += gap + down;
         steps.push(Step { gap, down, fault });
@@ -156,6 +179,30 @@ mod tests {
             assert!(count(|p| matches!(p, Planned::Isolate { .. })) >= 3, "seed {seed}: partitions");
             assert!(count(|p| matches!(p, Planned::Pause { .. })) >= 2, "seed {seed}: pauses");
         }
+    }
+
+    #[test]
+    fn replacements_are_planned_now_and_then_and_never_in_a_double_fault() {
+        let replaced: usize = (0..20)
+            .map(|seed| {
+                plan(seed, profile(true))
+                    .iter()
+                    .filter(|s| matches!(s.fault, Planned::Replace { .. }))
+                    .count()
+            })
+            .sum();
+        assert!(replaced >= 10, "{replaced} replacements in 20 plans");
+        for seed in 0..20 {
+            for step in plan(seed, profile(true)) {
+                if let Planned::Double { first, second } = step.fault {
+                    assert!(
+                        !matches!(*first, Planned::Replace { .. })
+                            && !matches!(*second, Planned::Replace { .. })
+                    );
+                }
+            }
+        }
+        assert!(plan(1, profile(false)).iter().all(|s| !matches!(s.fault, Planned::Replace { .. })));
     }
 
     #[test]

@@ -417,6 +417,7 @@ fn fault_style(kind: &FaultKind) -> (&'static str, &'static str) {
         FaultKind::Terminate { .. } => 2,
         FaultKind::Partition { .. } => 3,
         FaultKind::Lossy { .. } => 4,
+        FaultKind::Replace { .. } => 0,
     };
     FAULT_COLOURS[i]
 }
@@ -429,6 +430,7 @@ fn fault_label(kind: &FaultKind) -> String {
         FaultKind::Pause { node } => format!("pause n{node}"),
         FaultKind::Terminate { node } => format!("term n{node}"),
         FaultKind::Lossy { node } => format!("lossy n{node}"),
+        FaultKind::Replace { node, by } => format!("replace n{node}→n{by}"),
         FaultKind::Partition { a, b, one_way } => {
             format!("part {}{}{}", nodes(a), if *one_way { "→" } else { "|" }, nodes(b))
         }

@@ -66,6 +66,8 @@ pub struct LocalCluster {
     own_addresses: bool,
     envs: Vec<(String, String)>,
     children: BTreeMap<u64, Child>,
+    /// The arguments each node was last started with.
+    last_args: BTreeMap<u64, Vec<String>>,
 }
 
 impl LocalCluster {
@@ -82,6 +84,7 @@ impl LocalCluster {
             own_addresses: false,
             envs: Vec::new(),
             children: BTreeMap::new(),
+            last_args: BTreeMap::new(),
         }
     }
 
@@ -196,6 +199,28 @@ impl LocalCluster {
         args
     }
 
+    /// The `node` command's arguments for a node that joins the cluster through `join` (a
+    /// member's address) instead of being an initial member.
+    pub fn join_command(&self, id: u64, join: &str) -> Vec<String> {
+        let mut args = self.node_command(id);
+        if let Some(at) = args.iter().position(|a| a == "--peers") {
+            args[at] = "--join".into();
+            args[at + 1] = join.to_string();
+        }
+        // A joining node learns the shard count from the cluster.
+        if let Some(at) = args.iter().position(|a| a == "--shards") {
+            args.drain(at..at + 2);
+        }
+        args
+    }
+
+    /// Starts node `id` again with the arguments it was last started with (an initial
+    /// member's usual ones if it never ran).
+    pub async fn restart(&mut self, id: u64) -> Result<(), String> {
+        let args = self.last_args.get(&id).cloned().unwrap_or_else(|| self.node_command(id));
+        self.spawn(id, args)
+    }
+
     /// Starts node `id` (an initial member) with its usual arguments.
     pub async fn start(&mut self, id: u64) -> Result<(), String> {
         let args = self.node_command(id);
@@ -216,6 +241,7 @@ impl LocalCluster {
             .open(self.log_file(id))
             .map_err(|e| format!("opening {}: {e}", self.log_file(id).display()))?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        self.last_args.insert(id, args.clone());
         let child = Command::new(&self.exe)
             .args(&args)
             .env("FETTER_EXIT_WITH_PARENT", "1")
