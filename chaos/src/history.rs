@@ -24,6 +24,8 @@ pub const FAULTS: &str = "faults.jsonl";
 pub const LEDGER: &str = "ledger.jsonl";
 /// The final-state file of a run directory.
 pub const FINAL: &str = "final.jsonl";
+/// What a run was asked for (seed, nodes, …), as one JSON object.
+pub const RUN: &str = "run.json";
 /// The replica digests of a run directory.
 pub const DIGESTS: &str = "digests.jsonl";
 

@@ -75,6 +75,16 @@ fn main() -> ExitCode {
         Command::Check { dir } => match checker::check_dir(&dir, &checker::CheckOptions::default()) {
             Ok(report) => {
                 println!("{}", report.summary());
+                // The report and the picture again, from the files as they are now.
+                let seed = std::fs::read_to_string(dir.join(fetter_chaos::history::RUN))
+                    .ok()
+                    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                    .and_then(|v| v.get("seed").and_then(serde_json::Value::as_u64))
+                    .unwrap_or(0);
+                if let Err(e) = fetter_chaos::report::write(&dir, seed, &report) {
+                    eprintln!("error: cannot write the report: {e:#}");
+                    return ExitCode::from(2);
+                }
                 if report.passed() {
                     ExitCode::SUCCESS
                 } else {

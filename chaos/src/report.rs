@@ -10,6 +10,20 @@ use anyhow::Result;
 use crate::checker::CheckReport;
 use crate::history::{self, FaultKind, FaultRecord, Op, OpRecord, Phase};
 
+/// How long after a fault's end its stall is still looked for.
+const STALL_TAIL_MS: u64 = 5_000;
+
+/// The longest time within `[from, to]` without an acknowledgement (`oks`: sorted times).
+fn longest_stall(oks: &[u64], from: u64, to: u64) -> u64 {
+    let mut last = from;
+    let mut longest = 0;
+    for &t in oks.iter().filter(|t| **t >= from && **t <= to) {
+        longest = longest.max(t - last);
+        last = t;
+    }
+    longest.max(to.saturating_sub(last))
+}
+
 /// Writes `report.md` into the run directory `dir`.
 pub fn write(dir: &Path, seed: u64, report: &CheckReport) -> Result<()> {
     let history: Vec<OpRecord> = history::read_lines(&dir.join(history::HISTORY))?;
@@ -20,7 +34,12 @@ pub fn write(dir: &Path, seed: u64, report: &CheckReport) -> Result<()> {
     writeln!(md, "Verdict: **{}**\n", if report.passed() { "passed" } else { "FAILED" })?;
     writeln!(md, "![timeline]({})\n", crate::timeline::TIMELINE)?;
 
-    let mut kinds: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+    let oks: Vec<u64> = {
+        let mut t: Vec<u64> = history.iter().filter(|r| r.phase == Phase::Ok).map(|r| r.t_ms).collect();
+        t.sort_unstable();
+        t
+    };
+    let mut kinds: BTreeMap<&str, (usize, u64, Vec<u64>)> = BTreeMap::new();
     for f in faults.iter().filter(|f| f.end_ms.is_some()) {
         let name = match f.kind {
             FaultKind::Kill { .. } => "kill -9",
@@ -31,13 +50,23 @@ pub fn write(dir: &Path, seed: u64, report: &CheckReport) -> Result<()> {
             FaultKind::Lossy { .. } => "packet loss (20 %)",
             FaultKind::Replace { .. } => "node lost and replaced",
         };
+        let end = f.end_ms.unwrap_or(f.start_ms);
         let e = kinds.entry(name).or_default();
         e.0 += 1;
-        e.1 += f.end_ms.unwrap_or(f.start_ms).saturating_sub(f.start_ms);
+        e.1 += end.saturating_sub(f.start_ms);
+        e.2.push(longest_stall(&oks, f.start_ms, end + STALL_TAIL_MS));
     }
-    writeln!(md, "## Faults\n\n| kind | count | total time |\n|---|---|---|")?;
-    for (kind, (n, ms)) in &kinds {
-        writeln!(md, "| {kind} | {n} | {:.1} s |", *ms as f64 / 1000.0)?;
+    writeln!(
+        md,
+        "## Faults\n\nStall: the longest time without any acknowledged operation from a fault's start \
+         to {STALL_TAIL_MS} ms after its end (the whole cluster's progress, not only the faulty \
+         node's).\n\n| kind | count | total time | stall p50 | stall max |\n|---|---|---|---|---|"
+    )?;
+    for (kind, (n, ms, stalls)) in &mut kinds {
+        stalls.sort_unstable();
+        let p50 = stalls.get(stalls.len() / 2).copied().unwrap_or(0);
+        let max = stalls.last().copied().unwrap_or(0);
+        writeln!(md, "| {kind} | {n} | {:.1} s | {p50} ms | {max} ms |", *ms as f64 / 1000.0)?;
     }
 
     let mut ops: BTreeMap<(&str, &str), [usize; 3]> = BTreeMap::new();
@@ -77,4 +106,17 @@ pub fn write(dir: &Path, seed: u64, report: &CheckReport) -> Result<()> {
     }
     std::fs::write(dir.join("report.md"), md)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::longest_stall;
+
+    #[test]
+    fn the_longest_stall_counts_the_edges_of_the_window() {
+        let oks = [100, 200, 900, 1_000, 5_000];
+        assert_eq!(longest_stall(&oks, 150, 1_100), 700);
+        assert_eq!(longest_stall(&oks, 1_000, 4_000), 3_000);
+        assert_eq!(longest_stall(&[], 0, 500), 500);
+    }
 }

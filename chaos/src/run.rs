@@ -472,6 +472,14 @@ pub async fn run(opts: RunOptions) -> Result<bool> {
         opts.partitions,
         out.display()
     );
+    let about = serde_json::json!({
+        "seed": opts.seed,
+        "nodes": opts.nodes,
+        "fault_seconds": opts.duration.as_secs(),
+        "partitions": opts.partitions,
+        "plant_bug": opts.plant_bug,
+    });
+    std::fs::write(out.join(history::RUN), about.to_string())?;
     let exe = std::env::current_exe().context("cannot find this program")?;
     let ledger = out.join(history::LEDGER);
     let _ = std::fs::remove_file(&ledger);
