@@ -115,7 +115,10 @@ fn main() -> ExitCode {
                 ProfileName::Long => ("long", Duration::from_secs(minutes * 60)),
             };
             let out = out.unwrap_or_else(|| PathBuf::from(format!("chaos-runs/{name}-{seed}")));
-            let opts = run::RunOptions { nodes, seed, duration, partitions, out, plant_bug };
+            // Node replacement only in `long` runs for now (README: a second replacement can
+            // leave shards with two replicas).
+            let replacements = matches!(profile, ProfileName::Long);
+            let opts = run::RunOptions { nodes, seed, duration, partitions, out, plant_bug, replacements };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {

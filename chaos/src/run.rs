@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub partitions: bool,
     /// The run directory.
     pub out: PathBuf,
+    /// Whether nodes are lost and replaced.
+    pub replacements: bool,
     /// A bug to plant in every node (`fetter_actors::bugs::BUGS`), to see the checker catch it.
     pub plant_bug: Option<String>,
 }
@@ -553,7 +555,12 @@ async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<b
             stop.clone(),
         ));
     }
-    let profile = Profile { duration: opts.duration, nodes: opts.nodes, partitions: opts.partitions };
+    let profile = Profile {
+        duration: opts.duration,
+        nodes: opts.nodes,
+        partitions: opts.partitions,
+        replacements: opts.replacements,
+    };
     let steps = schedule::plan(opts.seed, profile);
     let started = Instant::now();
     let injected = faults(cluster, steps, fault_rec.clone(), stop.clone()).await;
