@@ -245,10 +245,6 @@ pub fn check_replicas(digests: &[DigestRecord]) -> Invariant {
     inv
 }
 
-fn terminal(status: &str) -> bool {
-    matches!(status, "succeeded" | "failed" | "cancelled")
-}
-
 /// The `"key"` of a message payload, if it is a JSON object with a string `key`.
 fn payload_key(payload: &str) -> Option<String> {
     serde_json::from_str::<Value>(payload).ok()?.get("key")?.as_str().map(str::to_owned)
@@ -356,7 +352,7 @@ pub fn check(
 
     // 3: every flow of the final state is terminal (one acknowledged but missing is 1's business).
     for f in finals {
-        terminal_inv.check(terminal(&f.status), || {
+        terminal_inv.check(history::terminal(&f.status), || {
             format!("{}: status {:?} after the final heal, not terminal", f.flow, f.status)
         });
     }

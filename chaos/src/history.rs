@@ -214,6 +214,11 @@ pub fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>>
     Ok(out)
 }
 
+/// Whether a flow status (as the API names it) is final.
+pub fn terminal(status: &str) -> bool {
+    matches!(status, "succeeded" | "failed" | "cancelled")
+}
+
 /// One line of `final.jsonl`: a flow as the API showed it after the final heal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinalFlow {

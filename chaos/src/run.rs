@@ -276,6 +276,45 @@ fn definite(e: &ClientError) -> bool {
     )
 }
 
+/// Records `op`'s invoke, performs it through `client` (which asks `node` first) and records
+/// its outcome: `ok`, `fail` when it certainly did not take effect, else `info`. Whether it was
+/// acknowledged.
+async fn perform(
+    rec: &Recorder,
+    ids: &AtomicU64,
+    process: u32,
+    node: u64,
+    client: &Client,
+    op: &Op,
+) -> Result<bool> {
+    let id = ids.fetch_add(1, Ordering::SeqCst);
+    let record = |phase: Phase, error: Option<String>| OpRecord {
+        id,
+        t_ms: now_ms(),
+        process,
+        node,
+        phase,
+        op: op.clone(),
+        error,
+    };
+    rec.record(&record(Phase::Invoke, None))?;
+    let result = match op {
+        Op::Start { flow_type, instance, input } => {
+            client.start_flow(flow_type, instance, input, false, None).await.map(|_| ())
+        }
+        Op::Send { flow_type, instance, message_type, key, payload } => client
+            .send_message(flow_type, instance, message_type, payload, Some(key.clone()))
+            .await
+            .map(|_| ()),
+    };
+    match &result {
+        Ok(()) => rec.record(&record(Phase::Ok, None))?,
+        Err(e) if definite(e) => rec.record(&record(Phase::Fail, Some(e.to_string())))?,
+        Err(e) => rec.record(&record(Phase::Info, Some(e.to_string())))?,
+    }
+    Ok(result.is_ok())
+}
+
 /// One client task: starts orders and signups and verifies some signups (with duplicate
 /// deliveries through different nodes), one operation at a time.
 async fn worker(
@@ -322,63 +361,17 @@ async fn worker(
             });
             Op::Start { flow_type: "order".into(), instance, input: input.to_string() }
         };
-        let id = ids.fetch_add(1, Ordering::SeqCst);
-        let record = |phase: Phase, error: Option<String>| OpRecord {
-            id,
-            t_ms: now_ms(),
-            process,
-            node: *node,
-            phase,
-            op: op.clone(),
-            error,
-        };
-        rec.record(&record(Phase::Invoke, None))?;
-        let result = match &op {
-            Op::Start { flow_type, instance, input } => {
-                client.start_flow(flow_type, instance, input, false, None).await.map(|_| ())
-            }
-            Op::Send { flow_type, instance, message_type, key, payload } => client
-                .send_message(flow_type, instance, message_type, payload, Some(key.clone()))
-                .await
-                .map(|_| ()),
-        };
-        match result {
-            Ok(()) => {
-                rec.record(&record(Phase::Ok, None))?;
-                done += 1;
-            }
-            Err(e) if definite(&e) => rec.record(&record(Phase::Fail, Some(e.to_string())))?,
-            Err(e) => rec.record(&record(Phase::Info, Some(e.to_string())))?,
+        if perform(&rec, &ids, process, *node, client, &op).await? {
+            done += 1;
         }
         // A duplicate delivery of a message, through another node, now and then.
-        if let Op::Send { flow_type, instance, message_type, key, payload } = &op {
-            if rng.random_bool(0.3) {
-                let (dup_node, dup) = &clients[rng.random_range(0..clients.len())];
-                let id = ids.fetch_add(1, Ordering::SeqCst);
-                let dup_record = |phase: Phase, error: Option<String>| OpRecord {
-                    id,
-                    t_ms: now_ms(),
-                    process,
-                    node: *dup_node,
-                    phase,
-                    op: op.clone(),
-                    error,
-                };
-                rec.record(&dup_record(Phase::Invoke, None))?;
-                match dup.send_message(flow_type, instance, message_type, payload, Some(key.clone())).await {
-                    Ok(_) => rec.record(&dup_record(Phase::Ok, None))?,
-                    Err(e) if definite(&e) => rec.record(&dup_record(Phase::Fail, Some(e.to_string())))?,
-                    Err(e) => rec.record(&dup_record(Phase::Info, Some(e.to_string())))?,
-                }
-            }
+        if matches!(op, Op::Send { .. }) && rng.random_bool(0.3) {
+            let (dup_node, dup) = &clients[rng.random_range(0..clients.len())];
+            perform(&rec, &ids, process, *dup_node, dup, &op).await?;
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(5..40))).await;
     }
     Ok(done)
-}
-
-fn terminal(status: &str) -> bool {
-    matches!(status, "succeeded" | "failed" | "cancelled")
 }
 
 /// Every flow, read once all are terminal (or the wait ran out: then as they are).
@@ -395,7 +388,7 @@ async fn final_state(client: &Client, wanted: usize) -> Result<Vec<FinalFlow>> {
                 None => break,
             }
         }
-        let open = all.iter().filter(|f| !terminal(&f.status)).count();
+        let open = all.iter().filter(|f| !history::terminal(&f.status)).count();
         if (open == 0 && all.len() >= wanted) || Instant::now() > deadline {
             if open > 0 {
                 println!("{open} of {} flows not terminal {:?} after the final heal", all.len(), WAIT);

@@ -99,7 +99,7 @@ pub struct NodeArgs<X: Args> {
     pub retention_secs: Option<u64>,
     /// This node's snapshot policy: a group snapshots its state after this many log entries
     /// and keeps a quarter of that (at most 1,000) for slow followers.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = fetter_raft::node::DEFAULT_SNAPSHOT_AFTER_ENTRIES, value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_after_entries: u64,
     /// The local address of the connections this node opens to other nodes (default: the
     /// system's choice). Several nodes on one host, each listening on its own address, give

@@ -94,6 +94,9 @@ pub struct NodeConfig {
     pub source_ip: Option<std::net::IpAddr>,
 }
 
+/// Entries after which a group snapshots its state, unless configured otherwise.
+pub const DEFAULT_SNAPSHOT_AFTER_ENTRIES: u64 = 10_000;
+
 impl NodeConfig {
     /// A config with production timing and snapshot policy.
     pub fn new(node_id: NodeId, listen: SocketAddr, data_dir: PathBuf, cluster_id: ClusterId) -> Self {
@@ -103,7 +106,7 @@ impl NodeConfig {
             data_dir,
             cluster_id: Some(cluster_id),
             timing: Timing::production(),
-            snapshot_after_entries: 10_000,
+            snapshot_after_entries: DEFAULT_SNAPSHOT_AFTER_ENTRIES,
             entries_kept_after_snapshot: 1_000,
             cache_bytes: storage::DEFAULT_CACHE_BYTES,
             source_ip: None,

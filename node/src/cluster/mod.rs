@@ -120,7 +120,7 @@ impl NodeOptions {
             retention: None,
             max_payload_bytes: None,
             cache_bytes: fetter_raft::storage::DEFAULT_CACHE_BYTES,
-            snapshot_after_entries: 10_000,
+            snapshot_after_entries: fetter_raft::node::DEFAULT_SNAPSHOT_AFTER_ENTRIES,
             source_ip: None,
         }
     }
@@ -363,6 +363,9 @@ impl ClusterNode {
     /// and the API, and (on the lowest initial member) initializes the cluster once every peer
     /// is ready.
     pub async fn start(options: NodeOptions, registry: Registry) -> Result<ClusterNode, StartError> {
+        if options.snapshot_after_entries == 0 {
+            return Err(StartError::Config("--snapshot-after-entries must be at least 1".into()));
+        }
         let stored = read_stored(&options.data_dir)?;
         if options.peers.is_some() && options.join.is_some() {
             return Err(StartError::Config("give either --peers or --join, not both".into()));
@@ -433,9 +436,6 @@ impl ClusterNode {
         config.cluster_id = cluster_id;
         config.timing = options.timing.clone();
         config.cache_bytes = options.cache_bytes;
-        if options.snapshot_after_entries == 0 {
-            return Err(StartError::Config("--snapshot-after-entries must be at least 1".into()));
-        }
         config.snapshot_after_entries = options.snapshot_after_entries;
         config.source_ip = options.source_ip;
         config.entries_kept_after_snapshot = (options.snapshot_after_entries / 4).min(1_000);

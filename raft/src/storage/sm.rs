@@ -116,8 +116,7 @@ impl StateReader {
         self.read(|kv| read_row::<Option<LogId>>(kv, ROW_APPLIED).map(Option::flatten))
     }
 
-    /// A digest of the whole applied state (every row but the redo record, which is this
-    /// replica's own bookkeeping), with the last applied index read before and after the scan:
+    /// A digest of the whole applied state ([`state_rows`]), with the last applied index read before and after the scan:
     /// replicas at the same index must have the same digest. The scan is not a snapshot, so a
     /// digest is only meaningful when both indexes agree (nothing was applied meanwhile).
     pub fn digest(&self) -> Result<StateDigest, StorageError> {
@@ -125,11 +124,8 @@ impl StateReader {
         let tree = read(&self.current).clone();
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let mut rows = 0u64;
-        for row in tree.iter() {
+        for row in state_rows(&tree) {
             let (k, v) = row.map_err(|e| sm_read(any(e)))?;
-            if k.as_ref() == ROW_REDO {
-                continue;
-            }
             hasher.update(&(k.len() as u64).to_le_bytes());
             hasher.update(&k);
             hasher.update(&(v.len() as u64).to_le_bytes());
@@ -139,6 +135,12 @@ impl StateReader {
         let after = self.last_applied()?.map(|l| l.index);
         Ok(StateDigest { applied_index: after, stable: before == after, rows, digest: hasher.digest128() })
     }
+}
+
+/// The rows of a group's applied state in key order: every row of its tree but the redo record
+/// (this replica's own bookkeeping of its last apply). What a snapshot carries and a digest hashes.
+fn state_rows(tree: &sled::Tree) -> impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> {
+    tree.iter().filter(|r| r.as_ref().map_or(true, |(k, _)| k.as_ref() != ROW_REDO))
 }
 
 /// What [`StateReader::digest`] found.
@@ -327,11 +329,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // Called by the state-machine worker between applies: the copy below is consistent.
         let tree = self.tree();
-        let rows: Result<Rows, sled::Error> = tree
-            .iter()
-            .filter(|r| r.as_ref().map_or(true, |(k, _)| k.as_ref() != ROW_REDO))
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
-            .collect();
+        let rows: Result<Rows, sled::Error> =
+            state_rows(&tree).map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec()))).collect();
         SnapshotBuilder {
             rows,
             db: self.db.clone(),
