@@ -250,26 +250,6 @@ fn payload_key(payload: &str) -> Option<String> {
     serde_json::from_str::<Value>(payload).ok()?.get("key")?.as_str().map(str::to_owned)
 }
 
-/// A fault's window: merged from its start and end records.
-#[derive(Debug, Clone, Copy)]
-struct Window {
-    start_ms: u64,
-    /// `None`: never healed, the window extends forever.
-    end_ms: Option<u64>,
-}
-
-fn windows(faults: &[FaultRecord]) -> Vec<Window> {
-    let mut by_id: BTreeMap<u64, Window> = BTreeMap::new();
-    for f in faults {
-        let w = by_id.entry(f.id).or_insert(Window { start_ms: f.start_ms, end_ms: None });
-        w.start_ms = w.start_ms.min(f.start_ms);
-        if let Some(end) = f.end_ms {
-            w.end_ms = Some(w.end_ms.map_or(end, |e| e.max(end)));
-        }
-    }
-    by_id.into_values().collect()
-}
-
 /// Checks a run. Every invariant counts each individual check it makes.
 ///
 /// # The ledger of an `order` (examples/src/flows/order.rs)
@@ -358,7 +338,7 @@ pub fn check(
     }
 
     // 4, 5, 6: orders.
-    let windows = windows(faults);
+    let windows = history::merge_faults(faults);
     let none: Vec<&LedgerEntry> = Vec::new();
     for f in finals.iter().filter(|f| f.flow.starts_with("order/")) {
         let entries = ledger_by_flow.get(f.flow.as_str()).unwrap_or(&none);
@@ -579,7 +559,7 @@ fn check_order(f: &FinalFlow, entries: &[&LedgerEntry], inv: &mut Invariant) {
 fn check_unknown_in_window(
     f: &FinalFlow,
     entries: &[&LedgerEntry],
-    windows: &[Window],
+    windows: &[FaultRecord],
     slack: u64,
     inv: &mut Invariant,
 ) {

@@ -163,6 +163,18 @@ pub struct FaultRecord {
     pub kind: FaultKind,
 }
 
+/// Each fault once, in id order: its start record and its end record (written when it was
+/// healed) merged. A fault never healed keeps `end_ms: None`.
+pub fn merge_faults(records: &[FaultRecord]) -> Vec<FaultRecord> {
+    let mut by_id: std::collections::BTreeMap<u64, FaultRecord> = std::collections::BTreeMap::new();
+    for f in records {
+        let merged = by_id.entry(f.id).or_insert_with(|| f.clone());
+        merged.start_ms = merged.start_ms.min(f.start_ms);
+        merged.end_ms = merged.end_ms.max(f.end_ms);
+    }
+    by_id.into_values().collect()
+}
+
 /// Appends JSON lines to a file, from any task.
 #[derive(Clone)]
 pub struct Recorder {

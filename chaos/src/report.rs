@@ -40,7 +40,7 @@ pub fn write(dir: &Path, seed: u64, report: &CheckReport) -> Result<()> {
         t
     };
     let mut kinds: BTreeMap<&str, (usize, u64, Vec<u64>)> = BTreeMap::new();
-    for f in faults.iter().filter(|f| f.end_ms.is_some()) {
+    for f in history::merge_faults(&faults).iter().filter(|f| f.end_ms.is_some()) {
         let name = match f.kind {
             FaultKind::Kill { .. } => "kill -9",
             FaultKind::Pause { .. } => "SIGSTOP",

@@ -66,13 +66,6 @@ pub fn render(history: &[OpRecord], faults: &[FaultRecord], title: &str) -> Stri
     svg
 }
 
-/// A fault merged from its records.
-struct Fault {
-    start_ms: u64,
-    end_ms: Option<u64>,
-    kind: FaultKind,
-}
-
 /// Per-second data of the run.
 struct Buckets {
     /// `ok` per second, by the node the operation was sent to.
@@ -85,24 +78,6 @@ struct Buckets {
     latencies: Vec<Vec<u64>>,
     /// Operations that completed with each phase: ok, fail, info.
     outcomes: [usize; 3],
-}
-
-fn merge_faults(faults: &[FaultRecord]) -> Vec<Fault> {
-    let mut merged: BTreeMap<u64, Fault> = BTreeMap::new();
-    for f in faults {
-        match merged.get_mut(&f.id) {
-            Some(m) => {
-                m.start_ms = m.start_ms.min(f.start_ms);
-                if f.end_ms.is_some() {
-                    m.end_ms = f.end_ms;
-                }
-            }
-            None => {
-                merged.insert(f.id, Fault { start_ms: f.start_ms, end_ms: f.end_ms, kind: f.kind.clone() });
-            }
-        }
-    }
-    merged.into_values().collect()
 }
 
 fn bucket_history(history: &[OpRecord], t0: u64, n: usize) -> Buckets {
@@ -165,7 +140,7 @@ fn render_into(
         return svg.write_str("</svg>\n");
     }
 
-    let faults = merge_faults(faults);
+    let faults = history::merge_faults(faults);
     let times = history
         .iter()
         .map(|r| r.t_ms)
