@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use fetter_examples::fakes::Email;
 
-use crate::history::{self, DigestRecord, FaultRecord, FinalFlow, Op, OpRecord, Phase};
+use crate::history::{self, DigestRecord, FaultRecord, FinalFlow, Op, OpRecord, Phase, PlacementRecord};
 
 /// How many violations of one invariant [`CheckReport::summary`] shows.
 const SUMMARY_VIOLATIONS: usize = 3;
@@ -164,7 +164,27 @@ pub fn check_dir(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     report.invariants.push(check_timers_not_early(&ledger, &finals));
     let digests: Vec<DigestRecord> = history::read_lines(&dir.join(history::DIGESTS))?;
     report.invariants.push(check_replicas(&digests));
+    let placement: Vec<PlacementRecord> = history::read_lines(&dir.join(history::PLACEMENT))?;
+    report.invariants.push(check_placement(&placement));
     Ok(report)
+}
+
+/// `replicas_restored` (required): after the final heal every shard has a leader and
+/// `min(3, members)` replicas, all of them current members (a lost node's replicas moved to the
+/// others and to its successor).
+pub fn check_placement(placement: &[PlacementRecord]) -> Invariant {
+    let mut inv = Invariant::new("replicas_restored", true);
+    for p in placement {
+        let wanted = 3.min(p.members.len());
+        let on_members = p.replicas.iter().all(|r| p.members.contains(r));
+        inv.check(p.leader.is_some() && p.replicas.len() == wanted && on_members, || {
+            format!(
+                "shard {}: leader {:?}, replicas {:?} with members {:?} (wanted {wanted} replicas, all members)",
+                p.shard, p.leader, p.replicas, p.members
+            )
+        });
+    }
+    inv
 }
 
 /// `timers_not_early` (optional): a signup's first reminder comes at least its reminder
@@ -992,6 +1012,8 @@ mod tests {
         write(&dir.join(history::FINAL), &run.finals);
         let digests: Vec<DigestRecord> = (1..=3).map(|n| digest(0, n, 7, "aa")).collect();
         write(&dir.join(history::DIGESTS), &digests);
+        let placement = vec![placed(0, Some(1), &[1, 2, 3], &[1, 2, 3])];
+        write(&dir.join(history::PLACEMENT), &placement);
         let (h, f, l, fin) = load(&dir).unwrap();
         assert_eq!((h.len(), f.len(), l.len(), fin.len()), (run.history.len(), 2, run.ledger.len(), 4));
         let report = check_dir(&dir, &CheckOptions::default()).unwrap();
@@ -1000,7 +1022,33 @@ mod tests {
         let mut expected = run.check();
         expected.invariants.push(check_timers_not_early(&run.ledger, &run.finals));
         expected.invariants.push(check_replicas(&digests));
+        expected.invariants.push(check_placement(&placement));
         assert_eq!(report, expected);
+    }
+
+    fn placed(shard: u32, leader: Option<u64>, replicas: &[u64], members: &[u64]) -> PlacementRecord {
+        PlacementRecord { shard, leader, replicas: replicas.to_vec(), members: members.to_vec() }
+    }
+
+    #[test]
+    fn a_shard_with_too_few_replicas_or_one_on_a_lost_node_is_reported() {
+        let members = [1, 2, 5];
+        let good: Vec<PlacementRecord> = (0..3).map(|k| placed(k, Some(1), &[1, 2, 5], &members)).collect();
+        let inv = check_placement(&good);
+        assert!(inv.passed() && inv.checked == 3, "{inv:?}");
+        // Chaos seed 245960196731812 before the fix: two replicas although three members live.
+        let mut short = good.clone();
+        short[1].replicas = vec![1, 5];
+        let inv = check_placement(&short);
+        assert!(inv.violations.len() == 1 && inv.violations[0].contains("shard 1"), "{inv:?}");
+        let mut stale = good.clone();
+        stale[2].replicas = vec![1, 2, 4];
+        assert!(!check_placement(&stale).passed(), "a replica on the lost node 4");
+        let mut leaderless = good;
+        leaderless[0].leader = None;
+        assert!(!check_placement(&leaderless).passed());
+        assert!(check_placement(&[placed(0, Some(1), &[1], &[1])]).passed(), "one node: one replica");
+        assert!(!check_placement(&[]).passed(), "nothing recorded: nothing checked, and it is required");
     }
 
     fn digest(shard: u32, node: u64, index: u64, digest: &str) -> DigestRecord {

@@ -6,6 +6,9 @@
 //! - `faults.jsonl`: every fault with its start and (once healed) end;
 //! - `ledger.jsonl`: the fake services' ledger, written by the nodes (`fetter_examples::ledger`);
 //! - `final.jsonl`: every flow as read through the API after the final heal.
+//! - `digests.jsonl`: every node's digest of every shard after the final heal;
+//! - `placement.jsonl`: every shard's leader and replicas after the final heal, with the members
+//!   the harness had then.
 //!
 //! The checker reads only these files: it shares no code with the node beyond the file formats.
 
@@ -28,6 +31,8 @@ pub const FINAL: &str = "final.jsonl";
 pub const RUN: &str = "run.json";
 /// The replica digests of a run directory.
 pub const DIGESTS: &str = "digests.jsonl";
+/// Where every shard's replicas were after the final heal.
+pub const PLACEMENT: &str = "placement.jsonl";
 
 /// The phase of an operation record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,4 +271,17 @@ pub struct DigestRecord {
     pub rows: u64,
     /// The digest of the state (hex).
     pub digest: String,
+}
+
+/// One line of `placement.jsonl`: one shard as cluster status showed it after the final heal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementRecord {
+    /// The shard.
+    pub shard: u32,
+    /// Its leader, if it had one.
+    pub leader: Option<u64>,
+    /// Its voters.
+    pub replicas: Vec<u64>,
+    /// The cluster's members as the harness knew them (replaced nodes gone, successors in).
+    pub members: Vec<u64>,
 }

@@ -11,8 +11,10 @@
 
 pub mod checker;
 pub mod history;
-pub mod net;
 pub mod report;
 pub mod run;
 pub mod schedule;
 pub mod timeline;
+
+/// The network faults (shared with the tests).
+pub use fetter_tests::net;

@@ -54,6 +54,9 @@ enum Command {
         /// Run without kernel partitions (no root needed).
         #[arg(long)]
         no_partitions: bool,
+        /// Never lose a node for good (no removal and replacement).
+        #[arg(long)]
+        no_replacements: bool,
         /// Plant a bug in every node, to see the checker catch it: amo-rerun, timer-early.
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(fetter::bugs::BUGS.iter().copied()))]
         plant_bug: Option<String>,
@@ -96,11 +99,11 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { nodes, profile, minutes, seed, out, no_partitions, plant_bug } => {
+        Command::Run { nodes, profile, minutes, seed, out, no_partitions, no_replacements, plant_bug } => {
             let partitions = !no_partitions;
-            if partitions && std::env::var_os(net::IN_NAMESPACE).is_none() {
+            if partitions && !net::in_namespace() {
                 // Again, inside a network namespace of its own: its rules and processes die with it.
-                return match net::reexec_in_namespace() {
+                return match net::reexec_in_namespace(std::env::args_os().skip(1)) {
                     Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
                     Err(e) => {
                         eprintln!("error: {e:#}");
@@ -115,9 +118,7 @@ fn main() -> ExitCode {
                 ProfileName::Long => ("long", Duration::from_secs(minutes * 60)),
             };
             let out = out.unwrap_or_else(|| PathBuf::from(format!("chaos-runs/{name}-{seed}")));
-            // Node replacement only in `long` runs for now (README: a second replacement can
-            // leave shards with two replicas).
-            let replacements = matches!(profile, ProfileName::Long);
+            let replacements = !no_replacements;
             let opts = run::RunOptions { nodes, seed, duration, partitions, out, plant_bug, replacements };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,

@@ -83,8 +83,7 @@ pub struct Profile {
     pub nodes: u64,
     /// Whether kernel partitions are available (a private network namespace as root).
     pub partitions: bool,
-    /// Whether nodes are lost and replaced (the `long` profile; kept out of `ci` while a second
-    /// replacement can leave shards with two replicas, see the README).
+    /// Whether nodes are lost and replaced.
     pub replacements: bool,
 }
 

@@ -17,6 +17,8 @@ use fetter::proto;
 use fetter::Client;
 use fetter_examples::ledger::{Ledger, LedgerEntry};
 
+pub mod net;
+
 /// Bound on every wait of the harness.
 pub const WAIT: Duration = Duration::from_secs(120);
 
@@ -58,13 +60,27 @@ impl TestCluster {
     /// [`TestCluster::start`] with node `i` on port `base + i - 1` (a test that runs two
     /// clusters on the same ports, one after the other, picks the ports itself).
     pub async fn start_at(exe: &str, nodes: u64, base: u16, node_args: &[&str]) -> Result<TestCluster> {
+        TestCluster::start_with(exe, nodes, node_args, |local| local.base_port(base)).await
+    }
+
+    /// [`TestCluster::start`] with each node on its own loopback address (`127.0.1.N`, see
+    /// [`LocalCluster::own_addresses`]), for a test that cuts the network between them ([`net`]).
+    pub async fn start_own_addresses(exe: &str, nodes: u64, node_args: &[&str]) -> Result<TestCluster> {
+        TestCluster::start_with(exe, nodes, node_args, |local| local.own_addresses(true)).await
+    }
+
+    async fn start_with(
+        exe: &str,
+        nodes: u64,
+        node_args: &[&str],
+        place: impl FnOnce(LocalCluster) -> LocalCluster,
+    ) -> Result<TestCluster> {
         let turn = ONE_AT_A_TIME.clone().lock_owned().await;
         let dir = tempfile::tempdir()?;
         let ledger = dir.path().join("ledger.jsonl");
         let mut args: Vec<String> = vec!["--ledger".into(), ledger.display().to_string()];
         args.extend(node_args.iter().map(|s| s.to_string()));
-        let mut local = LocalCluster::new(exe, dir.path().join("cluster"), nodes)
-            .base_port(base)
+        let mut local = place(LocalCluster::new(exe, dir.path().join("cluster"), nodes))
             .shards(6)
             .timing("relaxed")
             .node_args(args);

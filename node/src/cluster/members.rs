@@ -83,10 +83,9 @@ pub(crate) async fn add_node(
             .map_err(journal_status)?;
         let (voters, _) = group.members();
         if voters.len() < REPLICAS && !voters.contains(&id) {
-            let mut voters = voters;
-            voters.insert(id);
-            group
-                .change_members(MembershipOp::SetVoters { voters: voters.clone() })
+            // Decided again by the group's leader: the reconciler may have filled the seat.
+            let voters = group
+                .change_members(MembershipOp::AddVoter { node: id, replicas: REPLICAS as u32 })
                 .await
                 .map_err(journal_status)?;
             if let Some(shard) = shard {
@@ -115,15 +114,12 @@ pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Statu
     let changes = groups(shared).map(|(shard, group)| async move {
         let (voters, nodes) = group.members();
         if voters.contains(&id) {
-            let mut next: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != id).collect();
             // A learner takes its place (live ones first).
             let mut spare: Vec<NodeId> =
                 nodes.keys().copied().filter(|n| *n != id && !voters.contains(n)).collect();
             spare.sort_by_key(|n| !shared.liveness.is_alive(*n));
-            if let Some(replacement) = spare.first() {
-                next.insert(*replacement);
-            }
-            if next.is_empty() {
+            let replacement = spare.first().copied();
+            if voters.len() == 1 && replacement.is_none() {
                 return Err(Status::failed_precondition(format!(
                     "node {id} is the only replica of {}",
                     group.group()
@@ -139,8 +135,9 @@ pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Statu
                     }
                 }
             }
-            group
-                .change_members(MembershipOp::SetVoters { voters: next.clone() })
+            // Decided by the group's leader on the voters it holds then (a seat may have moved).
+            let next = group
+                .change_members(MembershipOp::RetireVoter { node: id, replacement })
                 .await
                 .map_err(journal_status)?;
             if let Some(shard) = shard {
@@ -150,6 +147,7 @@ pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Statu
         group
             .change_members(MembershipOp::RemoveNodes { nodes: BTreeSet::from([id]) })
             .await
+            .map(|_| ())
             .map_err(journal_status)
     });
     futures::future::try_join_all(changes).await?;

@@ -187,6 +187,8 @@ struct Inner {
     handing_over: std::sync::atomic::AtomicU64,
     /// While handing over: every proposal is refused (before: only new work is).
     handover_closed: std::sync::atomic::AtomicBool,
+    /// Held while this node carries out a membership change (one at a time).
+    membership_changes: tokio::sync::Mutex<()>,
 }
 
 impl GroupHandle {
@@ -218,6 +220,7 @@ impl GroupHandle {
                 at_most_once: watch::Sender::new(0),
                 handing_over: std::sync::atomic::AtomicU64::new(0),
                 handover_closed: std::sync::atomic::AtomicBool::new(false),
+                membership_changes: tokio::sync::Mutex::new(()),
             }),
         }
     }

@@ -179,6 +179,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // entries a crash leaves below the purge point are removed at the next open.
         self.write_meta(KEY_PURGED, &log_id)?;
         self.remove_upto(log_id.index)?;
+        // One line per snapshot's purge; the message names the tree and the index (tests read it).
+        tracing::info!("purged {} up to index {}", String::from_utf8_lossy(&self.log.name()), log_id.index);
         Ok(())
     }
 }

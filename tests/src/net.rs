@@ -1,18 +1,18 @@
-//! Network faults made by the kernel: the harness runs in a private network namespace of its
-//! own (`unshare --net`), where every node has its own loopback address (`127.0.1.N`) and sends
-//! from it, and nftables rules in that namespace drop the traffic between chosen addresses.
-//! The namespace, its rules and every process in it go away with the harness, whatever way it
-//! ends.
+//! Network faults made by the kernel: a harness (the chaos runner, or one test) runs in a
+//! private network namespace of its own (`unshare --net`), where every node has its own loopback
+//! address (`127.0.1.N`) and sends from it, and nftables rules in that namespace drop the
+//! traffic between chosen addresses. The namespace, its rules and every process in it go away
+//! with the harness, whatever way it ends.
 
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
 /// Set in the environment of the harness once it runs inside its own namespace.
-pub const IN_NAMESPACE: &str = "FETTER_CHAOS_NETNS";
+pub const IN_NAMESPACE: &str = "FETTER_NETNS";
 
 /// The nftables table of the harness.
-const TABLE: &str = "fetter_chaos";
+const TABLE: &str = "fetter_net";
 
 fn run(program: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(program)
@@ -35,22 +35,48 @@ pub fn is_root() -> bool {
     })
 }
 
-/// Runs this program again, with the same arguments, in a new network namespace, and returns
-/// its exit code. The child sees [`IN_NAMESPACE`] set.
-pub fn reexec_in_namespace() -> Result<i32> {
+/// Whether this process runs inside a namespace made by [`reexec_in_namespace`].
+pub fn in_namespace() -> bool {
+    std::env::var_os(IN_NAMESPACE).is_some()
+}
+
+/// Runs this program again with `args` in a new network namespace, and returns its exit code.
+/// The child sees [`IN_NAMESPACE`] set.
+pub fn reexec_in_namespace(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<i32> {
     if !is_root() {
-        bail!("network partitions need root (a private network namespace and nftables); run as root or pass --no-partitions");
+        bail!("network partitions need root (a private network namespace and nftables)");
     }
     let exe = std::env::current_exe().context("cannot find this program")?;
     let status = Command::new("unshare")
         .arg("--net")
         .arg("--")
         .arg(exe)
-        .args(std::env::args_os().skip(1))
+        .args(args)
         .env(IN_NAMESPACE, "1")
         .status()
         .context("cannot run unshare (util-linux)")?;
     Ok(status.code().unwrap_or(1))
+}
+
+/// For a test of this test binary that cuts the network between nodes: `Ok(true)` inside the
+/// namespace (set up: go on with the test); otherwise runs the test `name` again inside a new
+/// namespace, fails if it fails there, and returns `Ok(false)` (the test ran: return). Without
+/// root it cannot run: it says so and returns `Ok(false)`.
+pub fn test_in_namespace(name: &str) -> Result<bool> {
+    if in_namespace() {
+        setup()?;
+        return Ok(true);
+    }
+    if !is_root() {
+        eprintln!("SKIPPED {name}: kernel partitions need root (a private network namespace and nftables)");
+        return Ok(false);
+    }
+    let args = [name, "--exact", "--nocapture", "--test-threads", "1"].map(std::ffi::OsString::from);
+    let code = reexec_in_namespace(args)?;
+    if code != 0 {
+        bail!("{name} failed in its network namespace (exit code {code})");
+    }
+    Ok(false)
 }
 
 /// Inside the namespace: brings loopback up and creates the harness's empty rule set.
@@ -94,6 +120,31 @@ pub fn cut(a: &[String], b: &[String], one_way: bool) -> Result<()> {
                 run(
                     "nft",
                     &["add", "rule", "inet", TABLE, "cut", "ip", "saddr", y, "ip", "daddr", x, "drop"],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Like [`cut`] both ways, but every TCP packet between `a` and `b` is refused with a reset
+/// instead of dropped: connections between them break at once, so nothing a node sent during
+/// the cut (still in a socket's buffer) arrives once it heals — as when a machine behind a
+/// firewall that rejects, or one that rebooted its network, is reached again.
+pub fn cut_resetting(a: &[String], b: &[String]) -> Result<()> {
+    for x in a {
+        for y in b {
+            for (from, to) in [(x, y), (y, x)] {
+                run(
+                    "nft",
+                    &[
+                        "add", "rule", "inet", TABLE, "cut", "ip", "saddr", from, "ip", "daddr", to, "meta",
+                        "l4proto", "tcp", "reject", "with", "tcp", "reset",
+                    ],
+                )?;
+                run(
+                    "nft",
+                    &["add", "rule", "inet", TABLE, "cut", "ip", "saddr", from, "ip", "daddr", to, "drop"],
                 )?;
             }
         }
