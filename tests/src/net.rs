@@ -130,7 +130,8 @@ pub fn cut(a: &[String], b: &[String], one_way: bool) -> Result<()> {
 /// Like [`cut`] both ways, but every TCP packet between `a` and `b` is refused with a reset
 /// instead of dropped: connections between them break at once, so nothing a node sent during
 /// the cut (still in a socket's buffer) arrives once it heals — as when a machine behind a
-/// firewall that rejects, or one that rebooted its network, is reached again.
+/// firewall that rejects, or one that rebooted its network, is reached again. (The resets
+/// themselves pass: a reset refused by the rule for the other direction would never arrive.)
 pub fn cut_resetting(a: &[String], b: &[String]) -> Result<()> {
     for x in a {
         for y in b {
@@ -138,8 +139,8 @@ pub fn cut_resetting(a: &[String], b: &[String]) -> Result<()> {
                 run(
                     "nft",
                     &[
-                        "add", "rule", "inet", TABLE, "cut", "ip", "saddr", from, "ip", "daddr", to, "meta",
-                        "l4proto", "tcp", "reject", "with", "tcp", "reset",
+                        "add", "rule", "inet", TABLE, "cut", "ip", "saddr", from, "ip", "daddr", to, "tcp",
+                        "flags", "&", "rst", "==", "0", "reject", "with", "tcp", "reset",
                     ],
                 )?;
                 run(

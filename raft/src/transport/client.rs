@@ -42,8 +42,18 @@ const LARGE_IN_FLIGHT: usize = 8;
 /// A request waiting to be sent in the next batch to its peer.
 struct Pending {
     request: RaftRequest,
-    timeout: Duration,
+    /// When its caller stops waiting for the reply.
+    deadline: tokio::time::Instant,
     reply: oneshot::Sender<Result<ProtoResult, CallError>>,
+}
+
+impl Pending {
+    /// Its caller has stopped waiting: sending it would only deliver a stale request (an
+    /// AppendEntries that Raft has given up on and may have replaced by a snapshot) once the
+    /// peer is reachable again.
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed() || tokio::time::Instant::now() >= self.deadline
+    }
 }
 
 /// Lazily created channels to peers, shared by every group of this node.
@@ -155,7 +165,7 @@ impl Peers {
         }
         let batcher = self.batcher(addr)?;
         let (reply, rx) = oneshot::channel();
-        let pending = Pending { request, timeout, reply };
+        let pending = Pending { request, deadline: tokio::time::Instant::now() + timeout, reply };
         match tokio::time::timeout(timeout, async {
             batcher.send(pending).await.map_err(|_| CallError::Failed("peer batcher stopped".into()))?;
             rx.await.map_err(|_| CallError::Failed("peer batcher dropped the request".into()))?
@@ -185,7 +195,9 @@ impl Peers {
 /// Sends what is waiting for one peer as batches, at most `MUX_IN_FLIGHT` at a time. While
 /// batches are in flight, new requests queue and leave together in the next one. A batch closes
 /// at `MAX_BATCH_REQUESTS` requests or before the request that would take it past
-/// `MAX_BATCH_BYTES` (that one opens the next batch; a batch always holds at least one).
+/// `MAX_BATCH_BYTES` (that one opens the next batch; a batch always holds at least one). A
+/// request whose caller stopped waiting while it queued (the peer did not answer in time) is
+/// dropped, never sent late.
 async fn run_batcher(client: RaftTransportClient<Channel>, mut rx: mpsc::Receiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(MUX_IN_FLIGHT));
     let mut carried: Option<Pending> = None;
@@ -198,10 +210,14 @@ async fn run_batcher(client: RaftTransportClient<Channel>, mut rx: mpsc::Receive
             },
         };
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        if first.abandoned() {
+            continue;
+        }
         let mut bytes = first.request.payload.len();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH_REQUESTS {
             match rx.try_recv() {
+                Ok(p) if p.abandoned() => {}
                 Ok(p) if bytes + p.request.payload.len() > MAX_BATCH_BYTES => {
                     carried = Some(p);
                     break;
@@ -216,7 +232,9 @@ async fn run_batcher(client: RaftTransportClient<Channel>, mut rx: mpsc::Receive
         let mut client = client.clone();
         tokio::spawn(async move {
             // Waiters whose own timeout ran out have gone; the batch waits for the longest budget.
-            let timeout = batch.iter().map(|p| p.timeout).max().unwrap_or_default();
+            let now = tokio::time::Instant::now();
+            let timeout =
+                batch.iter().map(|p| p.deadline.saturating_duration_since(now)).max().unwrap_or_default();
             let (requests, waiters): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|p| (p.request, p.reply)).unzip();
             let count = requests.len();
@@ -412,5 +430,116 @@ impl RaftNetwork<TypeConfig> for Network {
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         self.send(RpcKind::Vote, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+    use crate::ids::{Incarnation, NodeId};
+    use crate::transport::proto::raft_transport_server::{RaftTransport, RaftTransportServer};
+    use crate::transport::proto::{raft_response, RaftBatchResponse, RaftResponse};
+
+    /// A peer that records the payload of every request it receives and answers only while
+    /// `answering` (until then a call hangs, as to a node cut off by a partition).
+    #[derive(Clone, Default)]
+    struct Recorder {
+        seen: Arc<Mutex<Vec<Vec<u8>>>>,
+        answering: Arc<AtomicBool>,
+    }
+
+    impl Recorder {
+        async fn answer(&self, requests: Vec<RaftRequest>) -> Vec<RaftResponse> {
+            lock(&self.seen).extend(requests.iter().map(|r| r.payload.clone()));
+            while !self.answering.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            requests
+                .into_iter()
+                .map(|r| RaftResponse { result: Some(raft_response::Result::Ok(r.payload)) })
+                .collect()
+        }
+    }
+
+    #[tonic::async_trait]
+    impl RaftTransport for Recorder {
+        async fn call(&self, request: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
+            let mut responses = self.answer(vec![request.into_inner()]).await;
+            responses.pop().map(Response::new).ok_or_else(|| Status::internal("no response"))
+        }
+
+        async fn call_batch(
+            &self,
+            request: Request<RaftBatch>,
+        ) -> Result<Response<RaftBatchResponse>, Status> {
+            Ok(Response::new(RaftBatchResponse {
+                responses: self.answer(request.into_inner().requests).await,
+            }))
+        }
+    }
+
+    fn request(n: u8) -> RaftRequest {
+        RaftRequest { payload: vec![n], ..Default::default() }
+    }
+
+    /// Partition test `a_waiting_start_on_a_node_cut_off_…`: requests that queued behind calls
+    /// to an unreachable peer, and whose callers gave up, reached the peer once it was back (an
+    /// AppendEntries from before the cut brought a flow's end that a snapshot should have).
+    #[tokio::test]
+    async fn a_request_whose_caller_gave_up_is_never_sent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let peer = Recorder::default();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(peer.clone()))
+                .serve(addr),
+        );
+        let peers = Peers::new(Identity::new(NodeId(1), Incarnation(1), None));
+        let addr = addr.to_string();
+        // Wait for the server, with a call answered at once.
+        peer.answering.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while peers.send(&addr, request(0), Duration::from_millis(500)).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "the test peer never answered");
+        }
+        // Unreachable: MUX_IN_FLIGHT calls hang in flight (for a second), the requests behind
+        // them queue, and their callers give up sooner.
+        peer.answering.store(false, Ordering::SeqCst);
+        lock(&peer.seen).clear();
+        let mut in_flight = Vec::new();
+        for n in 1..=MUX_IN_FLIGHT as u8 {
+            let (peers, addr) = (peers.clone(), addr.clone());
+            in_flight.push(tokio::spawn(async move {
+                peers.send(&addr, request(n), Duration::from_secs(1)).await
+            }));
+            while lock(&peer.seen).len() < usize::from(n) {
+                assert!(tokio::time::Instant::now() < deadline, "call {n} never reached the peer");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let queued = (10..16u8).map(|n| peers.send(&addr, request(n), Duration::from_millis(100)));
+        for outcome in futures::future::join_all(queued).await {
+            assert!(matches!(outcome, Err(CallError::Timeout)), "{outcome:?}");
+        }
+        for call in in_flight {
+            let outcome = call.await.unwrap();
+            assert!(matches!(outcome, Err(CallError::Timeout)), "{outcome:?}");
+        }
+        let hung: Vec<Vec<u8>> = lock(&peer.seen).clone();
+        assert_eq!(hung.len(), MUX_IN_FLIGHT, "only the calls in flight reached the peer: {hung:?}");
+        // Reachable again: a new request is answered, and the abandoned ones never arrive.
+        peer.answering.store(true, Ordering::SeqCst);
+        let fresh = peers.send(&addr, request(9), Duration::from_secs(5)).await;
+        assert!(fresh.is_ok(), "{fresh:?}");
+        let seen: Vec<Vec<u8>> = lock(&peer.seen).clone();
+        let late: Vec<&Vec<u8>> = seen.iter().filter(|p| p.first().is_some_and(|n| *n >= 10)).collect();
+        assert!(late.is_empty(), "abandoned requests were sent late: {late:?} (all seen: {seen:?})");
+        server.abort();
     }
 }
