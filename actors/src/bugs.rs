@@ -4,12 +4,16 @@
 //!
 //! - `amo-rerun`: replay runs an at-most-once effect again when its outcome was not recorded
 //!   (instead of failing the flow `effect_outcome_unknown`);
-//! - `timer-early`: a timer is armed for a quarter of its timeout.
+//! - `timer-early`: a timer is armed for a quarter of its timeout;
+//! - `timer-late`: a timer is armed [`TIMER_LATE_MS`] after its deadline.
 //!
 //! Without the feature every bug is off and this module is empty code.
 
 /// The names of the bugs that can be planted.
-pub const BUGS: &[&str] = &["amo-rerun", "timer-early"];
+pub const BUGS: &[&str] = &["amo-rerun", "timer-early", "timer-late"];
+
+/// How late the planted bug `timer-late` arms a timer.
+pub const TIMER_LATE_MS: u64 = 10_000;
 
 /// Whether the bug `name` is planted in this process.
 #[cfg(feature = "chaos-bugs")]

@@ -12,6 +12,9 @@
 //! | `no_refund_of_unknown_shipment` | no | an order whose shipment is unknown was not refunded |
 //! | `unknown_outcome_in_fault_window` | no | an unknown shipment happened near a fault |
 //! | `messages_once_per_key` | no | no message key twice in a flow; every acknowledged send there once |
+//! | `timers_not_early`, `timers_not_late` | no | a signup's first reminder neither before its interval nor later than faults explain |
+//! | `loans_decided_on_their_log` | no | every loan succeeded with the decision its event log implies |
+//! | `replicas_agree`, `replicas_restored` | yes | after the heal: replicas with one digest; 3 replicas per shard on members |
 //!
 //! Each invariant counts the individual checks it made; a required invariant that checked
 //! nothing fails the run (a run that checked nothing cannot pass). Optional invariants are the
@@ -162,6 +165,8 @@ pub fn check_dir(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     let (history, faults, ledger, finals) = load(dir)?;
     let mut report = check(&history, &faults, &ledger, &finals, opts);
     report.invariants.push(check_timers_not_early(&ledger, &finals));
+    report.invariants.push(check_timers_not_late(&ledger, &finals, &faults, opts.fault_slack_ms));
+    report.invariants.push(check_loans(&finals));
     let digests: Vec<DigestRecord> = history::read_lines(&dir.join(history::DIGESTS))?;
     report.invariants.push(check_replicas(&digests));
     let placement: Vec<PlacementRecord> = history::read_lines(&dir.join(history::PLACEMENT))?;
@@ -187,18 +192,23 @@ pub fn check_placement(placement: &[PlacementRecord]) -> Invariant {
     inv
 }
 
-/// `timers_not_early` (optional): a signup's first reminder comes at least its reminder
-/// interval after its first activation mail. The reminder is sent when the timer `verify-0`
-/// fires, and that timer is armed (deadline: now + interval) only after the activation mail's
-/// effect completed, which is after the mail's first call; so a first reminder earlier than
-/// that means a timer fired before its deadline. (Later reminders cannot be told apart in the
-/// ledger: they share one key, and an at-least-once mail may be sent again after a crash.)
-pub fn check_timers_not_early(ledger: &[LedgerEntry], finals: &[FinalFlow]) -> Invariant {
-    let mut inv = Invariant::new("timers_not_early", false);
+/// A signup's first reminder as the ledger shows it: the first and last call of its activation
+/// mail, its first reminder, and its reminder interval.
+struct FirstReminder<'a> {
+    flow: &'a str,
+    activation_first: u64,
+    activation_last: u64,
+    reminder: u64,
+    interval: u64,
+}
+
+/// Every signup of `finals` that sent a reminder, with its [`FirstReminder`].
+fn first_reminders<'a>(ledger: &'a [LedgerEntry], finals: &'a [FinalFlow]) -> Vec<FirstReminder<'a>> {
     let mut mails: BTreeMap<&str, Vec<&LedgerEntry>> = BTreeMap::new();
     for e in ledger.iter().filter(|e| e.service == Email::SERVICE && e.op == Email::SEND) {
         mails.entry(e.flow.as_str()).or_default().push(e);
     }
+    let mut out = Vec::new();
     for f in finals.iter().filter(|f| f.flow.starts_with("signup/")) {
         let Ok(input) = serde_json::from_str::<Value>(&f.input) else { continue };
         let (Some(customer), Some(interval)) = (
@@ -208,18 +218,129 @@ pub fn check_timers_not_early(ledger: &[LedgerEntry], finals: &[FinalFlow]) -> I
             continue;
         };
         let entries = mails.get(f.flow.as_str()).map(Vec::as_slice).unwrap_or_default();
-        let first = |template: &str| {
+        let calls = |template: &str| {
             let key = Email::key_of(template, customer);
-            entries.iter().filter(|e| e.key == key).map(|e| e.ts_ms).min()
+            let times: Vec<u64> = entries.iter().filter(|e| e.key == key).map(|e| e.ts_ms).collect();
+            times.iter().min().copied().zip(times.iter().max().copied())
         };
-        let (Some(activation), Some(reminder)) = (first(Email::ACTIVATION), first(Email::REMINDER)) else {
+        let (Some((activation_first, activation_last)), Some((reminder, _))) =
+            (calls(Email::ACTIVATION), calls(Email::REMINDER))
+        else {
             continue;
         };
-        inv.check(reminder >= activation + interval, || {
+        out.push(FirstReminder { flow: &f.flow, activation_first, activation_last, reminder, interval });
+    }
+    out
+}
+
+/// `timers_not_early` (optional): a signup's first reminder comes at least its reminder
+/// interval after its first activation mail. The reminder is sent when the timer `verify-0`
+/// fires, and that timer is armed (deadline: now + interval) only after the activation mail's
+/// effect completed, which is after the mail's first call; so a first reminder earlier than
+/// that means a timer fired before its deadline. (Later reminders cannot be told apart in the
+/// ledger: they share one key, and an at-least-once mail may be sent again after a crash.)
+pub fn check_timers_not_early(ledger: &[LedgerEntry], finals: &[FinalFlow]) -> Invariant {
+    let mut inv = Invariant::new("timers_not_early", false);
+    for r in first_reminders(ledger, finals) {
+        inv.check(r.reminder >= r.activation_first + r.interval, || {
             format!(
-                "{}: first reminder {} ms after the activation mail, before the {interval} ms interval",
+                "{}: first reminder {} ms after the activation mail, before the {} ms interval",
+                r.flow,
+                r.reminder.saturating_sub(r.activation_first),
+                r.interval
+            )
+        });
+    }
+    inv
+}
+
+/// `timers_not_late` (optional): a signup's first reminder comes at most `slack_ms` after its
+/// timer's deadline, not counting the time faults were active in between (a shard may have had
+/// no leader then). The deadline is at most the interval after the activation mail's last call
+/// (the timer is armed once the mail's effect is journaled, just after its last call), so a
+/// reminder later than that, beyond what the faults explain, is a timer that fired late or not
+/// at all until something else woke its flow.
+pub fn check_timers_not_late(
+    ledger: &[LedgerEntry],
+    finals: &[FinalFlow],
+    faults: &[FaultRecord],
+    slack_ms: u64,
+) -> Invariant {
+    let mut inv = Invariant::new("timers_not_late", false);
+    let mut windows: Vec<(u64, u64)> =
+        history::merge_faults(faults).iter().map(|f| (f.start_ms, f.end_ms.unwrap_or(u64::MAX))).collect();
+    windows.sort_unstable();
+    for r in first_reminders(ledger, finals) {
+        let deadline = r.activation_last + r.interval;
+        // The time within [deadline, reminder] covered by at least one fault.
+        let (mut faulty, mut covered_to) = (0, deadline);
+        for &(start, end) in &windows {
+            let (from, to) = (start.max(covered_to), end.min(r.reminder));
+            if to > from {
+                faulty += to - from;
+                covered_to = to;
+            }
+        }
+        let late = r.reminder.saturating_sub(deadline);
+        inv.check(late <= faulty + slack_ms, || {
+            format!(
+                "{}: first reminder {late} ms after its timer's deadline, {faulty} ms of it under faults (bound: {slack_ms} ms more)",
+                r.flow
+            )
+        });
+    }
+    inv
+}
+
+/// `loans_decided_on_their_log` (optional): every loan application succeeded with the decision
+/// its own event log implies. The loan flow's contract (examples/src/flows/loan.rs): it asks
+/// bureaus `bureau-a`, `-b` and `-c`, then takes up to three `CreditCheckOutcome` messages from
+/// its log until its window's timer `replies` fires; of those, each asked bureau's first reply
+/// counts; rejected if a counted reply rejects or fewer than two count, approved otherwise. So
+/// the messages it took are the first (up to three) before the `replies` firing in its log, or
+/// the first three if the timer never fired; a decision on anything else (a replay that saw
+/// other messages, a reply counted twice or after the window) is a violation.
+pub fn check_loans(finals: &[FinalFlow]) -> Invariant {
+    const ASKED: [&str; 3] = ["bureau-a", "bureau-b", "bureau-c"];
+    let mut inv = Invariant::new("loans_decided_on_their_log", false);
+    for f in finals.iter().filter(|f| f.flow.starts_with("loan/")) {
+        let fired = f.fired.iter().find(|(timer, _)| timer == "replies").map(|(_, before)| *before);
+        let replies: Vec<(String, bool)> = f.messages
+            [..fired.unwrap_or(f.messages.len()).min(f.messages.len())]
+            .iter()
+            .filter(|(kind, _)| kind == "CreditCheckOutcome")
+            .filter_map(|(_, payload)| {
+                let v: Value = serde_json::from_str(payload).ok()?;
+                Some((v.get("bureau")?.as_str()?.to_string(), v.get("approved")?.as_bool()?))
+            })
+            .take(3)
+            .collect();
+        if f.status != "succeeded" {
+            inv.check(false, || format!("{}: {} ({:?}), a loan always succeeds", f.flow, f.status, f.error));
+            continue;
+        }
+        if fired.is_none() && replies.len() < 3 {
+            inv.check(false, || {
+                format!("{}: decided on {} replies without its window closing", f.flow, replies.len())
+            });
+            continue;
+        }
+        let mut counted: Vec<&(String, bool)> = Vec::new();
+        for reply in &replies {
+            if ASKED.contains(&reply.0.as_str()) && !counted.iter().any(|c| c.0 == reply.0) {
+                counted.push(reply);
+            }
+        }
+        let approved = counted.len() >= 2 && counted.iter().all(|c| c.1);
+        let output: Option<Value> = f.output.as_deref().and_then(|o| serde_json::from_str(o).ok());
+        let got =
+            output.as_ref().and_then(|o| Some((o.get("approved")?.as_bool()?, o.get("replies")?.as_u64()?)));
+        inv.check(got == Some((approved, counted.len() as u64)), || {
+            format!(
+                "{}: decided {:?}, but its log implies approved {approved} on {} replies ({replies:?})",
                 f.flow,
-                reminder.saturating_sub(activation)
+                f.output,
+                counted.len()
             )
         });
     }
@@ -741,6 +862,8 @@ mod tests {
             error: None,
             input: reformatted(input),
             messages: Vec::new(),
+            output: None,
+            fired: Vec::new(),
         }
     }
 
@@ -1021,6 +1144,8 @@ mod tests {
         assert!(report.passed(), "{}", report.summary());
         let mut expected = run.check();
         expected.invariants.push(check_timers_not_early(&run.ledger, &run.finals));
+        expected.invariants.push(check_timers_not_late(&run.ledger, &run.finals, &run.faults, 5_000));
+        expected.invariants.push(check_loans(&run.finals));
         expected.invariants.push(check_replicas(&digests));
         expected.invariants.push(check_placement(&placement));
         assert_eq!(report, expected);
@@ -1101,6 +1226,8 @@ mod tests {
                 serde_json::json!({"customer_id": instance, "email": "x@y", "reminder_interval_ms": interval})
                     .to_string(),
             messages: Vec::new(),
+            output: None,
+            fired: Vec::new(),
         }
     }
 
@@ -1121,5 +1248,88 @@ mod tests {
         let inv = check_timers_not_early(&ledger, &finals);
         assert_eq!(inv.violations.len(), 1, "{inv:?}");
         assert!(inv.violations[0].contains("signup/s-2") && inv.violations[0].contains("1500 ms"), "{inv:?}");
+    }
+
+    fn loan(
+        instance: &str,
+        replies: &[(&str, bool)],
+        fired_after: Option<usize>,
+        output: (bool, u64),
+    ) -> FinalFlow {
+        FinalFlow {
+            flow: format!("loan/{instance}"),
+            status: "succeeded".into(),
+            error_kind: None,
+            error: None,
+            input: "{}".into(),
+            messages: replies
+                .iter()
+                .map(|(bureau, approved)| {
+                    let payload = serde_json::json!({"bureau": bureau, "approved": approved, "key": format!("{bureau}:{instance}")});
+                    ("CreditCheckOutcome".to_string(), payload.to_string())
+                })
+                .collect(),
+            output: Some(serde_json::json!({"approved": output.0, "replies": output.1, "reason": null}).to_string()),
+            fired: fired_after.map(|n| vec![("replies".to_string(), n)]).unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn a_loan_decided_on_other_replies_than_its_log_holds_is_caught() {
+        let good = vec![
+            // Three replies: decided without the window.
+            loan("l-1", &[("bureau-a", true), ("bureau-b", true), ("bureau-c", true)], None, (true, 3)),
+            // The window closed after two; a third came later and does not count.
+            loan("l-2", &[("bureau-b", true), ("bureau-a", true), ("bureau-c", false)], Some(2), (true, 2)),
+            // One reply in time: rejected on too few.
+            loan("l-3", &[("bureau-c", true)], Some(1), (false, 1)),
+            // A rejection counts; a repeated bureau counts once.
+            loan("l-4", &[("bureau-a", false), ("bureau-a", true), ("bureau-b", true)], None, (false, 2)),
+        ];
+        let inv = check_loans(&good);
+        assert!(inv.passed() && inv.checked == 4, "{inv:?}");
+        // The late rejection counted: a decision its log does not imply.
+        let late = vec![loan(
+            "l-2",
+            &[("bureau-b", true), ("bureau-a", true), ("bureau-c", false)],
+            Some(2),
+            (false, 3),
+        )];
+        let inv = check_loans(&late);
+        assert!(inv.violations.len() == 1 && inv.violations[0].contains("loan/l-2"), "{inv:?}");
+        // Finished on two replies with no window closed.
+        let early = vec![loan("l-5", &[("bureau-a", true), ("bureau-b", true)], None, (true, 2))];
+        assert!(check_loans(&early).violations[0].contains("without its window closing"));
+        let mut failed = loan("l-6", &[], Some(0), (false, 0));
+        failed.status = "failed".into();
+        assert!(!check_loans(&[failed]).passed(), "a loan always succeeds");
+    }
+
+    fn fault(id: u64, start_ms: u64, end_ms: u64) -> FaultRecord {
+        FaultRecord { id, start_ms, end_ms: Some(end_ms), kind: FaultKind::Kill { node: 1 } }
+    }
+
+    #[test]
+    fn a_reminder_late_beyond_what_faults_explain_is_a_late_timer() {
+        let finals = vec![signup("s-1", 2_000), signup("s-2", 2_000)];
+        let ledger = vec![
+            mail("signup/s-1", Email::ACTIVATION, "s-1", 1_000),
+            mail("signup/s-1", Email::REMINDER, "s-1", 4_000),
+            mail("signup/s-2", Email::ACTIVATION, "s-2", 1_000),
+            // A replay's mail: the timer's deadline is counted from the last call.
+            mail("signup/s-2", Email::ACTIVATION, "s-2", 2_000),
+            mail("signup/s-2", Email::REMINDER, "s-2", 20_000),
+        ];
+        // s-2 is 16 s late; a 12 s fault (two overlapping records) in between explains 12 s.
+        let faults = vec![fault(1, 5_000, 12_000), fault(2, 10_000, 17_000)];
+        let inv = check_timers_not_late(&ledger, &finals, &faults, 5_000);
+        assert!(inv.passed() && inv.checked == 2, "{inv:?}");
+        let inv = check_timers_not_late(&ledger, &finals, &faults[..1], 5_000);
+        assert_eq!(inv.violations.len(), 1, "{inv:?}");
+        assert!(
+            inv.violations[0].contains("signup/s-2") && inv.violations[0].contains("16000 ms after"),
+            "{inv:?}"
+        );
+        assert!(inv.violations[0].contains("7000 ms of it under faults"), "{inv:?}");
     }
 }

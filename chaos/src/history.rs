@@ -254,6 +254,12 @@ pub struct FinalFlow {
     /// The messages in the flow's event log: (message type, payload JSON text).
     #[serde(default)]
     pub messages: Vec<(String, String)>,
+    /// The output of a succeeded flow, JSON text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Each timer firing in the flow's event log: (timer id, how many messages precede it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fired: Vec<(String, usize)>,
 }
 
 /// One line of `digests.jsonl`: one node's replica of one shard after the final heal.

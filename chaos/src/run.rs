@@ -342,8 +342,22 @@ async fn perform(
     Ok(result.is_ok())
 }
 
-/// One client task: starts orders and signups and verifies some signups (with duplicate
-/// deliveries through different nodes), one operation at a time.
+/// The reply window of the loans the workload applies for.
+const LOAN_WINDOW_MS: u64 = 2_500;
+
+/// A credit bureau's reply to a loan application, which the worker (playing the bureau) sends
+/// once it is due: some at once (often before the flow waits for replies), most within the
+/// window, some after it.
+struct BureauReply {
+    due: Instant,
+    instance: String,
+    bureau: &'static str,
+    approved: bool,
+}
+
+/// One client task: starts orders, signups and loan applications, verifies some signups and
+/// answers loans as their credit bureaus (with duplicate deliveries through different nodes),
+/// one operation at a time.
 async fn worker(
     process: u32,
     seed: u64,
@@ -354,12 +368,26 @@ async fn worker(
 ) -> Result<u64> {
     let mut rng = StdRng::seed_from_u64(seed ^ (u64::from(process) << 32));
     let mut signups: Vec<String> = Vec::new();
+    let mut replies: Vec<BureauReply> = Vec::new();
     let mut done = 0;
     let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) {
         n += 1;
         let (node, client) = &clients[rng.random_range(0..clients.len())];
-        let op = if !signups.is_empty() && rng.random_bool(0.3) {
+        let due = replies.iter().position(|r| r.due <= Instant::now());
+        let op = if let Some(i) = due.filter(|_| rng.random_bool(0.7)) {
+            let reply = replies.swap_remove(i);
+            let key = format!("{}:{}", reply.bureau, reply.instance);
+            let payload =
+                serde_json::json!({ "bureau": reply.bureau, "approved": reply.approved, "key": key });
+            Op::Send {
+                flow_type: "loan".into(),
+                instance: reply.instance,
+                message_type: "CreditCheckOutcome".into(),
+                payload: payload.to_string(),
+                key,
+            }
+        } else if !signups.is_empty() && rng.random_bool(0.3) {
             let instance = signups[rng.random_range(0..signups.len())].clone();
             let key = format!("verify-{instance}-{}", rng.random_range(0..2));
             Op::Send {
@@ -378,6 +406,27 @@ async fn worker(
                 "reminder_interval_ms": 2_000,
             });
             Op::Start { flow_type: "signup".into(), instance, input: input.to_string() }
+        } else if rng.random_bool(0.12) {
+            let instance = format!("l-{process}-{n}");
+            for bureau in ["bureau-a", "bureau-b", "bureau-c"] {
+                if rng.random_bool(0.85) {
+                    let after =
+                        if rng.random_bool(0.2) { 0 } else { rng.random_range(0..LOAN_WINDOW_MS * 8 / 5) };
+                    replies.push(BureauReply {
+                        due: Instant::now() + Duration::from_millis(after),
+                        instance: instance.clone(),
+                        bureau,
+                        approved: rng.random_bool(0.9),
+                    });
+                }
+            }
+            let input = serde_json::json!({
+                "application_id": instance,
+                "customer_id": format!("c-{}", n % 17),
+                "amount_cents": 100_000 + n,
+                "reply_window_ms": LOAN_WINDOW_MS,
+            });
+            Op::Start { flow_type: "loan".into(), instance, input: input.to_string() }
         } else {
             let instance = format!("o-{process}-{n}");
             let input = serde_json::json!({
@@ -434,6 +483,16 @@ async fn final_state(client: &Client, wanted: usize) -> Result<Vec<FinalFlow>> {
                         .iter()
                         .filter(|e| e.kind == "message")
                         .map(|e| (e.name.clone(), e.payload_json.clone()))
+                        .collect(),
+                    output: flow.output_json.clone(),
+                    fired: flow
+                        .events
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, e)| e.kind == "timer_fired")
+                        .map(|(i, e)| {
+                            (e.name.clone(), flow.events[..i].iter().filter(|p| p.kind == "message").count())
+                        })
                         .collect(),
                 });
             }

@@ -26,9 +26,10 @@ fn log_of(c: &TestCluster, id: u64) -> String {
 /// (snapshots every 40 entries; the test reads the leader's purge in its log): the node can
 /// learn of the end only from a snapshot. (The cut refuses with resets, so nothing sent before
 /// it arrives late from a socket's buffer, and the transport drops requests whose caller gave
-/// up — before, such an AppendEntries brought the end after the heal.) The waiting call does
-/// not wait out its timeout: once the cut heals it answers `succeeded`, and the node's log
-/// shows the snapshot install of that shard. Checked: without the snapshot wake and the 1 s
+/// up — before, such an AppendEntries brought the end after the heal.) The cut lasts until the
+/// waiting call's re-read on the cut-off node has failed; the call neither gives up then nor
+/// waits out its timeout: once the cut heals it answers `succeeded`, and the node's log shows
+/// the snapshot install of that shard. Checked: without the snapshot wake and the 1 s
 /// re-read the call answers only at its 60 s deadline; with the snapshot wake alone, in ~90 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_start_on_a_node_cut_off_while_its_flow_finishes_answers_from_a_snapshot() -> Result<()> {
@@ -115,6 +116,16 @@ async fn a_waiting_start_on_a_node_cut_off_while_its_flow_finishes_answers_from_
             println!("the leader purged its log past index {ended_by} after {round} round(s) of 20 orders");
             break;
         }
+    }
+    // The cut lasts until the waiting call's re-read on its node has failed at least once.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !log_of(&c, waiter_node).get(log_from..).unwrap_or_default().contains("could not read its flow") {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the waiting start never re-read its flow\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     ensure!(!waiting.is_finished(), "the waiting start returned while its node was cut off");
     let healed = std::time::Instant::now();

@@ -197,6 +197,8 @@ impl Ctx {
         let deadline_ms = if crate::bugs::planted("timer-early") {
             let now = now_ms();
             now + deadline_ms.saturating_sub(now) / 4
+        } else if crate::bugs::planted("timer-late") {
+            deadline_ms + crate::bugs::TIMER_LATE_MS
         } else {
             deadline_ms
         };

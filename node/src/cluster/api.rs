@@ -255,11 +255,22 @@ impl Shared {
         let group = self.shards.get(shard.0 as usize).ok_or_else(|| Status::internal("no such shard"))?;
         let mut actions = group.subscribe_actions();
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut first = true;
         loop {
-            let view = self.view(flow).await?;
-            if matches!(view.status.as_str(), "succeeded" | "failed" | "cancelled") {
-                return Ok(view);
+            // The flow exists (its start was committed): a read that fails later (this node cut
+            // off from the shard's leader for a while) does not end the wait, the next one may
+            // succeed; only the deadline does.
+            match self.view(flow).await {
+                Ok(view) if matches!(view.status.as_str(), "succeeded" | "failed" | "cancelled") => {
+                    return Ok(view)
+                }
+                Ok(_) => {}
+                Err(e) if first => return Err(e),
+                Err(e) => {
+                    tracing::info!(%flow, error = %e.message(), "a waiting start could not read its flow; still waiting")
+                }
             }
+            first = false;
             if tokio::time::Instant::now() >= deadline {
                 return Err(Status::deadline_exceeded(format!(
                     "flow {flow} has not finished within {timeout:?}"
