@@ -14,6 +14,7 @@
 //! | `messages_once_per_key` | no | no message key twice in a flow; every acknowledged send there once |
 //! | `timers_not_early`, `timers_not_late` | no | a signup's first reminder neither before its interval nor later than faults explain |
 //! | `loans_decided_on_their_log` | no | every loan succeeded with the decision its event log implies |
+//! | `batches_complete` | no | every bulk batch's order started once as a child, its result delivered once, listed once as it ended |
 //! | `replicas_agree`, `replicas_restored` | yes | after the heal: replicas with one digest; 3 replicas per shard on members |
 //!
 //! Each invariant counts the individual checks it made; a required invariant that checked
@@ -167,6 +168,7 @@ pub fn check_dir(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     report.invariants.push(check_timers_not_early(&ledger, &finals));
     report.invariants.push(check_timers_not_late(&ledger, &finals, &faults, opts.fault_slack_ms));
     report.invariants.push(check_loans(&finals));
+    report.invariants.push(check_batches(&finals));
     let digests: Vec<DigestRecord> = history::read_lines(&dir.join(history::DIGESTS))?;
     report.invariants.push(check_replicas(&digests));
     let placement: Vec<PlacementRecord> = history::read_lines(&dir.join(history::PLACEMENT))?;
@@ -341,6 +343,80 @@ pub fn check_loans(finals: &[FinalFlow]) -> Invariant {
                 f.flow,
                 f.output,
                 counted.len()
+            )
+        });
+    }
+    inv
+}
+
+/// `batches_complete` (optional): every `bulk-orders` batch succeeded; each of its orders
+/// was started once as the child flow `order/<order_id>` (it is in the final state, terminal,
+/// with the order as its input) and its result reached the batch once (one child result in the
+/// batch's log); the batch's output lists each order exactly once, under `succeeded` exactly
+/// when its child succeeded, else under `failed` with the child's error kind.
+pub fn check_batches(finals: &[FinalFlow]) -> Invariant {
+    let mut inv = Invariant::new("batches_complete", false);
+    let by_flow: BTreeMap<&str, &FinalFlow> = finals.iter().map(|f| (f.flow.as_str(), f)).collect();
+    for f in finals.iter().filter(|f| f.flow.starts_with("bulk-orders/")) {
+        let Ok(input) = serde_json::from_str::<Value>(&f.input) else { continue };
+        let orders: Vec<(String, &Value)> = input
+            .get("orders")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|o| Some((o.get("order_id")?.as_str()?.to_string(), o))).collect())
+            .unwrap_or_default();
+        if f.status != "succeeded" {
+            inv.check(false, || {
+                format!("{}: {} ({:?}), a batch of valid orders succeeds", f.flow, f.status, f.error)
+            });
+            continue;
+        }
+        let output: Value =
+            f.output.as_deref().and_then(|o| serde_json::from_str(o).ok()).unwrap_or_default();
+        let ids = |key: &str, field: Option<&str>| -> Vec<String> {
+            output
+                .get(key)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| match field {
+                            Some(field) => v.get(field)?.as_str().map(str::to_owned),
+                            None => v.as_str().map(str::to_owned),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let succeeded = ids("succeeded", None);
+        let failed = ids("failed", Some("order_id"));
+        for (id, order) in &orders {
+            let child = format!("order/{id}");
+            let results = f.child_results.iter().filter(|c| **c == child).count();
+            let listed =
+                succeeded.iter().filter(|s| *s == id).count() + failed.iter().filter(|s| *s == id).count();
+            let Some(final_child) = by_flow.get(child.as_str()) else {
+                inv.check(false, || format!("{}: its order {id} has no child flow {child}", f.flow));
+                continue;
+            };
+            let same_input = serde_json::from_str::<Value>(&final_child.input).ok().as_ref() == Some(*order);
+            let agrees = if succeeded.contains(id) {
+                final_child.status == "succeeded"
+            } else {
+                final_child.status != "succeeded" && history::terminal(&final_child.status)
+            };
+            inv.check(results == 1 && listed == 1 && same_input && agrees, || {
+                format!(
+                    "{}: order {id}: {results} child result(s) in its log, listed {listed} time(s) in its output, \
+                     child {} (input kept: {same_input})",
+                    f.flow, final_child.status
+                )
+            });
+        }
+        inv.check(succeeded.len() + failed.len() == orders.len(), || {
+            format!(
+                "{}: {} orders, {} listed in its output",
+                f.flow,
+                orders.len(),
+                succeeded.len() + failed.len()
             )
         });
     }
@@ -864,6 +940,7 @@ mod tests {
             messages: Vec::new(),
             output: None,
             fired: Vec::new(),
+            child_results: Vec::new(),
         }
     }
 
@@ -1146,6 +1223,7 @@ mod tests {
         expected.invariants.push(check_timers_not_early(&run.ledger, &run.finals));
         expected.invariants.push(check_timers_not_late(&run.ledger, &run.finals, &run.faults, 5_000));
         expected.invariants.push(check_loans(&run.finals));
+        expected.invariants.push(check_batches(&run.finals));
         expected.invariants.push(check_replicas(&digests));
         expected.invariants.push(check_placement(&placement));
         assert_eq!(report, expected);
@@ -1228,6 +1306,7 @@ mod tests {
             messages: Vec::new(),
             output: None,
             fired: Vec::new(),
+            child_results: Vec::new(),
         }
     }
 
@@ -1271,6 +1350,7 @@ mod tests {
                 .collect(),
             output: Some(serde_json::json!({"approved": output.0, "replies": output.1, "reason": null}).to_string()),
             fired: fired_after.map(|n| vec![("replies".to_string(), n)]).unwrap_or_default(),
+            child_results: Vec::new(),
         }
     }
 
@@ -1303,6 +1383,47 @@ mod tests {
         let mut failed = loan("l-6", &[], Some(0), (false, 0));
         failed.status = "failed".into();
         assert!(!check_loans(&[failed]).passed(), "a loan always succeeds");
+    }
+
+    /// A batch of orders o-a (succeeded) and o-b (failed), with their children.
+    fn batch() -> Vec<FinalFlow> {
+        let order = |id: &str| serde_json::json!({"order_id": id, "customer_id": "c", "total_cents": 1, "products": ["p-1"]});
+        let input = serde_json::json!({"batch_id": "b-1", "orders": [order("o-a"), order("o-b")]});
+        let output = serde_json::json!({
+            "batch_id": "b-1",
+            "succeeded": ["o-a"],
+            "failed": [{"order_id": "o-b", "kind": "effect_outcome_unknown", "message": "ship"}],
+        });
+        let mut b = final_flow("bulk-orders/b-1", "succeeded", &input.to_string());
+        b.output = Some(output.to_string());
+        b.child_results = vec!["order/o-b".into(), "order/o-a".into()];
+        vec![
+            b,
+            final_flow("order/o-a", "succeeded", &order("o-a").to_string()),
+            failed("order/o-b", &order("o-b").to_string(), "effect_outcome_unknown", "ship"),
+        ]
+    }
+
+    #[test]
+    fn a_batch_whose_child_result_came_twice_or_was_listed_wrong_is_caught() {
+        let inv = check_batches(&batch());
+        assert!(inv.passed() && inv.checked == 3, "{inv:?}");
+        let mut twice = batch();
+        twice[0].child_results.push("order/o-a".into());
+        let inv = check_batches(&twice);
+        assert!(
+            inv.violations.len() == 1 && inv.violations[0].contains("order o-a: 2 child result(s)"),
+            "{inv:?}"
+        );
+        let mut wrong = batch();
+        wrong[1].status = "failed".into();
+        assert!(!check_batches(&wrong).passed(), "listed succeeded, but the child failed");
+        let mut lost = batch();
+        lost.remove(2);
+        assert!(check_batches(&lost).violations[0].contains("no child flow order/o-b"));
+        let mut unlisted = batch();
+        unlisted[0].output = Some(serde_json::json!({"succeeded": ["o-a"], "failed": []}).to_string());
+        assert_eq!(check_batches(&unlisted).violations.len(), 2, "o-b listed 0 times, 1 of 2 listed");
     }
 
     fn fault(id: u64, start_ms: u64, end_ms: u64) -> FaultRecord {

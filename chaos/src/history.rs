@@ -260,6 +260,9 @@ pub struct FinalFlow {
     /// Each timer firing in the flow's event log: (timer id, how many messages precede it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fired: Vec<(String, usize)>,
+    /// Each child result in the flow's event log, in order: the child (`type/instance`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub child_results: Vec<String>,
 }
 
 /// One line of `digests.jsonl`: one node's replica of one shard after the final heal.

@@ -355,7 +355,8 @@ struct BureauReply {
     approved: bool,
 }
 
-/// One client task: starts orders, signups and loan applications, verifies some signups and
+/// One client task: starts orders, bulk batches of orders, signups and loan applications,
+/// verifies some signups and
 /// answers loans as their credit bureaus (with duplicate deliveries through different nodes),
 /// one operation at a time.
 async fn worker(
@@ -406,6 +407,21 @@ async fn worker(
                 "reminder_interval_ms": 2_000,
             });
             Op::Start { flow_type: "signup".into(), instance, input: input.to_string() }
+        } else if rng.random_bool(0.03) {
+            // A bulk batch: its orders are child flows on every shard.
+            let instance = format!("b-{process}-{n}");
+            let orders: Vec<serde_json::Value> = (0..rng.random_range(3..9u64))
+                .map(|i| {
+                    serde_json::json!({
+                        "order_id": format!("ob-{process}-{n}-{i}"),
+                        "customer_id": format!("c-{}", (n + i) % 17),
+                        "total_cents": 2_000 + i,
+                        "products": ["p-1"],
+                    })
+                })
+                .collect();
+            let input = serde_json::json!({ "batch_id": instance, "orders": orders });
+            Op::Start { flow_type: "bulk-orders".into(), instance, input: input.to_string() }
         } else if rng.random_bool(0.12) {
             let instance = format!("l-{process}-{n}");
             for bureau in ["bureau-a", "bureau-b", "bureau-c"] {
@@ -493,6 +509,12 @@ async fn final_state(client: &Client, wanted: usize) -> Result<Vec<FinalFlow>> {
                         .map(|(i, e)| {
                             (e.name.clone(), flow.events[..i].iter().filter(|p| p.kind == "message").count())
                         })
+                        .collect(),
+                    child_results: flow
+                        .events
+                        .iter()
+                        .filter(|e| e.kind == "child_finished")
+                        .map(|e| e.name.clone())
                         .collect(),
                 });
             }
