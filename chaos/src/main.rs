@@ -57,7 +57,7 @@ enum Command {
         /// Never lose a node for good (no removal and replacement).
         #[arg(long)]
         no_replacements: bool,
-        /// Plant a bug in every node, to see the checker catch it: amo-rerun, timer-early, timer-late.
+        /// Plant a bug in every node, to see the checker catch it: amo-rerun, timer-early, timer-late, outbox-ack-first.
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(fetter::bugs::BUGS.iter().copied()))]
         plant_bug: Option<String>,
     },

@@ -896,6 +896,13 @@ async fn deliver_outbox(
         };
         let entries = pending.into_iter().map(|(_, e)| e).collect();
         let deliver = ShardCommand::OutboxDeliver { source, first_seq, entries };
+        if crate::bugs::planted("outbox-ack-first") {
+            // Planted: the entries are acknowledged before the target has them.
+            let ack = ShardCommand::OutboxAck { target, upto_seq: last_seq };
+            group.propose_shard(ack).await.map_err(|e| e.to_string())?.map_err(|r| r.to_string())?;
+            let _ = target_group.submit_shard(deliver).await;
+            continue;
+        }
         // Entries the target already applied (a run cut off before its acknowledgement) are
         // skipped there; a gap cannot happen as long as only applied entries are acknowledged.
         target_group
