@@ -14,6 +14,7 @@
 //! | `messages_once_per_key` | no | no message key twice in a flow; every acknowledged send there once |
 //! | `timers_not_early`, `timers_not_late` | no | a signup's first reminder neither before its interval nor later than faults explain |
 //! | `loans_decided_on_their_log` | no | every loan succeeded with the decision its event log implies |
+//! | `newsletters_at_least_once` | no | every newsletter mailed each recipient at least once, no one else, and counted each once |
 //! | `batches_complete` | no | every bulk batch's order started once as a child, its result delivered once, listed once as it ended |
 //! | `replicas_agree`, `replicas_restored` | yes | after the heal: replicas with one digest; 3 replicas per shard on members |
 //!
@@ -169,6 +170,7 @@ pub fn check_dir(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     report.invariants.push(check_timers_not_late(&ledger, &finals, &faults, opts.fault_slack_ms));
     report.invariants.push(check_loans(&finals));
     report.invariants.push(check_batches(&finals));
+    report.invariants.push(check_newsletters(&ledger, &finals));
     let digests: Vec<DigestRecord> = history::read_lines(&dir.join(history::DIGESTS))?;
     report.invariants.push(check_replicas(&digests));
     let placement: Vec<PlacementRecord> = history::read_lines(&dir.join(history::PLACEMENT))?;
@@ -419,6 +421,48 @@ pub fn check_batches(finals: &[FinalFlow]) -> Invariant {
                 succeeded.len() + failed.len()
             )
         });
+    }
+    inv
+}
+
+/// `newsletters_at_least_once` (optional): every newsletter succeeded, mailed each of its
+/// recipients at least once (ledger key `newsletter:<address>`, under its own flow) and no one
+/// else, and its output counts each recipient once (its position is journaled: a replay may mail
+/// the recipients since the last checkpoint again, but never counts them twice).
+pub fn check_newsletters(ledger: &[LedgerEntry], finals: &[FinalFlow]) -> Invariant {
+    let mut inv = Invariant::new("newsletters_at_least_once", false);
+    let mut mails: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
+    for e in ledger.iter().filter(|e| e.service == Email::SERVICE && e.op == Email::SEND) {
+        *mails.entry(e.flow.as_str()).or_default().entry(e.key.as_str()).or_default() += 1;
+    }
+    for f in finals.iter().filter(|f| f.flow.starts_with("newsletter/")) {
+        let Ok(input) = serde_json::from_str::<Value>(&f.input) else { continue };
+        let recipients: Vec<&str> = input
+            .get("recipients")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).filter(|r| !r.is_empty()).collect())
+            .unwrap_or_default();
+        let sent = mails.get(f.flow.as_str()).cloned().unwrap_or_default();
+        let keys: BTreeSet<String> = recipients.iter().map(|r| Email::key_of(Email::NEWSLETTER, r)).collect();
+        let missing: Vec<&String> = keys.iter().filter(|k| !sent.contains_key(k.as_str())).collect();
+        let strangers: Vec<&&str> = sent.keys().filter(|k| !keys.contains(**k)).collect();
+        let output = f.output.as_deref().and_then(|o| o.trim().parse::<u64>().ok());
+        inv.check(
+            f.status == "succeeded"
+                && missing.is_empty()
+                && strangers.is_empty()
+                && output == Some(recipients.len() as u64),
+            || {
+                format!(
+                    "{}: {} ({:?}), output {:?} for {} recipients, never mailed {missing:?}, mailed outside the list {strangers:?}",
+                    f.flow,
+                    f.status,
+                    f.error,
+                    f.output,
+                    recipients.len()
+                )
+            },
+        );
     }
     inv
 }
@@ -1224,6 +1268,7 @@ mod tests {
         expected.invariants.push(check_timers_not_late(&run.ledger, &run.finals, &run.faults, 5_000));
         expected.invariants.push(check_loans(&run.finals));
         expected.invariants.push(check_batches(&run.finals));
+        expected.invariants.push(check_newsletters(&run.ledger, &run.finals));
         expected.invariants.push(check_replicas(&digests));
         expected.invariants.push(check_placement(&placement));
         assert_eq!(report, expected);
@@ -1424,6 +1469,33 @@ mod tests {
         let mut unlisted = batch();
         unlisted[0].output = Some(serde_json::json!({"succeeded": ["o-a"], "failed": []}).to_string());
         assert_eq!(check_batches(&unlisted).violations.len(), 2, "o-b listed 0 times, 1 of 2 listed");
+    }
+
+    #[test]
+    fn a_newsletter_recipient_never_mailed_or_counted_twice_is_caught() {
+        let input = serde_json::json!({"issue": "n-1", "recipients": ["a@x", "b@x"]}).to_string();
+        let mut done = final_flow("newsletter/n-1", "succeeded", &input);
+        done.output = Some("2".into());
+        let newsletter = |to: &str, ts_ms: u64| LedgerEntry {
+            service: Email::SERVICE.into(),
+            op: Email::SEND.into(),
+            flow: "newsletter/n-1".into(),
+            key: Email::key_of(Email::NEWSLETTER, to),
+            node: 1,
+            ts_ms,
+        };
+        // b@x mailed twice (a replay after a crash between the mail and its checkpoint): fine.
+        let ledger = vec![newsletter("a@x", 1), newsletter("b@x", 2), newsletter("b@x", 3)];
+        let inv = check_newsletters(&ledger, std::slice::from_ref(&done));
+        assert!(inv.passed() && inv.checked == 1, "{inv:?}");
+        let inv = check_newsletters(&ledger[..1], std::slice::from_ref(&done));
+        assert!(inv.violations.len() == 1 && inv.violations[0].contains("newsletter:b@x"), "{inv:?}");
+        let mut counted_twice = done.clone();
+        counted_twice.output = Some("3".into());
+        assert!(!check_newsletters(&ledger, &[counted_twice]).passed());
+        let mut stranger = ledger.clone();
+        stranger.push(newsletter("c@x", 4));
+        assert!(check_newsletters(&stranger, &[done]).violations[0].contains("outside the list"));
     }
 
     fn fault(id: u64, start_ms: u64, end_ms: u64) -> FaultRecord {

@@ -355,7 +355,8 @@ struct BureauReply {
     approved: bool,
 }
 
-/// One client task: starts orders, bulk batches of orders, signups and loan applications,
+/// One client task: starts orders, bulk batches of orders, newsletters, signups and loan
+/// applications,
 /// verifies some signups and
 /// answers loans as their credit bureaus (with duplicate deliveries through different nodes),
 /// one operation at a time.
@@ -407,6 +408,13 @@ async fn worker(
                 "reminder_interval_ms": 2_000,
             });
             Op::Start { flow_type: "signup".into(), instance, input: input.to_string() }
+        } else if rng.random_bool(0.02) {
+            // A newsletter: mails at least once per recipient, in constant space.
+            let instance = format!("n-{process}-{n}");
+            let recipients: Vec<String> =
+                (0..rng.random_range(5..20u64)).map(|i| format!("r{i}-{process}-{n}@example.org")).collect();
+            let input = serde_json::json!({ "issue": instance, "recipients": recipients });
+            Op::Start { flow_type: "newsletter".into(), instance, input: input.to_string() }
         } else if rng.random_bool(0.03) {
             // A bulk batch: its orders are child flows on every shard.
             let instance = format!("b-{process}-{n}");
