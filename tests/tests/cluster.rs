@@ -910,8 +910,8 @@ async fn large_messages_to_one_shard_through_the_api_are_all_appended_without_a_
 /// Which wake-up answers it is not controlled here: the leader's AppendEntries that was already
 /// in the frozen node's socket brings the flow's `Finished` before the snapshot. A node that
 /// learns of the end only from a snapshot needs a network partition (a follower that cannot be
-/// reached at all); that path is the unit test `a_waiting_start_wakes_on_its_flows_end_and_on_a_
-/// snapshot_install` in `fetter::cluster::api`, plus the waiter's re-read every second.
+/// reached at all): `tests/tests/partition.rs`, and the unit test `a_waiting_start_wakes_on_its_
+/// flows_end_and_on_a_snapshot_install` in `fetter::cluster::api`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_start_on_a_node_frozen_while_its_flow_finishes_answers_once_the_node_catches_up(
 ) -> Result<()> {
