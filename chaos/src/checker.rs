@@ -15,6 +15,7 @@
 //! | `timers_not_early`, `timers_not_late` | no | a signup's first reminder neither before its interval nor later than faults explain |
 //! | `loans_decided_on_their_log` | no | every loan succeeded with the decision its event log implies |
 //! | `newsletters_at_least_once` | no | every newsletter mailed each recipient at least once, no one else, and counted each once |
+//! | `messaging_orders_as_answered` | no | every message-driven order ended as its log and ledger say it must |
 //! | `batches_complete` | no | every bulk batch's order started once as a child, its result delivered once, listed once as it ended |
 //! | `replicas_agree`, `replicas_restored` | yes | after the heal: replicas with one digest; 3 replicas per shard on members |
 //!
@@ -171,6 +172,7 @@ pub fn check_dir(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     report.invariants.push(check_loans(&finals));
     report.invariants.push(check_batches(&finals));
     report.invariants.push(check_newsletters(&ledger, &finals));
+    report.invariants.push(check_messaging_orders(&ledger, &finals));
     let digests: Vec<DigestRecord> = history::read_lines(&dir.join(history::DIGESTS))?;
     report.invariants.push(check_replicas(&digests));
     let placement: Vec<PlacementRecord> = history::read_lines(&dir.join(history::PLACEMENT))?;
@@ -463,6 +465,77 @@ pub fn check_newsletters(ledger: &[LedgerEntry], finals: &[FinalFlow]) -> Invari
                 )
             },
         );
+    }
+    inv
+}
+
+/// `messaging_orders_as_answered` (optional): every message-driven order (`order-messaging`,
+/// the harness playing payments and logistics) ended as its log and ledger say it must (the
+/// flow's contract, examples/src/flows/order_messaging.rs): succeeded with the tracking id of
+/// the `ProductsShipped` in its log, shipped once, the reserved transaction captured, confirmed,
+/// nothing refunded; or failed `shipment_failed` (a `ShipmentFailed` and no `ProductsShipped` in
+/// its log) or `shipment_timeout` (neither), shipped once, refunded, never captured nor
+/// confirmed; or failed `effect_outcome_unknown` (its ship request interrupted), shipped at
+/// most once, never captured nor confirmed.
+pub fn check_messaging_orders(ledger: &[LedgerEntry], finals: &[FinalFlow]) -> Invariant {
+    let mut inv = Invariant::new("messaging_orders_as_answered", false);
+    let mut by_flow: BTreeMap<&str, Vec<&LedgerEntry>> = BTreeMap::new();
+    for e in ledger {
+        by_flow.entry(e.flow.as_str()).or_default().push(e);
+    }
+    for f in finals.iter().filter(|f| f.flow.starts_with("order-messaging/")) {
+        let order_id = f.flow.trim_start_matches("order-messaging/");
+        let l =
+            OrderLedger::of(by_flow.get(f.flow.as_str()).map(Vec::as_slice).unwrap_or_default(), order_id);
+        let message = |kind: &str| -> Option<Value> {
+            f.messages.iter().find(|(t, _)| t == kind).and_then(|(_, p)| serde_json::from_str(p).ok())
+        };
+        let shipped = message("ProductsShipped");
+        let one_tx = l.transactions.len() == 1;
+        let ok = match (f.status.as_str(), f.error_kind.as_deref()) {
+            ("succeeded", _) => {
+                let tracking = shipped.as_ref().and_then(|p| p.get("tracking_id")).and_then(Value::as_str);
+                let output: Option<Value> = f.output.as_deref().and_then(|o| serde_json::from_str(o).ok());
+                let got = output.as_ref().and_then(|o| o.get("tracking_id")).and_then(Value::as_str);
+                tracking.is_some()
+                    && got == tracking
+                    && l.ships == 1
+                    && one_tx
+                    && l.captured == l.reserved
+                    && l.confirmations >= 1
+                    && l.cancels == 0
+            }
+            ("failed", Some(kind @ ("shipment_failed" | "shipment_timeout"))) => {
+                let reported = message("ShipmentFailed").is_some();
+                shipped.is_none()
+                    && reported == (kind == "shipment_failed")
+                    && l.ships == 1
+                    && one_tx
+                    && l.cancels >= 1
+                    && l.captured.is_empty()
+                    && l.confirmations == 0
+            }
+            ("failed", Some("effect_outcome_unknown")) => {
+                l.ships <= 1 && l.captured.is_empty() && l.confirmations == 0
+            }
+            _ => false,
+        };
+        inv.check(ok, || {
+            format!(
+                "{}: {} {:?} ({:?}), output {:?}, log {:?}; ledger: {} ship(s), reserved {:?}, captured {:?}, {} refund(s), {} confirmation(s)",
+                f.flow,
+                f.status,
+                f.error_kind,
+                f.error,
+                f.output,
+                f.messages.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+                l.ships,
+                l.reserved,
+                l.captured,
+                l.cancels,
+                l.confirmations
+            )
+        });
     }
     inv
 }
@@ -1269,6 +1342,7 @@ mod tests {
         expected.invariants.push(check_loans(&run.finals));
         expected.invariants.push(check_batches(&run.finals));
         expected.invariants.push(check_newsletters(&run.ledger, &run.finals));
+        expected.invariants.push(check_messaging_orders(&run.ledger, &run.finals));
         expected.invariants.push(check_replicas(&digests));
         expected.invariants.push(check_placement(&placement));
         assert_eq!(report, expected);
@@ -1496,6 +1570,52 @@ mod tests {
         let mut stranger = ledger.clone();
         stranger.push(newsletter("c@x", 4));
         assert!(check_newsletters(&stranger, &[done]).violations[0].contains("outside the list"));
+    }
+
+    #[test]
+    fn a_messaging_order_that_did_not_end_as_answered_is_caught() {
+        let input = order_input("om-1", &["p-1"]);
+        let entry = |service: &str, op: &str, key: &str| LedgerEntry {
+            service: service.into(),
+            op: op.into(),
+            flow: "order-messaging/om-1".into(),
+            key: key.into(),
+            node: 1,
+            ts_ms: 1,
+        };
+        let shipped = vec![
+            entry("payment", "reserve", "tx"),
+            entry("logistics", "ship", "om-1"),
+            entry("payment", "capture", "tx"),
+            entry("email", "send", &format!("{ORDER_CONFIRMATION}:om-1")),
+        ];
+        let mut done = final_flow("order-messaging/om-1", "succeeded", &input);
+        done.messages = vec![
+            ("FundsReserved".into(), "{}".into()),
+            ("ProductsShipped".into(), r#"{"tracking_id":"tt-om-1"}"#.into()),
+        ];
+        done.output = Some(r#"{"tracking_id":"tt-om-1"}"#.into());
+        let inv = check_messaging_orders(&shipped, std::slice::from_ref(&done));
+        assert!(inv.passed() && inv.checked == 1, "{inv:?}");
+        // Shipped twice.
+        let mut twice = shipped.clone();
+        twice.push(entry("logistics", "ship", "om-1"));
+        assert!(!check_messaging_orders(&twice, std::slice::from_ref(&done)).passed());
+        // Another tracking id than logistics sent.
+        let mut other = done.clone();
+        other.output = Some(r#"{"tracking_id":"tt-else"}"#.into());
+        assert!(!check_messaging_orders(&shipped, &[other]).passed());
+        // Failed as "shipment failed" although the log holds the shipment.
+        let refunded = vec![
+            entry("payment", "reserve", "tx"),
+            entry("logistics", "ship", "om-1"),
+            entry("payment", "cancel", "tx"),
+        ];
+        let mut wrong = failed("order-messaging/om-1", &input, "shipment_failed", "out of stock");
+        wrong.messages = done.messages.clone();
+        assert!(!check_messaging_orders(&refunded, std::slice::from_ref(&wrong)).passed());
+        wrong.messages = vec![("ShipmentFailed".into(), r#"{"reason":"out of stock"}"#.into())];
+        assert!(check_messaging_orders(&refunded, &[wrong]).passed());
     }
 
     fn fault(id: u64, start_ms: u64, end_ms: u64) -> FaultRecord {

@@ -345,21 +345,23 @@ async fn perform(
 /// The reply window of the loans the workload applies for.
 const LOAN_WINDOW_MS: u64 = 2_500;
 
-/// A credit bureau's reply to a loan application, which the worker (playing the bureau) sends
-/// once it is due: some at once (often before the flow waits for replies), most within the
-/// window, some after it.
-struct BureauReply {
+/// A service's reply message that the worker (playing the service) sends once it is due: a
+/// credit bureau's to a loan application (some at once, often before the flow waits for
+/// replies, most within the window, some after it), or payments' and logistics' to a
+/// message-driven order (all sent ahead, in any order: a reply waits in the log until taken).
+struct Reply {
     due: Instant,
+    flow_type: &'static str,
     instance: String,
-    bureau: &'static str,
-    approved: bool,
+    message_type: &'static str,
+    payload: serde_json::Value,
+    key: String,
 }
 
-/// One client task: starts orders, bulk batches of orders, newsletters, signups and loan
-/// applications,
-/// verifies some signups and
-/// answers loans as their credit bureaus (with duplicate deliveries through different nodes),
-/// one operation at a time.
+/// One client task: starts orders (RPC and message-driven, playing payments and logistics for
+/// the latter), bulk batches of orders, newsletters, signups and loan applications, verifies
+/// some signups and answers loans as their credit bureaus (replies duplicated through other
+/// nodes), one operation at a time.
 async fn worker(
     process: u32,
     seed: u64,
@@ -370,7 +372,7 @@ async fn worker(
 ) -> Result<u64> {
     let mut rng = StdRng::seed_from_u64(seed ^ (u64::from(process) << 32));
     let mut signups: Vec<String> = Vec::new();
-    let mut replies: Vec<BureauReply> = Vec::new();
+    let mut replies: Vec<Reply> = Vec::new();
     let mut done = 0;
     let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) {
@@ -379,15 +381,12 @@ async fn worker(
         let due = replies.iter().position(|r| r.due <= Instant::now());
         let op = if let Some(i) = due.filter(|_| rng.random_bool(0.7)) {
             let reply = replies.swap_remove(i);
-            let key = format!("{}:{}", reply.bureau, reply.instance);
-            let payload =
-                serde_json::json!({ "bureau": reply.bureau, "approved": reply.approved, "key": key });
             Op::Send {
-                flow_type: "loan".into(),
+                flow_type: reply.flow_type.into(),
                 instance: reply.instance,
-                message_type: "CreditCheckOutcome".into(),
-                payload: payload.to_string(),
-                key,
+                message_type: reply.message_type.into(),
+                payload: reply.payload.to_string(),
+                key: reply.key,
             }
         } else if !signups.is_empty() && rng.random_bool(0.3) {
             let instance = signups[rng.random_range(0..signups.len())].clone();
@@ -430,17 +429,52 @@ async fn worker(
                 .collect();
             let input = serde_json::json!({ "batch_id": instance, "orders": orders });
             Op::Start { flow_type: "bulk-orders".into(), instance, input: input.to_string() }
+        } else if rng.random_bool(0.1) {
+            // A message-driven order: the worker plays payments and logistics, answering ahead.
+            let instance = format!("om-{process}-{n}");
+            let shipment = if rng.random_bool(0.95) {
+                ("ProductsShipped", serde_json::json!({ "tracking_id": format!("tt-{instance}") }))
+            } else {
+                ("ShipmentFailed", serde_json::json!({ "reason": "out of stock" }))
+            };
+            let answers = [
+                ("FundsReserved", serde_json::json!({})),
+                ("FundsCaptured", serde_json::json!({})),
+                shipment,
+            ];
+            for (message_type, mut payload) in answers {
+                let key = format!("{message_type}:{instance}");
+                payload["key"] = serde_json::Value::String(key.clone());
+                replies.push(Reply {
+                    due: Instant::now() + Duration::from_millis(rng.random_range(0..3_000)),
+                    flow_type: "order-messaging",
+                    instance: instance.clone(),
+                    message_type,
+                    payload,
+                    key,
+                });
+            }
+            let input = serde_json::json!({
+                "order_id": instance,
+                "customer_id": format!("c-{}", n % 17),
+                "total_cents": 3_000 + n,
+                "products": ["p-1"],
+            });
+            Op::Start { flow_type: "order-messaging".into(), instance, input: input.to_string() }
         } else if rng.random_bool(0.12) {
             let instance = format!("l-{process}-{n}");
             for bureau in ["bureau-a", "bureau-b", "bureau-c"] {
                 if rng.random_bool(0.85) {
                     let after =
                         if rng.random_bool(0.2) { 0 } else { rng.random_range(0..LOAN_WINDOW_MS * 8 / 5) };
-                    replies.push(BureauReply {
+                    let key = format!("{bureau}:{instance}");
+                    replies.push(Reply {
                         due: Instant::now() + Duration::from_millis(after),
+                        flow_type: "loan",
                         instance: instance.clone(),
-                        bureau,
-                        approved: rng.random_bool(0.9),
+                        message_type: "CreditCheckOutcome",
+                        payload: serde_json::json!({ "bureau": bureau, "approved": rng.random_bool(0.9), "key": key }),
+                        key,
                     });
                 }
             }
