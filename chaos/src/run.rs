@@ -182,7 +182,17 @@ impl Cluster {
         let e = |e: String| anyhow!(e);
         match kind {
             FaultKind::Kill { node } => self.local.restart(*node).await.map_err(e)?,
-            FaultKind::Pause { node } => self.local.signal(*node, Signal::Cont).map_err(e)?,
+            FaultKind::Pause { node } => {
+                self.local.signal(*node, Signal::Cont).map_err(e)?;
+                // Evidence for the run's log should a node stay stopped after SIGCONT.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Some(pid) = self.local.pid(*node) {
+                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')) {
+                        println!("node {node} (pid {pid}) is still stopped 50 ms after SIGCONT");
+                    }
+                }
+            }
             FaultKind::Terminate { node } => {
                 let (exited, _) =
                     self.local.terminate(*node, Duration::from_secs(20)).await.unwrap_or((false, None));
@@ -222,6 +232,42 @@ impl Cluster {
             println!("after the final heal: {e}");
         }
         Ok(())
+    }
+
+    /// Before a failed run's teardown: each running member that does not answer a direct call
+    /// within a few seconds gets its process state and every thread's stack (by `gdb`, when
+    /// installed) written to `stacks-node-<id>.txt` in the run directory, so a node that hung
+    /// can be diagnosed after the fact.
+    async fn diagnose(&mut self, out: &Path) {
+        for id in self.members.clone() {
+            let Some(pid) = self.local.pid(id) else { continue };
+            if !self.local.is_running(id) {
+                continue;
+            }
+            let probe = match Client::connect([self.local.addr(id)]) {
+                Ok(client) => client.with_timeout(Duration::from_secs(5)).node_info().await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            let Err(e) = probe else { continue };
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim().chars().next().unwrap_or('?')))
+                .unwrap_or('?');
+            let mut text = format!("node {id} (pid {pid}, state {state}) did not answer: {e}\n\n");
+            match std::process::Command::new("gdb")
+                .args(["-batch", "-p", &pid.to_string(), "-ex", "thread apply all bt"])
+                .output()
+            {
+                Ok(o) => {
+                    text.push_str(&String::from_utf8_lossy(&o.stdout));
+                    text.push_str(&String::from_utf8_lossy(&o.stderr));
+                }
+                Err(e) => text.push_str(&format!("no stacks: cannot run gdb: {e}\n")),
+            }
+            let file = out.join(format!("stacks-node-{id}.txt"));
+            println!("node {id} (pid {pid}, state {state}) did not answer; stacks in {}", file.display());
+            let _ = std::fs::write(&file, text);
+        }
     }
 
     /// Every shard's leader and replicas as cluster status shows them now.
@@ -303,9 +349,19 @@ fn definite(e: &ClientError) -> bool {
     )
 }
 
+/// How an operation ended, as the history records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Acknowledged.
+    Ok,
+    /// Certainly did not take effect.
+    Fail,
+    /// Unknown: it may or may not have taken effect.
+    Info,
+}
+
 /// Records `op`'s invoke, performs it through `client` (which asks `node` first) and records
-/// its outcome: `ok`, `fail` when it certainly did not take effect, else `info`. Whether it was
-/// acknowledged.
+/// its outcome: `ok`, `fail` when it certainly did not take effect, else `info`.
 async fn perform(
     rec: &Recorder,
     ids: &AtomicU64,
@@ -313,7 +369,7 @@ async fn perform(
     node: u64,
     client: &Client,
     op: &Op,
-) -> Result<bool> {
+) -> Result<Outcome> {
     let id = ids.fetch_add(1, Ordering::SeqCst);
     let record = |phase: Phase, error: Option<String>| OpRecord {
         id,
@@ -334,12 +390,20 @@ async fn perform(
             .await
             .map(|_| ()),
     };
-    match &result {
-        Ok(()) => rec.record(&record(Phase::Ok, None))?,
-        Err(e) if definite(e) => rec.record(&record(Phase::Fail, Some(e.to_string())))?,
-        Err(e) => rec.record(&record(Phase::Info, Some(e.to_string())))?,
-    }
-    Ok(result.is_ok())
+    Ok(match &result {
+        Ok(()) => {
+            rec.record(&record(Phase::Ok, None))?;
+            Outcome::Ok
+        }
+        Err(e) if definite(e) => {
+            rec.record(&record(Phase::Fail, Some(e.to_string())))?;
+            Outcome::Fail
+        }
+        Err(e) => {
+            rec.record(&record(Phase::Info, Some(e.to_string())))?;
+            Outcome::Info
+        }
+    })
 }
 
 /// The reply window of the loans the workload applies for.
@@ -349,6 +413,9 @@ const LOAN_WINDOW_MS: u64 = 2_500;
 /// credit bureau's to a loan application (some at once, often before the flow waits for
 /// replies, most within the window, some after it), or payments' and logistics' to a
 /// message-driven order (all sent ahead, in any order: a reply waits in the log until taken).
+/// As a real service retries its callback, a reply whose delivery was not acknowledged is sent
+/// again (same key) until it is, or until it is refused for good; the replies still due when
+/// the faults end are delivered after the final heal ([`deliver_remaining`]).
 struct Reply {
     due: Instant,
     flow_type: &'static str,
@@ -357,6 +424,21 @@ struct Reply {
     payload: serde_json::Value,
     key: String,
 }
+
+impl Reply {
+    fn op(&self) -> Op {
+        Op::Send {
+            flow_type: self.flow_type.into(),
+            instance: self.instance.clone(),
+            message_type: self.message_type.into(),
+            payload: self.payload.to_string(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// How long a service waits before it retries a reply whose delivery was not acknowledged.
+const REPLY_RETRY: Duration = Duration::from_millis(500);
 
 /// One client task: starts orders (RPC and message-driven, playing payments and logistics for
 /// the latter), bulk batches of orders, newsletters, signups and loan applications, verifies
@@ -369,7 +451,7 @@ async fn worker(
     rec: Recorder,
     ids: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-) -> Result<u64> {
+) -> Result<(u64, Vec<Reply>)> {
     let mut rng = StdRng::seed_from_u64(seed ^ (u64::from(process) << 32));
     let mut signups: Vec<String> = Vec::new();
     let mut replies: Vec<Reply> = Vec::new();
@@ -379,15 +461,12 @@ async fn worker(
         n += 1;
         let (node, client) = &clients[rng.random_range(0..clients.len())];
         let due = replies.iter().position(|r| r.due <= Instant::now());
+        let mut sending = None;
         let op = if let Some(i) = due.filter(|_| rng.random_bool(0.7)) {
             let reply = replies.swap_remove(i);
-            Op::Send {
-                flow_type: reply.flow_type.into(),
-                instance: reply.instance,
-                message_type: reply.message_type.into(),
-                payload: reply.payload.to_string(),
-                key: reply.key,
-            }
+            let op = reply.op();
+            sending = Some(reply);
+            op
         } else if !signups.is_empty() && rng.random_bool(0.3) {
             let instance = signups[rng.random_range(0..signups.len())].clone();
             let key = format!("verify-{instance}-{}", rng.random_range(0..2));
@@ -495,8 +574,15 @@ async fn worker(
             });
             Op::Start { flow_type: "order".into(), instance, input: input.to_string() }
         };
-        if perform(&rec, &ids, process, *node, client, &op).await? {
-            done += 1;
+        match perform(&rec, &ids, process, *node, client, &op).await? {
+            Outcome::Ok => done += 1,
+            Outcome::Info => {
+                if let Some(mut reply) = sending.take() {
+                    reply.due = Instant::now() + REPLY_RETRY;
+                    replies.push(reply);
+                }
+            }
+            Outcome::Fail => {}
         }
         // A duplicate delivery of a message, through another node, now and then.
         if matches!(op, Op::Send { .. }) && rng.random_bool(0.3) {
@@ -504,6 +590,41 @@ async fn worker(
             perform(&rec, &ids, process, *dup_node, dup, &op).await?;
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(5..40))).await;
+    }
+    Ok((done, replies))
+}
+
+/// Delivers the replies the services still owed when the faults ended (each until it is
+/// acknowledged or refused for good, as a service retrying its callback would), so that no
+/// flow waits for ever on a message the harness never sent. Returns how many were acknowledged.
+async fn deliver_remaining(
+    mut replies: Vec<Reply>,
+    clients: &[(u64, Client)],
+    rec: &Recorder,
+    ids: &AtomicU64,
+) -> Result<u64> {
+    let deadline = Instant::now() + WAIT;
+    let mut done = 0;
+    let mut round = 0usize;
+    while !replies.is_empty() {
+        if Instant::now() > deadline {
+            println!("{} replies still not delivered {:?} after the final heal", replies.len(), WAIT);
+            break;
+        }
+        let mut again = Vec::new();
+        for reply in replies {
+            let (node, client) = &clients[round % clients.len()];
+            round += 1;
+            match perform(rec, ids, WORKERS, *node, client, &reply.op()).await? {
+                Outcome::Ok => done += 1,
+                Outcome::Fail => {}
+                Outcome::Info => again.push(reply),
+            }
+        }
+        if !again.is_empty() {
+            tokio::time::sleep(REPLY_RETRY).await;
+        }
+        replies = again;
     }
     Ok(done)
 }
@@ -657,6 +778,9 @@ pub async fn run(opts: RunOptions) -> Result<bool> {
         bail!("the cluster did not get ready: {e}");
     }
     let result = drive(&mut cluster, &opts, &out).await;
+    if !matches!(result, Ok(true)) {
+        cluster.diagnose(&out).await;
+    }
     cluster.local.stop_all().await;
     result
 }
@@ -709,8 +833,11 @@ async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<b
     let injected = faults(cluster, steps, fault_rec.clone(), stop.clone()).await;
     stop.store(true, Ordering::SeqCst);
     let mut ok_ops = 0;
+    let mut owed = Vec::new();
     while let Some(done) = workers.join_next().await {
-        ok_ops += done??;
+        let (done, replies) = done??;
+        ok_ops += done;
+        owed.extend(replies);
     }
     let injected = injected?;
     history_rec.flush()?;
@@ -720,6 +847,10 @@ async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<b
         started.elapsed().as_secs_f64()
     );
     cluster.heal_all().await?;
+    let owed_count = owed.len();
+    let delivered = deliver_remaining(owed, &clients, &history_rec, &ids).await?;
+    history_rec.flush()?;
+    println!("{delivered} of {owed_count} replies still owed delivered after the final heal");
     let placement_rec = Recorder::create(&out.join(history::PLACEMENT))?;
     for record in cluster.placement().await? {
         placement_rec.record(&record)?;
