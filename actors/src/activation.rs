@@ -18,6 +18,30 @@ use crate::ctx::{over_limit, Ctx, Halt};
 use crate::flow::{kind, FlowError};
 use crate::registry::Registry;
 
+tokio::task_local! {
+    static CURRENT: Current;
+}
+
+/// Which activation is running the code that asks: the flow and its epoch.
+///
+/// The epoch is a fencing token: it grows with every activation of the flow (after a failover,
+/// a restart, any control-panel change), and only the activation with the current epoch can
+/// commit. A service that must never act for a superseded activation can be handed the epoch
+/// and refuse any call with a lower one than it has seen (the chaos harness's fake services
+/// record it, to check that activations never overlap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Current {
+    /// The flow being run.
+    pub flow: FlowId,
+    /// The activation's epoch.
+    pub epoch: Epoch,
+}
+
+/// The activation whose flow code (its effects included) is calling, or `None` outside of one.
+pub fn current() -> Option<Current> {
+    CURRENT.try_with(Clone::clone).ok()
+}
+
 /// How an activation ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -135,7 +159,10 @@ pub async fn run(
             };
         }
         Some(code) => {
-            let running = AssertUnwindSafe(code.run(ctx.clone(), record.input.clone())).catch_unwind();
+            let current = Current { flow: flow.clone(), epoch };
+            let running =
+                AssertUnwindSafe(CURRENT.scope(current, code.run(ctx.clone(), record.input.clone())))
+                    .catch_unwind();
             tokio::select! {
                 finished = running => match finished {
                     Ok(result) => result,

@@ -10,13 +10,15 @@
 //! | `terminal_after_heal` | yes | every flow of the final state is `succeeded`, `failed` or `cancelled` |
 //! | `order_effects_once` | yes | the ledger of each `order` is one the order flow can write (see [`check`]) |
 //! | `no_refund_of_unknown_shipment` | no | an order whose shipment is unknown was not refunded |
-//! | `unknown_outcome_in_fault_window` | no | an unknown shipment happened near a fault |
+//! | `unknown_outcome_in_fault_window` | no | an unknown shipment happened near a fault or an operator's change of that order |
 //! | `messages_once_per_key` | no | no message key twice in a flow; every acknowledged send there once |
 //! | `timers_not_early`, `timers_not_late` | no | a signup's first reminder neither before its interval nor later than faults explain |
 //! | `loans_decided_on_their_log` | no | every loan succeeded with the decision its event log implies |
 //! | `newsletters_at_least_once` | no | every newsletter mailed each recipient at least once, no one else, and counted each once |
 //! | `messaging_orders_as_answered` | no | every message-driven order ended as its log and ledger say it must |
 //! | `batches_complete` | no | every bulk batch's order started once as a child, its result delivered once, listed once as it ended |
+//! | `single_activation` | yes | per flow, one node per epoch, and an older epoch makes at most one call (the one in flight) after a newer one's first |
+//! | `control_ops_applied` | no | an acknowledged cancel ends the flow `cancelled`; an effect set done is not run again after the acknowledgement (bar the call in flight) |
 //! | `replicas_agree`, `replicas_restored` | yes | after the heal: replicas with one digest; 3 replicas per shard on members |
 //!
 //! Each invariant counts the individual checks it made; a required invariant that checked
@@ -33,7 +35,9 @@ use serde_json::Value;
 
 use fetter_examples::fakes::Email;
 
-use crate::history::{self, DigestRecord, FaultRecord, FinalFlow, Op, OpRecord, Phase, PlacementRecord};
+use crate::history::{
+    self, ControlAction, DigestRecord, FaultRecord, FinalFlow, Op, OpRecord, Phase, PlacementRecord,
+};
 
 /// How many violations of one invariant [`CheckReport::summary`] shows.
 const SUMMARY_VIOLATIONS: usize = 3;
@@ -173,11 +177,102 @@ pub fn check_dir(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     report.invariants.push(check_batches(&finals));
     report.invariants.push(check_newsletters(&ledger, &finals));
     report.invariants.push(check_messaging_orders(&ledger, &finals));
+    report.invariants.push(check_single_activation(&ledger));
+    report.invariants.push(check_control_ops(&history, &ledger, &finals));
     let digests: Vec<DigestRecord> = history::read_lines(&dir.join(history::DIGESTS))?;
     report.invariants.push(check_replicas(&digests));
     let placement: Vec<PlacementRecord> = history::read_lines(&dir.join(history::PLACEMENT))?;
     report.invariants.push(check_placement(&placement));
     Ok(report)
+}
+
+/// `single_activation` (required): two activations of a flow never ran its effects at once.
+/// Every call a fake service gets from a flow's activation carries that activation's epoch (a
+/// fencing token, [`fetter::activation::current`]). Per flow: each epoch's calls come from one
+/// node; and once a call of a newer epoch was made, an older epoch makes at most one more call
+/// (its effect in flight when it was superseded: between two effects an activation always
+/// commits — the pending result, the `Started` of an at-most-once effect — and that commit is
+/// refused, which ends it). Checked once per (flow, epoch). Newsletters are left out: they mail
+/// outside effects, a checkpoint's worth per commit (at least once by design).
+pub fn check_single_activation(ledger: &[LedgerEntry]) -> Invariant {
+    let mut inv = Invariant::new("single_activation", true);
+    let mut by_flow: BTreeMap<&str, Vec<&LedgerEntry>> = BTreeMap::new();
+    for e in ledger.iter().filter(|e| e.epoch.is_some() && !e.flow.starts_with("newsletter/")) {
+        by_flow.entry(e.flow.as_str()).or_default().push(e);
+    }
+    for (flow, mut entries) in by_flow {
+        entries.sort_by_key(|e| e.ts_ms);
+        let mut epochs: BTreeMap<u64, (BTreeSet<u64>, Vec<&LedgerEntry>)> = BTreeMap::new();
+        for e in &entries {
+            let slot = epochs.entry(e.epoch.unwrap_or_default()).or_default();
+            slot.0.insert(e.node);
+            slot.1.push(e);
+        }
+        for (epoch, (nodes, calls)) in &epochs {
+            // The first call of any newer epoch.
+            let superseded =
+                epochs.range(epoch + 1..).filter_map(|(_, (_, c))| c.first().map(|e| e.ts_ms)).min();
+            let after: Vec<&&LedgerEntry> = match superseded {
+                Some(t) => calls.iter().filter(|e| e.ts_ms > t).collect(),
+                None => Vec::new(),
+            };
+            inv.check(nodes.len() == 1 && after.len() <= 1, || {
+                if nodes.len() > 1 {
+                    format!("{flow}: epoch {epoch} made calls from nodes {nodes:?}")
+                } else {
+                    let calls: Vec<String> =
+                        after.iter().map(|e| format!("{} {} at {}", e.service, e.op, e.ts_ms)).collect();
+                    format!(
+                        "{flow}: epoch {epoch} (node {nodes:?}) made {} calls after a newer epoch's first call at {}: {}",
+                        after.len(),
+                        superseded.unwrap_or_default(),
+                        calls.join(", ")
+                    )
+                }
+            });
+        }
+    }
+    inv
+}
+
+/// `control_ops_applied` (optional): what an operator's acknowledged control-panel operation
+/// promises. A cancelled flow ends `cancelled` and makes at most one call after the cancel was
+/// acknowledged (its effect in flight); an order whose confirmation mail was set done sends at
+/// most that one in-flight mail after the set was acknowledged. (A restart keeps the recorded
+/// effects: `order_effects_once` and `single_activation` check what follows it.)
+pub fn check_control_ops(history: &[OpRecord], ledger: &[LedgerEntry], finals: &[FinalFlow]) -> Invariant {
+    let mut inv = Invariant::new("control_ops_applied", false);
+    let finals_by_flow: BTreeMap<&str, &FinalFlow> = finals.iter().map(|f| (f.flow.as_str(), f)).collect();
+    for r in history.iter().filter(|r| r.phase == Phase::Ok) {
+        let Op::Control { action, .. } = &r.op else { continue };
+        let flow = r.op.flow();
+        let later = |what: &dyn Fn(&LedgerEntry) -> bool| {
+            ledger.iter().filter(|e| e.flow == flow && e.ts_ms > r.t_ms && what(e)).count()
+        };
+        match action {
+            ControlAction::Cancel => {
+                let status = finals_by_flow.get(flow.as_str()).map(|f| f.status.as_str());
+                let calls = later(&|_| true);
+                inv.check(status == Some("cancelled") && calls <= 1, || {
+                    format!(
+                        "{flow}: cancel acknowledged (op {}) but it ended {status:?} with {calls} call(s) after it",
+                        r.id
+                    )
+                });
+            }
+            ControlAction::SetEffect { effect_id, .. } if effect_id == "email" => {
+                let mails = later(&|e| e.service == Email::SERVICE && e.key.starts_with(ORDER_CONFIRMATION));
+                inv.check(mails <= 1, || {
+                    format!(
+                        "{flow}: its mail was set done (op {}) but it mailed {mails} time(s) after that",
+                        r.id
+                    )
+                });
+            }
+            ControlAction::SetEffect { .. } | ControlAction::Restart => {}
+        }
+    }
+    inv
 }
 
 /// `replicas_restored` (required): after the final heal every shard has a leader and
@@ -674,9 +769,31 @@ pub fn check(
     // 4, 5, 6: orders.
     let windows = history::merge_faults(faults);
     let none: Vec<&LedgerEntry> = Vec::new();
+    // Orders whose confirmation mail an operator may have set done (acknowledged or unknown).
+    let mail_set: BTreeSet<String> = history
+        .iter()
+        .filter(|r| matches!(r.phase, Phase::Ok | Phase::Info))
+        .filter(|r| matches!(&r.op, Op::Control { action: ControlAction::SetEffect { effect_id, .. }, .. } if effect_id == "email"))
+        .map(|r| r.op.flow())
+        .collect();
+    // When control-panel operations that may have fenced a flow ran: (invoke, outcome) times.
+    let mut invoked: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut operated: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+    for r in history.iter().filter(|r| matches!(r.op, Op::Control { .. })) {
+        match r.phase {
+            Phase::Invoke => {
+                invoked.insert(r.id, r.t_ms);
+            }
+            Phase::Ok | Phase::Info => {
+                let from = invoked.get(&r.id).copied().unwrap_or(r.t_ms);
+                operated.entry(r.op.flow()).or_default().push((from, r.t_ms));
+            }
+            Phase::Fail => {}
+        }
+    }
     for f in finals.iter().filter(|f| f.flow.starts_with("order/")) {
         let entries = ledger_by_flow.get(f.flow.as_str()).unwrap_or(&none);
-        check_order(f, entries, &mut effects_once);
+        check_order(f, entries, mail_set.contains(&f.flow), &mut effects_once);
         if f.status == "failed" && f.error_kind.as_deref() == Some(EFFECT_OUTCOME_UNKNOWN) {
             let refunds = entries.iter().filter(|e| e.service == "payment" && e.op == "cancel").count();
             no_refund.check(refunds == 0, || {
@@ -686,7 +803,8 @@ pub fn check(
                     f.flow
                 )
             });
-            check_unknown_in_window(f, entries, &windows, opts.fault_slack_ms, &mut in_window);
+            let operated = operated.get(f.flow.as_str()).map(Vec::as_slice).unwrap_or_default();
+            check_unknown_in_window(f, entries, &windows, operated, opts.fault_slack_ms, &mut in_window);
         }
     }
 
@@ -797,7 +915,9 @@ enum OrderFailure {
 }
 
 /// The `order_effects_once` checks of one order (see [`check`]).
-fn check_order(f: &FinalFlow, entries: &[&LedgerEntry], inv: &mut Invariant) {
+/// `mail_set`: an operator may have set the confirmation mail's effect done, so a succeeded
+/// order need not have mailed.
+fn check_order(f: &FinalFlow, entries: &[&LedgerEntry], mail_set: bool, inv: &mut Invariant) {
     let flow = f.flow.as_str();
     let input: Option<Value> = serde_json::from_str(&f.input).ok();
     let instance = flow.strip_prefix("order/").unwrap_or(flow);
@@ -866,7 +986,7 @@ fn check_order(f: &FinalFlow, entries: &[&LedgerEntry], inv: &mut Invariant) {
             inv.check(l.cancels == 0, || {
                 format!("{flow} (succeeded): payment cancelled (refunded) {} time(s)", l.cancels)
             });
-            inv.check(l.confirmations >= 1, || {
+            inv.check(l.confirmations >= 1 || mail_set, || {
                 format!("{flow} (succeeded): no {ORDER_CONFIRMATION}:{order_id} mail sent")
             });
         }
@@ -890,10 +1010,13 @@ fn check_order(f: &FinalFlow, entries: &[&LedgerEntry], inv: &mut Invariant) {
 }
 
 /// The `unknown_outcome_in_fault_window` check of an order failed `effect_outcome_unknown`.
+/// An operator's restart, cancel or effect-set of the flow (`operated`: invoke and outcome times)
+/// fences its activation just as a fault does, so its time counts as a window too.
 fn check_unknown_in_window(
     f: &FinalFlow,
     entries: &[&LedgerEntry],
     windows: &[FaultRecord],
+    operated: &[(u64, u64)],
     slack: u64,
     inv: &mut Invariant,
 ) {
@@ -913,7 +1036,9 @@ fn check_unknown_in_window(
     let covered = |t: u64| {
         windows.iter().any(|w| {
             w.start_ms.saturating_sub(slack) <= t && w.end_ms.is_none_or(|e| t <= e.saturating_add(slack))
-        })
+        }) || operated
+            .iter()
+            .any(|&(from, to)| from.saturating_sub(slack) <= t && t <= to.saturating_add(slack))
     };
     let outside: Vec<u64> = times.iter().copied().filter(|&t| !covered(t)).collect();
     inv.check(outside.is_empty(), || {
@@ -1010,6 +1135,7 @@ mod tests {
             key: key.into(),
             node: 1,
             ts_ms,
+            epoch: Some(1),
         }
     }
 
@@ -1281,6 +1407,13 @@ mod tests {
             }
         }
         assert_only(&run.check(), "unknown_outcome_in_fault_window", &["order/o-3", "[100000]"]);
+        // An operator's restart of that order at the time explains it as a fault would; one of
+        // another order does not.
+        let mut other = run.clone();
+        other.op(99_950, control("o-1", ControlAction::Restart), Phase::Ok);
+        assert_only(&other.check(), "unknown_outcome_in_fault_window", &["order/o-3", "[100000]"]);
+        run.op(99_950, control("o-3", ControlAction::Restart), Phase::Info);
+        assert!(run.check().passed(), "{}", run.check().summary());
 
         // Within the slack after the end: fine; an unhealed fault lasts forever.
         let mut run = clean();
@@ -1343,6 +1476,8 @@ mod tests {
         expected.invariants.push(check_batches(&run.finals));
         expected.invariants.push(check_newsletters(&run.ledger, &run.finals));
         expected.invariants.push(check_messaging_orders(&run.ledger, &run.finals));
+        expected.invariants.push(check_single_activation(&run.ledger));
+        expected.invariants.push(check_control_ops(&run.history, &run.ledger, &run.finals));
         expected.invariants.push(check_replicas(&digests));
         expected.invariants.push(check_placement(&placement));
         assert_eq!(report, expected);
@@ -1410,6 +1545,7 @@ mod tests {
             key: Email::key_of(template, customer),
             node: 1,
             ts_ms,
+            epoch: None,
         }
     }
 
@@ -1557,6 +1693,7 @@ mod tests {
             key: Email::key_of(Email::NEWSLETTER, to),
             node: 1,
             ts_ms,
+            epoch: None,
         };
         // b@x mailed twice (a replay after a crash between the mail and its checkpoint): fine.
         let ledger = vec![newsletter("a@x", 1), newsletter("b@x", 2), newsletter("b@x", 3)];
@@ -1582,6 +1719,7 @@ mod tests {
             key: key.into(),
             node: 1,
             ts_ms: 1,
+            epoch: None,
         };
         let shipped = vec![
             entry("payment", "reserve", "tx"),
@@ -1644,5 +1782,72 @@ mod tests {
             "{inv:?}"
         );
         assert!(inv.violations[0].contains("7000 ms of it under faults"), "{inv:?}");
+    }
+
+    fn call(epoch: u64, node: u64, ts_ms: u64) -> LedgerEntry {
+        LedgerEntry { epoch: Some(epoch), node, ..entry("payment", "reserve", "o-1", "tx-1", ts_ms) }
+    }
+
+    #[test]
+    fn an_older_activation_that_goes_on_calling_after_a_newer_one_started_is_caught() {
+        // Epoch 3 on node 1 is superseded by epoch 4 on node 2 (first call at 1_000); one call of
+        // its effect in flight after that is allowed.
+        let fine = vec![call(3, 1, 500), call(4, 2, 1_000), call(3, 1, 1_020), call(4, 2, 1_100)];
+        let inv = check_single_activation(&fine);
+        assert!(inv.passed() && inv.checked == 2, "{inv:?}");
+
+        let mut going_on = fine.clone();
+        going_on.push(call(3, 1, 1_200));
+        let inv = check_single_activation(&going_on);
+        assert_eq!(inv.violations.len(), 1, "{inv:?}");
+        assert!(inv.violations[0].contains("order/o-1: epoch 3 (node {1}) made 2 calls"), "{inv:?}");
+
+        let two_nodes = vec![call(5, 1, 500), call(5, 2, 600)];
+        let inv = check_single_activation(&two_nodes);
+        assert!(inv.violations[0].contains("epoch 5 made calls from nodes {1, 2}"), "{inv:?}");
+
+        // A ledger without epochs checks nothing: the invariant is required, so that fails.
+        let inv = check_single_activation(&[LedgerEntry {
+            epoch: None,
+            ..entry("payment", "reserve", "o-1", "tx-1", 1)
+        }]);
+        assert!(!inv.passed() && inv.checked == 0, "{inv:?}");
+    }
+
+    fn control(instance: &str, action: ControlAction) -> Op {
+        Op::Control { flow_type: "order".into(), instance: instance.into(), action, expected_epoch: Some(2) }
+    }
+
+    #[test]
+    fn an_acknowledged_cancel_or_effect_set_that_did_not_hold_is_caught() {
+        let mut run = clean();
+        let o9 = order_input("o-9", &["p-1"]);
+        run.op(20_000, start("order", "o-9", &o9), Phase::Ok);
+        run.ledger.push(entry("payment", "reserve", "o-9", "tx-9", 20_050));
+        // Cancel acknowledged at 20_105; the ship call in flight (20_110) is allowed.
+        run.op(20_100, control("o-9", ControlAction::Cancel), Phase::Ok);
+        run.ledger.push(entry("logistics", "ship", "o-9", "o-9", 20_110));
+        run.finals.push(final_flow("order/o-9", "cancelled", &o9));
+        let mail = ControlAction::SetEffect { effect_id: "email".into(), value: "null".into() };
+        run.op(1_350, control("o-1", mail), Phase::Ok);
+        let inv = check_control_ops(&run.history, &run.ledger, &run.finals);
+        assert!(inv.passed() && inv.checked == 2, "{inv:?}");
+        // o-1's mail set done after it was sent: the order need not mail again.
+        run.ledger.retain(|e| !(e.flow == "order/o-1" && e.service == "email"));
+        assert!(run.check().passed(), "{}", run.check().summary());
+
+        let mut bad = run.clone();
+        bad.ledger.push(entry("payment", "capture", "o-9", "tx-9", 20_300));
+        bad.last("order/o-9").status = "succeeded".into();
+        let inv = check_control_ops(&bad.history, &bad.ledger, &bad.finals);
+        assert_eq!(inv.violations.len(), 1, "{inv:?}");
+        assert!(inv.violations[0].contains("ended Some(\"succeeded\") with 2 call(s) after it"), "{inv:?}");
+
+        bad = run.clone();
+        for t in [1_400, 1_500] {
+            bad.ledger.push(entry("email", "send", "o-1", "order-confirmation:o-1", t));
+        }
+        let inv = check_control_ops(&bad.history, &bad.ledger, &bad.finals);
+        assert!(inv.violations[0].contains("order/o-1: its mail was set done"), "{inv:?}");
     }
 }

@@ -74,15 +74,45 @@ pub enum Op {
         /// The payload, JSON text.
         payload: String,
     },
+    /// A control-panel operation on `flow_type/instance`, as an operator runs it.
+    Control {
+        /// The flow type.
+        flow_type: String,
+        /// The instance.
+        instance: String,
+        /// What it does.
+        action: ControlAction,
+        /// The epoch the operator read and passed (`--epoch`): the operation is refused if the
+        /// flow moved on since.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_epoch: Option<u64>,
+    },
+}
+
+/// What a [`Op::Control`] operation does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlAction {
+    /// Run the flow again with its input, keeping its recorded effects (they replay).
+    Restart,
+    /// Cancel the live flow.
+    Cancel,
+    /// Record `value` (JSON text) as what effect `effect_id` returns, so it never runs again.
+    SetEffect {
+        /// The effect.
+        effect_id: String,
+        /// Its value, JSON text.
+        value: String,
+    },
 }
 
 impl Op {
     /// `type/instance` of the flow the operation is about.
     pub fn flow(&self) -> String {
         match self {
-            Op::Start { flow_type, instance, .. } | Op::Send { flow_type, instance, .. } => {
-                format!("{flow_type}/{instance}")
-            }
+            Op::Start { flow_type, instance, .. }
+            | Op::Send { flow_type, instance, .. }
+            | Op::Control { flow_type, instance, .. } => format!("{flow_type}/{instance}"),
         }
     }
 }

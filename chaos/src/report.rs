@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::checker::CheckReport;
-use crate::history::{self, FaultKind, FaultRecord, Op, OpRecord, Phase};
+use crate::history::{self, ControlAction, FaultKind, FaultRecord, Op, OpRecord, Phase};
 
 /// How long after a fault's end its stall is still looked for.
 const STALL_TAIL_MS: u64 = 5_000;
@@ -71,9 +71,12 @@ pub fn write(dir: &Path, seed: u64, report: &CheckReport) -> Result<()> {
 
     let mut ops: BTreeMap<(&str, &str), [usize; 3]> = BTreeMap::new();
     for r in &history {
-        let op = match r.op {
+        let op = match &r.op {
             Op::Start { .. } => "start",
             Op::Send { .. } => "send",
+            Op::Control { action: ControlAction::Restart, .. } => "restart",
+            Op::Control { action: ControlAction::Cancel, .. } => "cancel",
+            Op::Control { action: ControlAction::SetEffect { .. }, .. } => "effect-set",
         };
         let slot = match r.phase {
             Phase::Ok => 0,
@@ -82,7 +85,9 @@ pub fn write(dir: &Path, seed: u64, report: &CheckReport) -> Result<()> {
             Phase::Invoke => continue,
         };
         let flow_type = match &r.op {
-            Op::Start { flow_type, .. } | Op::Send { flow_type, .. } => flow_type.as_str(),
+            Op::Start { flow_type, .. } | Op::Send { flow_type, .. } | Op::Control { flow_type, .. } => {
+                flow_type.as_str()
+            }
         };
         ops.entry((op, flow_type)).or_default()[slot] += 1;
     }

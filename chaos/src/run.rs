@@ -16,7 +16,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::history::{
-    self, DigestRecord, FaultKind, FaultRecord, FinalFlow, Op, OpRecord, Phase, PlacementRecord, Recorder,
+    self, ControlAction, DigestRecord, FaultKind, FaultRecord, FinalFlow, Op, OpRecord, Phase,
+    PlacementRecord, Recorder,
 };
 use crate::net;
 use crate::schedule::{self, Planned, Profile, Target};
@@ -345,6 +346,7 @@ fn definite(e: &ClientError) -> bool {
             | ClientError::NotFound(_)
             | ClientError::AlreadyExists(_)
             | ClientError::FailedPrecondition(_)
+            | ClientError::ConcurrentModification(_)
             | ClientError::Json(_)
     )
 }
@@ -389,6 +391,14 @@ async fn perform(
             .send_message(flow_type, instance, message_type, payload, Some(key.clone()))
             .await
             .map(|_| ()),
+        Op::Control { flow_type, instance, action, expected_epoch } => match action {
+            ControlAction::Restart => client.restart(flow_type, instance, None, false, *expected_epoch).await,
+            ControlAction::Cancel => client.cancel(flow_type, instance, *expected_epoch).await,
+            ControlAction::SetEffect { effect_id, value } => {
+                client.set_effect(flow_type, instance, effect_id, value, *expected_epoch).await
+            }
+        }
+        .map(|_| ()),
     };
     Ok(match &result {
         Ok(()) => {
@@ -435,6 +445,26 @@ impl Reply {
             key: self.key.clone(),
         }
     }
+}
+
+/// The share of orders an operator acts on through the control panel.
+const CONTROL_SHARE: f64 = 0.1;
+
+/// A control-panel operation on `order/<instance>`, as an operator would run it: a restart
+/// (effects kept: they replay), a cancel, or the confirmation mail's effect set to done (the
+/// customer was told another way); half of them with the epoch read just before (`--epoch`).
+async fn control_op(rng: &mut StdRng, client: &Client, instance: &str) -> Op {
+    let expected_epoch = if rng.random_bool(0.5) {
+        client.get_flow("order", instance).await.ok().map(|f| f.epoch)
+    } else {
+        None
+    };
+    let action = match rng.random_range(0..10) {
+        0..4 => ControlAction::Restart,
+        4..7 => ControlAction::Cancel,
+        _ => ControlAction::SetEffect { effect_id: "email".into(), value: "null".into() },
+    };
+    Op::Control { flow_type: "order".into(), instance: instance.into(), action, expected_epoch }
 }
 
 /// How long a service waits before it retries a reply whose delivery was not acknowledged.
@@ -574,7 +604,18 @@ async fn worker(
             });
             Op::Start { flow_type: "order".into(), instance, input: input.to_string() }
         };
-        match perform(&rec, &ids, process, *node, client, &op).await? {
+        let outcome = perform(&rec, &ids, process, *node, client, &op).await?;
+        // An operator's hand on a sample of orders, usually while they run.
+        if let (Outcome::Ok, Op::Start { flow_type, instance, .. }) = (outcome, &op) {
+            if flow_type == "order" && rng.random_bool(CONTROL_SHARE) {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..150))).await;
+                let op = control_op(&mut rng, client, instance).await;
+                if perform(&rec, &ids, process, *node, client, &op).await? == Outcome::Ok {
+                    done += 1;
+                }
+            }
+        }
+        match outcome {
             Outcome::Ok => done += 1,
             Outcome::Info => {
                 if let Some(mut reply) = sending.take() {

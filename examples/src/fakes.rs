@@ -59,7 +59,12 @@ struct Recorder {
 impl Recorder {
     fn record(&self, service: &str, op: &str, flow: &str, key: &str) -> Result<(), ServiceError> {
         match &self.ledger {
-            Some(ledger) => Ok(ledger.record(&LedgerEntry::new(service, op, flow, key, self.node))?),
+            Some(ledger) => {
+                // The calling activation's epoch, as a service given a fencing token would see it.
+                let epoch = fetter::activation::current().map(|a| a.epoch.0);
+                let entry = LedgerEntry::new(service, op, flow, key, self.node).with_epoch(epoch);
+                Ok(ledger.record(&entry)?)
+            }
             None => Ok(()),
         }
     }

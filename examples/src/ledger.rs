@@ -1,7 +1,8 @@
 //! The ledger: an append-only JSON-lines file of every call the fake services received.
 //!
-//! Each call is one line, `{"service":…,"op":…,"flow":"<type>/<instance>","key":…,"node":<id>,"ts_ms":…}`
-//! (DESIGN.md §5). Several processes (the nodes of a local cluster, a test harness) append to the
+//! Each call is one line, `{"service":…,"op":…,"flow":"<type>/<instance>","key":…,"node":<id>,"ts_ms":…,"epoch":<n>}`
+//! (DESIGN.md §5); `epoch`, the calling activation's epoch, is there when the call came from a
+//! flow's activation (a fencing token: [`fetter::activation::current`]). Several processes (the nodes of a local cluster, a test harness) append to the
 //! same file at once, so the format keeps one invariant: **a line is written by exactly one
 //! `write` syscall on a file opened with `O_APPEND`**. The kernel then places each write at the end
 //! of the file as a whole, and lines from concurrent writers never interleave.
@@ -60,6 +61,9 @@ pub struct LedgerEntry {
     pub node: u64,
     /// Wall-clock time of the call, in milliseconds since the Unix epoch.
     pub ts_ms: u64,
+    /// The epoch of the activation that made the call, when an activation made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 impl LedgerEntry {
@@ -78,7 +82,14 @@ impl LedgerEntry {
             key: key.into(),
             node,
             ts_ms: now_ms(),
+            epoch: None,
         }
+    }
+
+    /// This entry, made by the activation with epoch `epoch`.
+    pub fn with_epoch(mut self, epoch: Option<u64>) -> Self {
+        self.epoch = epoch;
+        self
     }
 
     /// Whether this entry is a call of `service`'s `op` made by `flow`.

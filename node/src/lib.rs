@@ -24,6 +24,10 @@ pub use client::Client;
 pub use engine::{Engine, EngineConfig, Error};
 /// The chaos harness's planted bugs (off unless the `chaos-bugs` feature and the environment ask).
 pub use fetter_actors::bugs;
+/// Which activation is running the calling flow code: [`activation::current`].
+pub mod activation {
+    pub use fetter_actors::activation::{current, Current};
+}
 /// Which shard a flow lives on (stable across releases).
 pub use fetter_raft::placement;
 

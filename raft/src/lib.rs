@@ -20,6 +20,7 @@
 //! - `apply` reads no clock, randomness or environment; a rejected command changes nothing;
 //! - snapshots are built from a copy taken while apply is paused and installed atomically.
 
+pub mod bugs;
 pub mod codec;
 pub mod handle;
 pub mod ids;

@@ -309,7 +309,7 @@ impl Cx<'_> {
     /// The flow of an activation command: it exists, `epoch` is current and it is running.
     fn activation(&self, flow: &FlowId, epoch: Epoch) -> Res<FlowRecord> {
         let rec = self.load(flow)?.ok_or(Rejection::FlowNotFound)?;
-        if rec.epoch != epoch {
+        if rec.epoch != epoch && !crate::bugs::planted("epoch-check") {
             return Err(Rejection::StaleEpoch { got: epoch, current: rec.epoch }.into());
         }
         if rec.status.is_finished() {
