@@ -17,6 +17,7 @@
 //! | `newsletters_at_least_once` | no | every newsletter mailed each recipient at least once, no one else, and counted each once |
 //! | `messaging_orders_as_answered` | no | every message-driven order ended as its log and ledger say it must |
 //! | `batches_complete` | no | every bulk batch's order started once as a child, its result delivered once, listed once as it ended |
+//! | `sends_delivered_once` | no | every referral's message (a flow's send to a flow) is in its rewards account's log exactly once, and the account added up what it took |
 //! | `single_activation` | yes | per flow, one node per epoch, and an older epoch makes at most one call (the one in flight) after a newer one's first |
 //! | `control_ops_applied` | no | an acknowledged cancel ends the flow `cancelled`; an effect set done is not run again after the acknowledgement (bar the call in flight) |
 //! | `replicas_agree`, `replicas_restored` | yes | after the heal: replicas with one digest; 3 replicas per shard on members |
@@ -177,6 +178,7 @@ pub fn check_dir(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     report.invariants.push(check_batches(&finals));
     report.invariants.push(check_newsletters(&ledger, &finals));
     report.invariants.push(check_messaging_orders(&ledger, &finals));
+    report.invariants.push(check_sends(&finals));
     report.invariants.push(check_single_activation(&ledger));
     report.invariants.push(check_control_ops(&history, &ledger, &finals));
     let digests: Vec<DigestRecord> = history::read_lines(&dir.join(history::DIGESTS))?;
@@ -184,6 +186,76 @@ pub fn check_dir(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     let placement: Vec<PlacementRecord> = history::read_lines(&dir.join(history::PLACEMENT))?;
     report.invariants.push(check_placement(&placement));
     Ok(report)
+}
+
+/// `sends_delivered_once` (optional): messages between flows arrive exactly once. Each
+/// `referral` flow (examples/src/flows/referral.rs) sends one `Referred` message, keyed by its
+/// own id, to the `rewards` account its input names; the account takes as many as its input
+/// says and adds up their points. So: every succeeded referral's message is in its account's log
+/// exactly once; the log holds no `Referred` message but from a succeeded referral of that
+/// account; and a succeeded account's output is the sum and the senders of the messages it took
+/// (the first ones of its log). Checked once per referral and once per account output.
+pub fn check_sends(finals: &[FinalFlow]) -> Invariant {
+    let mut inv = Invariant::new("sends_delivered_once", false);
+    let mut referrals: BTreeMap<String, Vec<&FinalFlow>> = BTreeMap::new();
+    for f in finals.iter().filter(|f| f.flow.starts_with("referral/") && f.status == "succeeded") {
+        let input: Option<Value> = serde_json::from_str(&f.input).ok();
+        if let Some(account) = input.as_ref().and_then(|i| i.get("rewards")).and_then(Value::as_str) {
+            referrals.entry(format!("rewards/{account}")).or_default().push(f);
+        }
+    }
+    for account in finals.iter().filter(|f| f.flow.starts_with("rewards/")) {
+        let taken: Vec<(String, u64)> = account
+            .messages
+            .iter()
+            .filter(|(kind, _)| kind == "Referred")
+            .filter_map(|(_, payload)| {
+                let v: Value = serde_json::from_str(payload).ok()?;
+                Some((v.get("from")?.as_str()?.to_string(), v.get("points")?.as_u64()?))
+            })
+            .collect();
+        let senders = referrals.get(&account.flow).map(Vec::as_slice).unwrap_or_default();
+        for referral in senders {
+            let n = taken.iter().filter(|(from, _)| *from == referral.flow).count();
+            inv.check(n == 1, || {
+                format!("{}: its message is in {}'s log {n} times", referral.flow, account.flow)
+            });
+        }
+        for (from, _) in &taken {
+            if !senders.iter().any(|r| r.flow == *from) {
+                inv.check(false, || {
+                    format!(
+                        "{}: a message from {from}, which is not a succeeded referral of it",
+                        account.flow
+                    )
+                });
+            }
+        }
+        if account.status == "succeeded" {
+            let wanted: Option<u64> = serde_json::from_str::<Value>(&account.input)
+                .ok()
+                .and_then(|i| i.get("referrals").and_then(Value::as_u64));
+            let first = &taken[..taken.len().min(wanted.unwrap_or(0) as usize)];
+            let output: Option<Value> = account.output.as_deref().and_then(|o| serde_json::from_str(o).ok());
+            let points = output.as_ref().and_then(|o| o.get("points")).and_then(Value::as_u64);
+            let from: Option<Vec<&str>> = output
+                .as_ref()
+                .and_then(|o| o.get("from"))
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect());
+            let expected_from: Vec<&str> = first.iter().map(|(f, _)| f.as_str()).collect();
+            let expected_points: u64 = first.iter().map(|(_, p)| p).sum();
+            inv.check(points == Some(expected_points) && from.as_ref() == Some(&expected_from), || {
+                format!(
+                    "{}: output {:?}, but the first {} message(s) of its log come from {expected_from:?} with {expected_points} points",
+                    account.flow,
+                    account.output,
+                    first.len()
+                )
+            });
+        }
+    }
+    inv
 }
 
 /// `single_activation` (required): two activations of a flow never ran its effects at once.
@@ -1476,6 +1548,7 @@ mod tests {
         expected.invariants.push(check_batches(&run.finals));
         expected.invariants.push(check_newsletters(&run.ledger, &run.finals));
         expected.invariants.push(check_messaging_orders(&run.ledger, &run.finals));
+        expected.invariants.push(check_sends(&run.finals));
         expected.invariants.push(check_single_activation(&run.ledger));
         expected.invariants.push(check_control_ops(&run.history, &run.ledger, &run.finals));
         expected.invariants.push(check_replicas(&digests));
@@ -1849,5 +1922,49 @@ mod tests {
         }
         let inv = check_control_ops(&bad.history, &bad.ledger, &bad.finals);
         assert!(inv.violations[0].contains("order/o-1: its mail was set done"), "{inv:?}");
+    }
+
+    fn referred(from: &str, points: u64) -> (String, String) {
+        ("Referred".into(), serde_json::json!({ "from": from, "points": points, "key": from }).to_string())
+    }
+
+    #[test]
+    fn a_send_between_flows_lost_doubled_or_miscounted_is_caught() {
+        let referral = |i: u64, account: &str| {
+            let input = serde_json::json!({ "rewards": account, "points": 10 * i }).to_string();
+            final_flow(&format!("referral/r-{i}"), "succeeded", &input)
+        };
+        let mut account = final_flow("rewards/w-1", "succeeded", r#"{"referrals":2}"#);
+        account.messages = vec![referred("referral/r-2", 20), referred("referral/r-1", 10)];
+        account.output = Some(r#"{"points":30,"from":["referral/r-2","referral/r-1"]}"#.into());
+        let finals = vec![referral(1, "w-1"), referral(2, "w-1"), account];
+        let inv = check_sends(&finals);
+        assert!(inv.passed() && inv.checked == 3, "{inv:?}");
+
+        let mut lost = finals.clone();
+        lost[2].messages.remove(1);
+        let inv = check_sends(&lost);
+        assert!(
+            inv.violations
+                .iter()
+                .any(|v| v.contains("referral/r-1: its message is in rewards/w-1's log 0 times")),
+            "{inv:?}"
+        );
+
+        let mut doubled = finals.clone();
+        doubled[2].messages.push(referred("referral/r-1", 10));
+        let inv = check_sends(&doubled);
+        assert!(inv.violations.iter().any(|v| v.contains("log 2 times")), "{inv:?}");
+
+        let mut stranger = finals.clone();
+        stranger[2].messages.push(referred("referral/r-9", 90));
+        let inv = check_sends(&stranger);
+        assert!(inv.violations.iter().any(|v| v.contains("a message from referral/r-9")), "{inv:?}");
+
+        let mut miscounted = finals;
+        miscounted[2].output = Some(r#"{"points":40,"from":["referral/r-2","referral/r-1"]}"#.into());
+        let inv = check_sends(&miscounted);
+        assert_eq!(inv.violations.len(), 1, "{inv:?}");
+        assert!(inv.violations[0].contains("with 30 points"), "{inv:?}");
     }
 }

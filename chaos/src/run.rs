@@ -3,6 +3,7 @@
 //! API recorded as a history, the seeded faults, the final heal, the final state, the checker
 //! and the report.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -426,24 +427,42 @@ const LOAN_WINDOW_MS: u64 = 2_500;
 /// As a real service retries its callback, a reply whose delivery was not acknowledged is sent
 /// again (same key) until it is, or until it is refused for good; the replies still due when
 /// the faults end are delivered after the final heal ([`deliver_remaining`]).
+/// The starts of referral flows are owed the same way (each one's rewards account waits for
+/// it), but only once the account's own start was acknowledged (`after`): a message to a flow
+/// that does not exist yet becomes a dead letter.
 struct Reply {
     due: Instant,
-    flow_type: &'static str,
-    instance: String,
-    message_type: &'static str,
-    payload: serde_json::Value,
-    key: String,
+    op: Op,
+    /// The rewards account whose acknowledged start this waits for.
+    after: Option<String>,
 }
 
 impl Reply {
+    fn send(
+        due: Instant,
+        flow_type: &str,
+        instance: &str,
+        message_type: &str,
+        payload: serde_json::Value,
+        key: String,
+    ) -> Reply {
+        let op = Op::Send {
+            flow_type: flow_type.into(),
+            instance: instance.into(),
+            message_type: message_type.into(),
+            payload: payload.to_string(),
+            key,
+        };
+        Reply { due, op, after: None }
+    }
+
+    /// Whether it may be sent now, given the rewards accounts whose starts were acknowledged.
+    fn ready(&self, now: Instant, acked: &HashSet<String>) -> bool {
+        self.due <= now && self.after.as_ref().is_none_or(|a| acked.contains(a))
+    }
+
     fn op(&self) -> Op {
-        Op::Send {
-            flow_type: self.flow_type.into(),
-            instance: self.instance.clone(),
-            message_type: self.message_type.into(),
-            payload: self.payload.to_string(),
-            key: self.key.clone(),
-        }
+        self.op.clone()
     }
 }
 
@@ -481,16 +500,18 @@ async fn worker(
     rec: Recorder,
     ids: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-) -> Result<(u64, Vec<Reply>)> {
+) -> Result<(u64, Vec<Reply>, HashSet<String>)> {
     let mut rng = StdRng::seed_from_u64(seed ^ (u64::from(process) << 32));
     let mut signups: Vec<String> = Vec::new();
     let mut replies: Vec<Reply> = Vec::new();
+    let mut acked: HashSet<String> = HashSet::new();
     let mut done = 0;
     let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) {
         n += 1;
         let (node, client) = &clients[rng.random_range(0..clients.len())];
-        let due = replies.iter().position(|r| r.due <= Instant::now());
+        let now = Instant::now();
+        let due = replies.iter().position(|r| r.ready(now, &acked));
         let mut sending = None;
         let op = if let Some(i) = due.filter(|_| rng.random_bool(0.7)) {
             let reply = replies.swap_remove(i);
@@ -554,14 +575,8 @@ async fn worker(
             for (message_type, mut payload) in answers {
                 let key = format!("{message_type}:{instance}");
                 payload["key"] = serde_json::Value::String(key.clone());
-                replies.push(Reply {
-                    due: Instant::now() + Duration::from_millis(rng.random_range(0..3_000)),
-                    flow_type: "order-messaging",
-                    instance: instance.clone(),
-                    message_type,
-                    payload,
-                    key,
-                });
+                let due = Instant::now() + Duration::from_millis(rng.random_range(0..3_000));
+                replies.push(Reply::send(due, "order-messaging", &instance, message_type, payload, key));
             }
             let input = serde_json::json!({
                 "order_id": instance,
@@ -570,6 +585,23 @@ async fn worker(
                 "products": ["p-1"],
             });
             Op::Start { flow_type: "order-messaging".into(), instance, input: input.to_string() }
+        } else if rng.random_bool(0.04) {
+            // A rewards account and its referrals: flows sending to a flow (through the outbox),
+            // the referrals started once the account's start is acknowledged (owed until then).
+            let instance = format!("w-{process}-{n}");
+            let referrals = rng.random_range(2..5u32);
+            for i in 0..referrals {
+                let input = serde_json::json!({ "rewards": instance, "points": 10 * (u64::from(i) + 1) });
+                let op = Op::Start {
+                    flow_type: "referral".into(),
+                    instance: format!("r-{process}-{n}-{i}"),
+                    input: input.to_string(),
+                };
+                let due = Instant::now() + Duration::from_millis(rng.random_range(0..500));
+                replies.push(Reply { due, op, after: Some(instance.clone()) });
+            }
+            let input = serde_json::json!({ "referrals": referrals });
+            Op::Start { flow_type: "rewards".into(), instance, input: input.to_string() }
         } else if rng.random_bool(0.12) {
             let instance = format!("l-{process}-{n}");
             for bureau in ["bureau-a", "bureau-b", "bureau-c"] {
@@ -577,14 +609,10 @@ async fn worker(
                     let after =
                         if rng.random_bool(0.2) { 0 } else { rng.random_range(0..LOAN_WINDOW_MS * 8 / 5) };
                     let key = format!("{bureau}:{instance}");
-                    replies.push(Reply {
-                        due: Instant::now() + Duration::from_millis(after),
-                        flow_type: "loan",
-                        instance: instance.clone(),
-                        message_type: "CreditCheckOutcome",
-                        payload: serde_json::json!({ "bureau": bureau, "approved": rng.random_bool(0.9), "key": key }),
-                        key,
-                    });
+                    let payload =
+                        serde_json::json!({ "bureau": bureau, "approved": rng.random_bool(0.9), "key": key });
+                    let due = Instant::now() + Duration::from_millis(after);
+                    replies.push(Reply::send(due, "loan", &instance, "CreditCheckOutcome", payload, key));
                 }
             }
             let input = serde_json::json!({
@@ -605,6 +633,26 @@ async fn worker(
             Op::Start { flow_type: "order".into(), instance, input: input.to_string() }
         };
         let outcome = perform(&rec, &ids, process, *node, client, &op).await?;
+        // A rewards account's start: acknowledged, its referrals may go; unknown, it is retried
+        // (the same input again is acknowledged); refused, it owes no referrals.
+        if let Op::Start { flow_type, instance, .. } = &op {
+            if flow_type == "rewards" {
+                match outcome {
+                    Outcome::Ok => {
+                        acked.insert(instance.clone());
+                    }
+                    Outcome::Info if sending.is_none() => {
+                        replies.push(Reply {
+                            due: Instant::now() + REPLY_RETRY,
+                            op: op.clone(),
+                            after: None,
+                        });
+                    }
+                    Outcome::Info => {}
+                    Outcome::Fail => replies.retain(|r| r.after.as_ref() != Some(instance)),
+                }
+            }
+        }
         // An operator's hand on a sample of orders, usually while they run.
         if let (Outcome::Ok, Op::Start { flow_type, instance, .. }) = (outcome, &op) {
             if flow_type == "order" && rng.random_bool(CONTROL_SHARE) {
@@ -632,7 +680,7 @@ async fn worker(
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(5..40))).await;
     }
-    Ok((done, replies))
+    Ok((done, replies, acked))
 }
 
 /// Delivers the replies the services still owed when the faults ended (each until it is
@@ -640,6 +688,7 @@ async fn worker(
 /// flow waits for ever on a message the harness never sent. Returns how many were acknowledged.
 async fn deliver_remaining(
     mut replies: Vec<Reply>,
+    mut acked: HashSet<String>,
     clients: &[(u64, Client)],
     rec: &Recorder,
     ids: &AtomicU64,
@@ -647,6 +696,7 @@ async fn deliver_remaining(
     let deadline = Instant::now() + WAIT;
     let mut done = 0;
     let mut round = 0usize;
+    let mut refused = HashSet::new();
     while !replies.is_empty() {
         if Instant::now() > deadline {
             println!("{} replies still not delivered {:?} after the final heal", replies.len(), WAIT);
@@ -654,14 +704,35 @@ async fn deliver_remaining(
         }
         let mut again = Vec::new();
         for reply in replies {
+            // A referral whose account's start is not acknowledged yet waits for the next round.
+            if !reply.ready(Instant::now(), &acked) {
+                again.push(reply);
+                continue;
+            }
             let (node, client) = &clients[round % clients.len()];
             round += 1;
-            match perform(rec, ids, WORKERS, *node, client, &reply.op()).await? {
-                Outcome::Ok => done += 1,
-                Outcome::Fail => {}
+            let op = reply.op();
+            match perform(rec, ids, WORKERS, *node, client, &op).await? {
+                Outcome::Ok => {
+                    done += 1;
+                    if let Op::Start { flow_type, instance, .. } = &op {
+                        if flow_type == "rewards" {
+                            acked.insert(instance.clone());
+                        }
+                    }
+                }
+                Outcome::Fail => {
+                    if let Op::Start { flow_type, instance, .. } = &op {
+                        if flow_type == "rewards" {
+                            refused.insert(instance.clone());
+                        }
+                    }
+                }
                 Outcome::Info => again.push(reply),
             }
         }
+        // The referrals of an account whose start was refused are owed nothing.
+        again.retain(|r| r.after.as_ref().is_none_or(|a| !refused.contains(a)));
         if !again.is_empty() {
             tokio::time::sleep(REPLY_RETRY).await;
         }
@@ -875,10 +946,12 @@ async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<b
     stop.store(true, Ordering::SeqCst);
     let mut ok_ops = 0;
     let mut owed = Vec::new();
+    let mut acked = HashSet::new();
     while let Some(done) = workers.join_next().await {
-        let (done, replies) = done??;
+        let (done, replies, rewards) = done??;
         ok_ops += done;
         owed.extend(replies);
+        acked.extend(rewards);
     }
     let injected = injected?;
     history_rec.flush()?;
@@ -889,7 +962,7 @@ async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<b
     );
     cluster.heal_all().await?;
     let owed_count = owed.len();
-    let delivered = deliver_remaining(owed, &clients, &history_rec, &ids).await?;
+    let delivered = deliver_remaining(owed, acked, &clients, &history_rec, &ids).await?;
     history_rec.flush()?;
     println!("{delivered} of {owed_count} replies still owed delivered after the final heal");
     let placement_rec = Recorder::create(&out.join(history::PLACEMENT))?;
@@ -898,10 +971,13 @@ async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<b
     }
     placement_rec.flush()?;
     let client = cluster.client()?;
+    // Distinct flows: a start may be acknowledged more than once (retried, the same input).
     let starts: usize = history::read_lines::<OpRecord>(&out.join(history::HISTORY))?
         .iter()
         .filter(|r| r.phase == Phase::Ok && matches!(r.op, Op::Start { .. }))
-        .count();
+        .map(|r| r.op.flow())
+        .collect::<HashSet<String>>()
+        .len();
     let finals = final_state(&client, starts).await?;
     let final_rec = Recorder::create(&out.join(history::FINAL))?;
     for f in &finals {

@@ -59,5 +59,7 @@ pub fn registry_with(
         .register(flows::newsletter::NewsletterFlow::new(Email::new(ledger.clone(), node)))?
         .register(flows::signup::SignupFlow::new(Email::new(ledger.clone(), node)))?
         .register(flows::bulk_orders::BulkOrdersFlow::new())?
+        .register(flows::referral::RewardsFlow)?
+        .register(flows::referral::ReferralFlow)?
         .register(flows::loan::LoanFlow::with_standard_bureaus(ledger, node))
 }

@@ -566,3 +566,40 @@ async fn bulk_orders_with_a_repeated_order_id_fails_before_starting_any_order() 
     engine.shutdown().await;
     Ok(())
 }
+
+// --- referral → rewards (messages between flows) ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrals_credit_their_rewards_account_once_each_through_the_outbox() -> Result<()> {
+    use fetter_examples::flows::referral::RewardsTotal;
+
+    let dir = tempfile::tempdir()?;
+    let engine = engine(dir.path(), fetter_examples::registry(None, 1, Duration::ZERO)?).await?;
+    let panel = engine.panel();
+    let account = FlowId::new("rewards", "w-1");
+    start(panel, &account, json!({"referrals": 3})).await?;
+    // Five referrals on (most likely) other shards; the account takes the first three.
+    let referrals: Vec<FlowId> = (1..=5).map(|i| FlowId::new("referral", format!("r-{i}"))).collect();
+    for (i, referral) in referrals.iter().enumerate() {
+        start(panel, referral, json!({"rewards": "w-1", "points": 10 * (i as u64 + 1)})).await?;
+    }
+    for referral in &referrals {
+        let view = finished(panel, referral).await?;
+        ensure!(view.record.status == FlowStatus::Succeeded, "{referral}: {:?}", view.record.status);
+    }
+    let total: RewardsTotal = output(&finished(panel, &account).await?)?;
+    ensure!(total.from.len() == 3, "three referrals taken: {total:?}");
+    let names: Vec<String> = referrals.iter().map(ToString::to_string).collect();
+    let points: u64 = total
+        .from
+        .iter()
+        .map(|from| names.iter().position(|n| n == from).map(|i| 10 * (i as u64 + 1)))
+        .collect::<Option<Vec<u64>>>()
+        .ok_or_else(|| anyhow!("a referral not started was taken: {total:?}"))?
+        .iter()
+        .sum();
+    ensure!(total.points == points, "the points of the referrals taken: {total:?}");
+    let distinct: std::collections::BTreeSet<&String> = total.from.iter().collect();
+    ensure!(distinct.len() == 3, "each referral taken once: {total:?}");
+    Ok(())
+}

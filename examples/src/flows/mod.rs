@@ -5,4 +5,5 @@ pub mod loan;
 pub mod newsletter;
 pub mod order;
 pub mod order_messaging;
+pub mod referral;
 pub mod signup;
