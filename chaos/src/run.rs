@@ -175,6 +175,12 @@ impl Cluster {
                 let by = self.replace(node).await?;
                 FaultKind::Replace { node, by }
             }
+            Planned::Bridge { .. } => {
+                let others: Vec<u64> = self.members.iter().copied().filter(|id| *id != node).collect();
+                let (a, b) = others.split_at(others.len() / 2);
+                net::cut(&self.ips(a), &self.ips(b), false)?;
+                FaultKind::Partition { a: a.to_vec(), b: b.to_vec(), one_way: false }
+            }
             Planned::Double { .. } => bail!("a double fault is injected as its two parts"),
         })
     }
@@ -313,6 +319,7 @@ async fn faults(
                 | Planned::Terminate { target }
                 | Planned::Lossy { target }
                 | Planned::Replace { target }
+                | Planned::Bridge { target }
                 | Planned::Isolate { target, .. } => *target,
                 Planned::Double { .. } => continue,
             };

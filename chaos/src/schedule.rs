@@ -54,6 +54,12 @@ pub enum Planned {
         /// Only the node's outgoing packets are dropped.
         one_way: bool,
     },
+    /// A bridge (5 nodes and more): the other members split into two halves that cannot reach
+    /// each other, and this node alone reaches both (neither half is a majority without it).
+    Bridge {
+        /// The bridge node.
+        target: Target,
+    },
     /// Two faults at once on two different nodes: the majority is lost for `down`.
     Double {
         /// The first node's fault.
@@ -109,6 +115,8 @@ pub fn plan(seed: u64, profile: Profile) -> Vec<Step> {
     // into the loss of its node (with its own address free for the successor, so only with
     // partitions' per-node addresses), leaving every other draw of the plan as it was.
     let mut replace_rng = StdRng::seed_from_u64(seed ^ 0x5eed_5eed_5eed_5eed);
+    // Bridges likewise (and only with 5 nodes or more): one single fault in eight.
+    let mut bridge_rng = StdRng::seed_from_u64(seed ^ 0xb1d6_e5b1_d6e5_b1d6);
     let mut steps = Vec::new();
     let mut at = Duration::ZERO;
     while at < profile.duration {
@@ -124,8 +132,9 @@ pub fn plan(seed: u64, profile: Profile) -> Vec<Step> {
                 Planned::Isolate { one_way, .. } => Planned::Isolate { target: Target::Node(n), one_way },
                 Planned::Lossy { .. } => Planned::Lossy { target: Target::Node(n) },
                 // Never part of a double fault: the majority must survive a replacement.
-                Planned::Replace { .. } => Planned::Kill { target: Target::Node(n) },
-                Planned::Double { .. } => Planned::Kill { target: Target::Node(n) },
+                Planned::Replace { .. } | Planned::Bridge { .. } | Planned::Double { .. } => {
+                    Planned::Kill { target: Target::Node(n) }
+                }
             };
             let first = pick(&mut rng, a);
             let second = pick(&mut rng, b);
@@ -144,6 +153,15 @@ pub fn plan(seed: u64, profile: Profile) -> Vec<Step> {
                         && replace_rng.random_bool(1.0 / 15.0) =>
                 {
                     Planned::Replace { target }
+                }
+                Planned::Kill { target }
+                | Planned::Pause { target }
+                | Planned::Terminate { target }
+                | Planned::Lossy { target }
+                | Planned::Isolate { target, .. }
+                    if profile.partitions && profile.nodes >= 5 && bridge_rng.random_bool(1.0 / 8.0) =>
+                {
+                    Planned::Bridge { target }
                 }
                 other => other,
             }
@@ -212,6 +230,20 @@ mod tests {
         assert!(
             (0..20).all(|seed| plan(seed, ci).iter().all(|s| !matches!(s.fault, Planned::Replace { .. })))
         );
+    }
+
+    #[test]
+    fn bridges_are_planned_with_five_nodes_only() {
+        let five = Profile { nodes: 5, ..profile(true) };
+        let bridges: usize = (0..20)
+            .map(|seed| plan(seed, five).iter().filter(|s| matches!(s.fault, Planned::Bridge { .. })).count())
+            .sum();
+        assert!(bridges >= 20, "{bridges} bridges in 20 plans of 5 nodes");
+        for seed in 0..20 {
+            assert!(plan(seed, profile(true)).iter().all(|s| !matches!(s.fault, Planned::Bridge { .. })));
+            let no_partitions = Profile { partitions: false, ..five };
+            assert!(plan(seed, no_partitions).iter().all(|s| !matches!(s.fault, Planned::Bridge { .. })));
+        }
     }
 
     #[test]
