@@ -13,11 +13,15 @@
 //!   does not stop an activation a control-panel change fenced: it starts the new one beside it.
 //!   (Either half alone is masked by the other: with only the state machine's check skipped, a
 //!   `ci` run with seed 11 passed.)
+//! - `ack-before-flush`: log appends, votes and every other write that waits for durability are
+//!   acknowledged without flushing sled, and sled's periodic flush is off: a `kill -9` loses
+//!   writes the node had acknowledged (in `fetter_raft::storage`).
 //!
 //! Without the feature every bug is off and this module is empty code.
 
 /// The names of the bugs that can be planted.
-pub const BUGS: &[&str] = &["amo-rerun", "timer-early", "timer-late", "outbox-ack-first", "epoch-check"];
+pub const BUGS: &[&str] =
+    &["amo-rerun", "timer-early", "timer-late", "outbox-ack-first", "epoch-check", "ack-before-flush"];
 
 /// How late the planted bug `timer-late` arms a timer.
 pub const TIMER_LATE_MS: u64 = 10_000;

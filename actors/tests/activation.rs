@@ -517,3 +517,55 @@ async fn an_effect_result_shares_a_log_entry_with_the_next_step() -> Result<()> 
     n.node.shutdown().await;
     Ok(())
 }
+
+/// Records, from inside its effect, the activation `current()` reports.
+struct WhoAmI {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Option<activation::Current>>>>,
+}
+
+impl Flow for WhoAmI {
+    const TYPE: &'static str = "who-am-i";
+    type Input = String;
+    type Output = u64;
+
+    async fn run(&self, ctx: &Ctx, _: String) -> Result<u64, FlowError> {
+        ctx.effect("look", || async {
+            self.seen.lock().expect("seen lock").push(activation::current());
+            Ok::<_, FlowError>(())
+        })
+        .await?;
+        Ok(ctx.epoch().0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_code_sees_its_activation_and_epoch_as_a_fencing_token() -> Result<()> {
+    let n = single_node().await?;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let registry = Registry::new().register(WhoAmI { seen: seen.clone() })?;
+    let flow = FlowId::new("who-am-i", "w-1");
+    start(&n.group, &flow, "\"w-1\"").await?;
+    ensure!(activation::activate(&n.group, &registry, &flow).await? == Outcome::Succeeded);
+    // A restart that forgets the effect runs it again, in a later activation.
+    let restart = ShardCommand::Admin {
+        flow: flow.clone(),
+        expected_epoch: None,
+        op: AdminOp::Restart { input: None, clear_effects: true },
+    };
+    n.group.propose_shard(restart).await?.map_err(|r| anyhow!("{r}"))?;
+    ensure!(activation::activate(&n.group, &registry, &flow).await? == Outcome::Succeeded);
+    let seen = seen.lock().expect("seen lock").clone();
+    ensure!(seen.len() == 2, "the effect ran twice: {seen:?}");
+    let epochs: Vec<Epoch> = seen
+        .iter()
+        .map(|c| c.as_ref().filter(|c| c.flow == flow).map(|c| c.epoch).ok_or_else(|| anyhow!("{c:?}")))
+        .collect::<Result<_>>()?;
+    ensure!(epochs[0] < epochs[1], "the epoch grows from one activation to the next: {epochs:?}");
+    let output: u64 =
+        serde_json::from_slice(status(&n.group, &flow).await?.output.as_deref().unwrap_or_default())?;
+    ensure!(Epoch(output) == epochs[1], "the same epoch as ctx.epoch(): {output} vs {epochs:?}");
+    // Outside of a flow's code there is none.
+    ensure!(activation::current().is_none());
+    n.node.shutdown().await;
+    Ok(())
+}

@@ -67,11 +67,13 @@ impl Store {
 
     /// Opens (or creates) the store in `dir` with a page cache of `cache_bytes`.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store, Error> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(|source| Error::Open { path: dir.display().to_string(), source })?;
+        let mut config = sled::Config::new().path(dir).cache_capacity(cache_bytes);
+        if crate::bugs::planted("ack-before-flush") {
+            // The planted bug's other half: no periodic flush either, so writes reach the disk
+            // only when sled's write buffer fills.
+            config = config.flush_every_ms(None);
+        }
+        let db = config.open().map_err(|source| Error::Open { path: dir.display().to_string(), source })?;
         let flusher = flusher::Flusher::start(db.clone())?;
         Ok(Store { db, flusher })
     }
