@@ -18,11 +18,14 @@ mod flusher;
 mod log;
 mod sm;
 mod tree;
+pub mod wal;
+mod wal_log;
 
 use std::path::Path;
 
 pub use self::log::LogStore;
 pub use self::sm::{GroupKind, SnapshotBuilder, StateDigest, StateMachineStore, StateReader};
+pub use self::wal_log::WalLog;
 use crate::ids::GroupId;
 use crate::types::StorageError;
 
