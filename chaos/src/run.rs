@@ -917,14 +917,36 @@ fn free_base_port(nodes: u64) -> Result<u16> {
 async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<bool> {
     let history_rec = Recorder::create(&out.join(history::HISTORY))?;
     let fault_rec = Recorder::create(&out.join(history::FAULTS))?;
+    let profile = Profile {
+        duration: opts.duration,
+        nodes: opts.nodes,
+        partitions: opts.partitions,
+        replacements: opts.replacements,
+    };
+    let steps = schedule::plan(opts.seed, profile);
     // As an application would: each client knows every node and goes on to the next when one
-    // does not answer; client `i` asks node `i` first (the history records that node).
+    // does not answer; client `i` asks node `i` first (the history records that node). Every
+    // client also knows the nodes that will replace lost ones (their ids and addresses follow
+    // from the plan), as an application behind a load balancer would reach them: without them a
+    // run whose every initial node is replaced leaves the workload with no node it can reach
+    // (seed 107 did: 3 replacements in one `ci` run).
     let ids = cluster.local.ids();
+    let successors: Vec<u64> = {
+        let replacements =
+            steps.iter().filter(|s| matches!(s.fault, schedule::Planned::Replace { .. })).count() as u64;
+        (0..replacements).map(|k| cluster.next_id + k).collect()
+    };
     let clients: Vec<(u64, Client)> = ids
         .iter()
         .enumerate()
         .map(|(i, id)| {
-            let order = ids.iter().cycle().skip(i).take(ids.len()).map(|n| cluster.local.addr(*n));
+            let order = ids
+                .iter()
+                .cycle()
+                .skip(i)
+                .take(ids.len())
+                .chain(successors.iter())
+                .map(|n| cluster.local.addr(*n));
             Ok((*id, Client::connect(order)?.with_timeout(CALL)))
         })
         .collect::<Result<_>>()?;
@@ -941,13 +963,6 @@ async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<b
             stop.clone(),
         ));
     }
-    let profile = Profile {
-        duration: opts.duration,
-        nodes: opts.nodes,
-        partitions: opts.partitions,
-        replacements: opts.replacements,
-    };
-    let steps = schedule::plan(opts.seed, profile);
     let started = Instant::now();
     let injected = faults(cluster, steps, fault_rec.clone(), stop.clone()).await;
     stop.store(true, Ordering::SeqCst);
