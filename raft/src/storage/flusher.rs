@@ -1,10 +1,10 @@
-//! Group commit for the disk: one thread flushes the node's sled `Db` on behalf of every group.
+//! Group commit for the disk: one thread makes writes durable on behalf of every group.
 //!
-//! Raft log appends of all groups write their entries into sled (in memory) and then hand their
-//! completion callback to the flusher. The flusher takes every request that is waiting, calls
-//! `Db::flush` once (sled flushes its whole log, so one fsync makes all of them durable) and only
-//! then completes the callbacks. Under load one fsync therefore acknowledges many appends of many
-//! groups; nothing fsyncs per flow or per entry.
+//! Writers (Raft log appends of all groups, votes, snapshots) write first and then hand their
+//! completion to the flusher. The flusher takes every request that is waiting, runs its sync
+//! once (sled's `Db::flush` for the node's sled store, the `fdatasync`s of the write-ahead log's
+//! dirty segments for the log) and only then completes the requests. Under load one sync
+//! therefore acknowledges many appends of many groups; nothing syncs per flow or per entry.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,26 +33,24 @@ pub(crate) struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the flusher thread for `db`.
-    pub(crate) fn start(db: sled::Db) -> std::io::Result<Flusher> {
+    /// Starts a flusher thread named `name` whose one sync per round is `sync`: it must make
+    /// durable every write issued before it is called.
+    pub(crate) fn start(
+        name: &str,
+        mut sync: impl FnMut() -> Result<(), String> + Send + 'static,
+    ) -> std::io::Result<Flusher> {
         let (tx, mut rx) = mpsc::channel::<Waiter>(QUEUE_CAPACITY);
         let fsyncs = Arc::new(AtomicU64::new(0));
         let counter = fsyncs.clone();
-        thread::Builder::new().name("sled-flusher".into()).spawn(move || {
+        thread::Builder::new().name(name.into()).spawn(move || {
             let mut batch = Vec::with_capacity(256);
             while let Some(first) = rx.blocking_recv() {
                 batch.push(first);
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
                 }
-                // The one fsync that makes every write issued before these requests durable
-                // (skipped by the planted bug `ack-before-flush`: the requests are acknowledged
-                // while their writes are still in sled's memory).
-                let result = if crate::bugs::planted("ack-before-flush") {
-                    Ok(())
-                } else {
-                    db.flush().map(|_| ()).map_err(|e| e.to_string())
-                };
+                // Every request in the batch was queued after its writes: this one sync covers them.
+                let result = sync();
                 counter.fetch_add(1, Ordering::Relaxed);
                 for waiter in batch.drain(..) {
                     match waiter {
@@ -84,7 +82,7 @@ impl Flusher {
         rx.await.map_err(|_| "flusher stopped".to_string())?
     }
 
-    /// How many fsyncs (sled flushes) this node has done.
+    /// How many sync rounds this flusher has done.
     pub(crate) fn fsyncs(&self) -> u64 {
         self.fsyncs.load(Ordering::Relaxed)
     }

@@ -77,7 +77,15 @@ impl Store {
             config = config.flush_every_ms(None);
         }
         let db = config.open().map_err(|source| Error::Open { path: dir.display().to_string(), source })?;
-        let flusher = flusher::Flusher::start(db.clone())?;
+        let flushed = db.clone();
+        let flusher = flusher::Flusher::start("sled-flusher", move || {
+            // Skipped by the planted bug `ack-before-flush`: the requests are acknowledged while
+            // their writes are still in sled's memory.
+            if crate::bugs::planted("ack-before-flush") {
+                return Ok(());
+            }
+            flushed.flush().map(|_| ()).map_err(|e| e.to_string())
+        })?;
         Ok(Store { db, flusher })
     }
 

@@ -6,11 +6,12 @@
 //! recovery never decodes entries), a truncation, a purge, a vote, the committed id.
 //!
 //! Durability: writers append to the current segment under one lock (the bytes reach the OS page
-//! cache, readable at once) and hand their acknowledgement to the syncer thread, which takes every
-//! request waiting, `fdatasync`s each segment written since its last round, and only then
-//! acknowledges them: one sync per group-commit batch, shared by all groups. A new segment and the
+//! cache, readable at once) and hand their acknowledgement to the log's flusher thread (the same
+//! group commit as sled's, `super::flusher`), which takes every request waiting, `fdatasync`s each
+//! segment written since its last round, and only then acknowledges them: one sync per
+//! group-commit batch, shared by all groups. A new segment and the
 //! directory entry that names it are synced when it is created, and the segment before it is
-//! synced before anything in the new one is acknowledged (the syncer syncs every dirty segment).
+//! synced before anything in the new one is acknowledged (each round syncs every dirty segment).
 //!
 //! Recovery reads the segments in order. A record that is cut short or fails its checksum at the
 //! end of the *last* segment is a torn write (nothing after it was ever acknowledged, because an
@@ -28,13 +29,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
 
 use openraft::{CommittedLeaderId, LogId, Vote};
-use tokio::sync::{mpsc, oneshot};
 
+use super::flusher::Flusher;
 use crate::sync::lock;
 use crate::types::TypeConfig;
 
@@ -48,8 +47,6 @@ const FRAME_LEN: usize = 8;
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// A payload longer than this is not a record of ours (bounds what recovery allocates).
 const MAX_RECORD: usize = 256 * 1024 * 1024;
-/// Bound on queued sync requests; a full queue makes writers wait (back-pressure).
-const QUEUE_CAPACITY: usize = 16_384;
 
 const KIND_ENTRY: u8 = 1;
 const KIND_TRUNCATE: u8 = 2;
@@ -78,7 +75,7 @@ pub enum WalError {
         /// What is wrong with it.
         why: String,
     },
-    /// The syncer thread is gone (the node is shutting down) or a sync failed.
+    /// The flusher thread is gone (the node is shutting down) or a sync failed.
     #[error("write-ahead log sync failed: {0}")]
     Sync(String),
 }
@@ -122,22 +119,15 @@ struct State {
     current: u64,
     current_len: u64,
     groups: HashMap<u64, GroupLog>,
-    /// Segments written since the syncer's last round.
+    /// Segments written since the flusher's last round.
     dirty: Vec<(u64, Arc<File>)>,
-}
-
-/// What a sync request completes.
-enum Waiter {
-    Log(openraft::storage::LogFlushed<TypeConfig>),
-    Notify(oneshot::Sender<Result<(), String>>),
 }
 
 /// The node's write-ahead log. Cheap to clone.
 #[derive(Clone)]
 pub struct Wal {
     state: Arc<Mutex<State>>,
-    tx: mpsc::Sender<Waiter>,
-    syncs: Arc<AtomicU64>,
+    flusher: Flusher,
 }
 
 fn frame(payload: &[u8], out: &mut Vec<u8>) {
@@ -266,10 +256,7 @@ impl State {
                 let g = self.groups.entry(group).or_default();
                 // An append at index i replaces whatever was at i and after (as openraft's
                 // conflicting entries are truncated first, this only matters for safety).
-                let stale: Vec<u64> = g.entries.range(log_id.index..).map(|(i, _)| *i).collect();
-                for i in stale {
-                    g.entries.remove(&i);
-                }
+                g.entries.split_off(&log_id.index);
                 let loc = Loc { segment, offset: payload_offset + offset_in_payload as u64, len: len as u32 };
                 g.entries.insert(log_id.index, (log_id, loc));
                 if let Some(s) = self.segments.get_mut(&segment) {
@@ -278,20 +265,16 @@ impl State {
                 }
             }
             Record::Truncate { group, since } => {
-                let g = self.groups.entry(group).or_default();
-                let stale: Vec<u64> = g.entries.range(since..).map(|(i, _)| *i).collect();
-                for i in stale {
-                    g.entries.remove(&i);
-                }
+                self.groups.entry(group).or_default().entries.split_off(&since);
             }
             Record::Purge { group, upto } => {
                 let g = self.groups.entry(group).or_default();
                 if g.purged.is_none_or(|p| p.index < upto.index) {
                     g.purged = Some(upto);
                 }
-                let purged: Vec<u64> = g.entries.range(..=upto.index).map(|(i, _)| *i).collect();
-                for i in purged {
-                    g.entries.remove(&i);
+                match upto.index.checked_add(1) {
+                    Some(next) => g.entries = g.entries.split_off(&next),
+                    None => g.entries.clear(),
                 }
             }
             Record::Vote { group, vote } => self.groups.entry(group).or_default().vote = Some(vote),
@@ -323,16 +306,21 @@ impl State {
         Ok(offsets)
     }
 
-    /// Starts a new segment: created, header written and synced, directory synced; then every
-    /// group's vote, committed id and purge point copied into it.
-    fn roll(&mut self) -> Result<(), WalError> {
-        let seq = self.current + 1;
+    /// Creates segment `seq` (header written and synced, directory synced) and appends to it
+    /// from now on.
+    fn add_segment(&mut self, seq: u64) -> Result<(), WalError> {
         let path = segment_path(&self.dir, seq);
         let file = create_segment(&path, seq)?;
         sync_dir(&self.dir)?;
         self.segments.insert(seq, Segment { path, file: Arc::new(file), max_index: HashMap::new() });
         self.current = seq;
         self.current_len = HEADER_LEN;
+        Ok(())
+    }
+
+    /// Starts a new segment, then copies every group's vote, committed id and purge point into it.
+    fn roll(&mut self) -> Result<(), WalError> {
+        self.add_segment(self.current + 1)?;
         let mut payloads = Vec::new();
         let mut groups: Vec<_> = self.groups.iter().collect();
         groups.sort_by_key(|(g, _)| **g);
@@ -395,7 +383,7 @@ pub struct Recovery {
 }
 
 impl Wal {
-    /// Opens (or creates) the log in `dir`, replays it and starts its syncer thread.
+    /// Opens (or creates) the log in `dir`, replays it and starts its flusher thread.
     pub fn open(dir: &Path) -> Result<(Wal, Recovery), WalError> {
         Self::open_with(dir, DEFAULT_SEGMENT_BYTES)
     }
@@ -445,12 +433,7 @@ impl Wal {
                     tracing::warn!(segment = %path.display(), bytes = bytes.len(), "write-ahead log: rewriting a segment whose header was torn");
                     drop(file);
                     fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
-                    let file = create_segment(&path, *seq)?;
-                    state
-                        .segments
-                        .insert(*seq, Segment { path, file: Arc::new(file), max_index: HashMap::new() });
-                    state.current = *seq;
-                    state.current_len = HEADER_LEN;
+                    state.add_segment(*seq)?;
                     recovery.segments += 1;
                     continue;
                 }
@@ -495,28 +478,19 @@ impl Wal {
             recovery.segments += 1;
         }
         if state.segments.is_empty() {
-            let path = segment_path(dir, 1);
-            let file = create_segment(&path, 1)?;
-            sync_dir(dir)?;
-            state.segments.insert(1, Segment { path, file: Arc::new(file), max_index: HashMap::new() });
-            state.current = 1;
-            state.current_len = HEADER_LEN;
+            state.add_segment(1)?;
         }
         let state = Arc::new(Mutex::new(state));
-        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let syncs = Arc::new(AtomicU64::new(0));
-        let syncer_state = state.clone();
-        let counter = syncs.clone();
-        thread::Builder::new()
-            .name("wal-syncer".into())
-            .spawn(move || syncer(syncer_state, rx, counter))
+        let synced = state.clone();
+        let mut failed: Option<String> = None;
+        let flusher = Flusher::start("wal-flusher", move || sync_dirty(&synced, &mut failed))
             .map_err(|e| io_err(dir, e))?;
-        Ok((Wal { state, tx, syncs }, recovery))
+        Ok((Wal { state, flusher }, recovery))
     }
 
-    /// How many sync rounds the syncer has done.
+    /// How many sync rounds the log has done.
     pub fn syncs(&self) -> u64 {
-        self.syncs.load(Ordering::Relaxed)
+        self.flusher.fsyncs()
     }
 
     /// Appends `entries` (log id and encoded entry) of `group`; they are readable on return and
@@ -528,7 +502,7 @@ impl Wal {
         callback: openraft::storage::LogFlushed<TypeConfig>,
     ) -> Result<(), WalError> {
         self.write_entries(group, entries)?;
-        self.tx.send(Waiter::Log(callback)).await.map_err(|_| WalError::Sync("syncer stopped".into()))
+        self.flusher.flush_log(callback).await.map_err(WalError::Sync)
     }
 
     fn write_entries(&self, group: u64, entries: Vec<(LogId<u64>, Vec<u8>)>) -> Result<(), WalError> {
@@ -555,23 +529,25 @@ impl Wal {
         Ok(())
     }
 
+    /// Writes a record that is not an entry and applies it to the index, as recovery will.
+    fn write_record(&self, payload: Vec<u8>) -> Result<(), WalError> {
+        let mut st = lock(&self.state);
+        st.write(std::slice::from_ref(&payload))?;
+        let record = parse(&payload).map_err(WalError::Sync)?;
+        let current = st.current;
+        st.apply(current, record, 0);
+        Ok(())
+    }
+
     /// Writes a record and waits until it is durable.
     async fn write_synced(&self, payload: Vec<u8>) -> Result<(), WalError> {
-        {
-            let mut st = lock(&self.state);
-            st.write(std::slice::from_ref(&payload))?;
-            let record = parse(&payload).map_err(WalError::Sync)?;
-            let current = st.current;
-            st.apply(current, record, 0);
-        }
+        self.write_record(payload)?;
         self.sync().await
     }
 
     /// Waits until everything written before this call is durable.
     pub async fn sync(&self) -> Result<(), WalError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Waiter::Notify(tx)).await.map_err(|_| WalError::Sync("syncer stopped".into()))?;
-        rx.await.map_err(|_| WalError::Sync("syncer stopped".into()))?.map_err(WalError::Sync)
+        self.flusher.flush().await.map_err(WalError::Sync)
     }
 
     /// Stores `group`'s vote durably.
@@ -581,11 +557,7 @@ impl Wal {
 
     /// Stores `group`'s committed id (not synced: losing it only costs re-applying at restart).
     pub fn save_committed(&self, group: u64, committed: Option<LogId<u64>>) -> Result<(), WalError> {
-        let payload = meta_payload(KIND_COMMITTED, group, |p| put_log_id(p, &committed));
-        let mut st = lock(&self.state);
-        st.write(std::slice::from_ref(&payload))?;
-        st.groups.entry(group).or_default().committed = committed;
-        Ok(())
+        self.write_record(meta_payload(KIND_COMMITTED, group, |p| put_log_id(p, &committed)))
     }
 
     /// Removes `group`'s entries from `since` on, durably.
@@ -684,42 +656,23 @@ fn read_record(bytes: &[u8], at: usize) -> Result<(&[u8], usize), String> {
     Ok((payload, start + len))
 }
 
-/// The syncer thread: one `fdatasync` per dirty segment per round, then the acknowledgements.
-fn syncer(state: Arc<Mutex<State>>, mut rx: mpsc::Receiver<Waiter>, counter: Arc<AtomicU64>) {
-    let mut batch = Vec::with_capacity(256);
-    let mut failed: Option<String> = None;
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while let Ok(more) = rx.try_recv() {
-            batch.push(more);
-        }
-        // Every waiter in the batch was queued after its write marked its segment dirty.
-        let dirty = std::mem::take(&mut lock(&state).dirty);
-        if failed.is_none() {
-            for (seq, file) in &dirty {
-                if let Err(e) = file.sync_data() {
-                    // After a failed fsync the kernel may have dropped the dirty pages: nothing
-                    // written before can be trusted durable, so every later sync fails too.
-                    tracing::error!(segment = seq, "write-ahead log: fdatasync failed: {e}");
-                    failed = Some(format!("fdatasync of segment {seq} failed: {e}"));
-                    break;
-                }
-            }
-        }
-        let result = match &failed {
-            None => Ok(()),
-            Some(e) => Err(e.clone()),
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        for waiter in batch.drain(..) {
-            match waiter {
-                Waiter::Log(cb) => cb.log_io_completed(result.clone().map_err(std::io::Error::other)),
-                Waiter::Notify(tx) => {
-                    let _ = tx.send(result.clone());
-                }
-            }
+/// One sync round of the log's flusher: an `fdatasync` of every segment written since the last
+/// round. After a failed one the kernel may have dropped the dirty pages, so nothing written
+/// before can be trusted durable: `failed` keeps the error and every later round fails too.
+fn sync_dirty(state: &Mutex<State>, failed: &mut Option<String>) -> Result<(), String> {
+    if let Some(e) = failed {
+        return Err(e.clone());
+    }
+    let dirty = std::mem::take(&mut lock(state).dirty);
+    for (seq, file) in &dirty {
+        if let Err(e) = file.sync_data() {
+            tracing::error!(segment = seq, "write-ahead log: fdatasync failed: {e}");
+            let e = format!("fdatasync of segment {seq} failed: {e}");
+            *failed = Some(e.clone());
+            return Err(e);
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
