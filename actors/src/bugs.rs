@@ -13,9 +13,11 @@
 //!   does not stop an activation a control-panel change fenced: it starts the new one beside it.
 //!   (Either half alone is masked by the other: with only the state machine's check skipped, a
 //!   `ci` run with seed 11 passed.)
-//! - `ack-before-flush`: log appends, votes and every other write that waits for durability are
-//!   acknowledged without flushing sled, and sled's periodic flush is off: a `kill -9` loses
-//!   writes the node had acknowledged (in `fetter_raft::storage`).
+//! - `ack-before-flush`: the write-ahead log acknowledges appends, votes and truncations without
+//!   its `fdatasync` (in `fetter_raft::storage::wal`): a power cut loses writes the node had
+//!   acknowledged. A `kill -9` cannot show it (the kernel keeps a killed process's page cache), so
+//!   the chaos harness does not catch this one; the power-loss test (`tests/tests/power_loss.rs`)
+//!   does.
 //!
 //! Without the feature every bug is off and this module is empty code.
 

@@ -150,6 +150,12 @@ pub enum Error {
         /// The cluster id it was given.
         given: ClusterId,
     },
+    /// The identity record could not be made durable.
+    #[error("cannot make the node identity durable: {reason}")]
+    Checkpoint {
+        /// Why.
+        reason: String,
+    },
     /// The node's identity record could not be encoded.
     #[error("cannot encode the node identity: {0}")]
     Codec(#[from] crate::codec::Error),
@@ -393,8 +399,8 @@ impl RaftNode {
                 let _ = server.await;
             }
         }
-        if let Err(e) = self.store.db().flush_async().await {
-            tracing::warn!(error = %e, "final flush failed");
+        if let Err(e) = self.store.checkpoint().await {
+            tracing::warn!(error = %e, "final checkpoint failed");
         }
     }
 }
@@ -410,7 +416,7 @@ const UNKNOWN_CLUSTER: &str = "";
 async fn write_identity(store: &Store, identity: &StoredIdentity) -> Result<(), Error> {
     let tree = store.db().open_tree("node").map_err(storage::Error::from)?;
     tree.insert("identity", crate::codec::encode(identity)?).map_err(storage::Error::from)?;
-    store.db().flush_async().await.map_err(storage::Error::from)?;
+    store.checkpoint().await.map_err(|reason| Error::Checkpoint { reason })?;
     Ok(())
 }
 

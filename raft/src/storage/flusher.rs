@@ -1,10 +1,11 @@
 //! Group commit for the disk: one thread makes writes durable on behalf of every group.
 //!
-//! Writers (Raft log appends of all groups, votes, snapshots) write first and then hand their
-//! completion to the flusher. The flusher takes every request that is waiting, runs its sync
-//! once (sled's `Db::flush` for the node's sled store, the `fdatasync`s of the write-ahead log's
-//! dirty segments for the log) and only then completes the requests. Under load one sync
-//! therefore acknowledges many appends of many groups; nothing syncs per flow or per entry.
+//! Writers (Raft log appends of all groups, votes, truncations; checkpoints of the state) write
+//! first and then hand their completion to a flusher. The flusher takes every request that is
+//! waiting, runs its sync once (the `fdatasync`s of the write-ahead log's dirty segments for the
+//! log; sled's flush and the fsync of its files for a checkpoint of the state) and only then
+//! completes the requests. Under load one sync therefore acknowledges many appends of many
+//! groups; nothing syncs per flow or per entry.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -171,7 +171,7 @@ pub struct StateMachineStore {
     meta: sled::Tree,
     generation: u64,
     current: Arc<RwLock<sled::Tree>>,
-    flusher: Flusher,
+    checkpoints: Flusher,
     actions: broadcast::Sender<Arc<Vec<Action>>>,
     /// Serializes writes of the stored snapshot (a build may finish while an install runs).
     snapshot_lock: Arc<Mutex<()>>,
@@ -197,7 +197,7 @@ impl StateMachineStore {
         db: sled::Db,
         meta: sled::Tree,
         group: GroupId,
-        flusher: Flusher,
+        checkpoints: Flusher,
     ) -> Result<StateMachineStore, StorageError> {
         let generation: u64 = match meta.get(KEY_GENERATION).map_err(|e| sm_read(any(e)))? {
             None => 0,
@@ -226,7 +226,7 @@ impl StateMachineStore {
             meta,
             generation,
             current: Arc::new(RwLock::new(tree)),
-            flusher,
+            checkpoints,
             actions,
             snapshot_lock: Arc::new(Mutex::new(())),
         })
@@ -314,8 +314,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if last.is_some() {
             kv.put(ROW_APPLIED.to_vec(), encode_row(&last)?);
         }
-        // Atomic through the redo record (module comment). Not flushed: applied state is rebuilt
-        // from the flushed log after a crash.
+        // Atomic through the redo record (module comment). Not flushed: after a crash openraft
+        // re-applies from the durable state's last_applied, and the log is kept back to the last
+        // checkpoint (storage module comment).
         let writes: Writes = kv.into_writes().into_iter().collect();
         tree.insert(ROW_REDO, encode_row(&writes)?).map_err(|e| sm_write(any(e)))?;
         write_rows(&tree, writes)?;
@@ -335,7 +336,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             rows,
             db: self.db.clone(),
             meta: self.meta.clone(),
-            flusher: self.flusher.clone(),
+            checkpoints: self.checkpoints.clone(),
             snapshot_lock: self.snapshot_lock.clone(),
         }
     }
@@ -364,7 +365,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for (k, v) in rows.rows {
             tree.insert(k, v).map_err(|e| snap_err(any(e)))?;
         }
-        self.flusher.flush().await.map_err(|e| snap_err(AnyError::error(e)))?;
+        self.checkpoints.flush().await.map_err(|e| snap_err(AnyError::error(e)))?;
 
         // 2. Switch to it with one insert, then keep the snapshot for followers that need it (a
         //    crash between the two leaves an older stored snapshot, which is harmless).
@@ -377,7 +378,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .insert(KEY_SNAPSHOT, codec::encode(&stored).map_err(|e| snap_err(any(e)))?)
             .map_err(|e| snap_err(any(e)))?;
         drop(_guard);
-        self.flusher.flush().await.map_err(|e| snap_err(AnyError::error(e)))?;
+        self.checkpoints.flush().await.map_err(|e| snap_err(AnyError::error(e)))?;
 
         // 3. Serve reads from it and drop the old generation.
         let old = tree_name(self.group, self.generation);
@@ -411,7 +412,7 @@ pub struct SnapshotBuilder {
     rows: Result<Rows, sled::Error>,
     db: sled::Db,
     meta: sled::Tree,
-    flusher: Flusher,
+    checkpoints: Flusher,
     snapshot_lock: Arc<Mutex<()>>,
 }
 
@@ -445,8 +446,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                     .map_err(|e| sm_write(any(e)))?;
             }
         }
-        // Durable before openraft purges the log entries the snapshot replaces.
-        self.flusher.flush().await.map_err(|e| sm_write(AnyError::error(e)))?;
+        // A checkpoint before openraft purges the log entries the snapshot replaces: the stored
+        // snapshot, and the applied state up to it (written before the copy was taken), are durable.
+        self.checkpoints.flush().await.map_err(|e| sm_write(AnyError::error(e)))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -485,7 +487,7 @@ mod tests {
             sm.tree().insert(ROW_REDO, encode_row(&writes).unwrap()).unwrap();
             store.db().flush().unwrap();
         }
-        // The closed store's flusher thread releases sled's directory lock shortly after.
+        // The closed store's checkpoint thread releases sled's directory lock shortly after.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let store = loop {
             match Store::open(dir.path()) {

@@ -19,10 +19,11 @@
 //! with a warning naming the segment, the offset and the bytes dropped. A bad record anywhere else
 //! is corruption and opening fails: it is detected, never replayed.
 //!
-//! Purge is by whole segments, oldest first: a segment is deleted once every entry it holds is at
-//! or below its group's purge point, and only after the purge records that say so are synced.
-//! Each new segment starts with every group's current vote, committed id and purge point, so an
-//! old segment is never the only holder of them.
+//! Purge is by whole segments, oldest first: a segment is deleted once no group's live entry is in
+//! it, and only after the purge records that say so are synced. A quiet group whose few entries
+//! hold the oldest segment back has them copied into the current segment first. Each new segment
+//! starts with every group's current vote, committed id and purge point, so an old segment is
+//! never the only holder of them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -106,8 +107,6 @@ struct GroupLog {
 struct Segment {
     path: PathBuf,
     file: Arc<File>,
-    /// Per group, the highest entry index this segment holds.
-    max_index: HashMap<u64, u64>,
 }
 
 /// What a writer holds the lock for.
@@ -259,10 +258,6 @@ impl State {
                 g.entries.split_off(&log_id.index);
                 let loc = Loc { segment, offset: payload_offset + offset_in_payload as u64, len: len as u32 };
                 g.entries.insert(log_id.index, (log_id, loc));
-                if let Some(s) = self.segments.get_mut(&segment) {
-                    let m = s.max_index.entry(group).or_insert(0);
-                    *m = (*m).max(log_id.index);
-                }
             }
             Record::Truncate { group, since } => {
                 self.groups.entry(group).or_default().entries.split_off(&since);
@@ -312,7 +307,7 @@ impl State {
         let path = segment_path(&self.dir, seq);
         let file = create_segment(&path, seq)?;
         sync_dir(&self.dir)?;
-        self.segments.insert(seq, Segment { path, file: Arc::new(file), max_index: HashMap::new() });
+        self.segments.insert(seq, Segment { path, file: Arc::new(file) });
         self.current = seq;
         self.current_len = HEADER_LEN;
         Ok(())
@@ -341,22 +336,75 @@ impl State {
         Ok(())
     }
 
-    /// Segments (oldest first, never the current one) all of whose entries are purged.
+    /// The oldest segment `group`'s live entries are in. A group's entries lie in segments in
+    /// index order (appends, and the rewrites of [`State::rewrite`], always go to the current
+    /// segment), so this is where its first live entry is.
+    fn first_segment(g: &GroupLog) -> Option<u64> {
+        g.entries.values().next().map(|(_, loc)| loc.segment)
+    }
+
+    /// Segments (oldest first, never the current one) no live entry is in any more.
     fn purgeable(&self) -> Vec<u64> {
-        let mut out = Vec::new();
-        for (seq, seg) in &self.segments {
-            if *seq == self.current {
-                break;
-            }
-            let all_purged = seg.max_index.iter().all(|(group, max)| {
-                self.groups.get(group).and_then(|g| g.purged).is_some_and(|p| p.index >= *max)
-            });
-            if !all_purged {
-                break;
-            }
-            out.push(*seq);
+        let pinned = self.groups.values().filter_map(State::first_segment).min().unwrap_or(self.current);
+        let keep_from = pinned.min(self.current);
+        self.segments.range(..keep_from).map(|(seq, _)| *seq).collect()
+    }
+
+    /// Copies the live entries of the quiet groups that hold the oldest segment back into the
+    /// current one, so that segment can go: a group that rarely writes (and so rarely snapshots
+    /// and purges) would otherwise keep every later segment on disk. Only done once the log has
+    /// at least two closed segments, and only for groups whose live entries are small (at most an
+    /// eighth of a segment); a busy group frees its segments with its next snapshot. Returns how
+    /// many entries were copied. The copies are written like appends (same log ids, in index
+    /// order), so recovery indexes them exactly as this does.
+    fn rewrite_quiet(&mut self) -> Result<usize, WalError> {
+        let closed = self.segments.len().saturating_sub(1);
+        let Some(oldest) = self.segments.keys().next().copied() else { return Ok(0) };
+        if closed < 2 || oldest == self.current {
+            return Ok(0);
         }
-        out
+        let budget = self.segment_bytes / 8;
+        let mut quiet: Vec<u64> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| State::first_segment(g) == Some(oldest))
+            .filter(|(_, g)| g.entries.values().map(|(_, loc)| u64::from(loc.len)).sum::<u64>() <= budget)
+            .map(|(group, _)| *group)
+            .collect();
+        quiet.sort_unstable();
+        let mut copied = 0;
+        for group in quiet {
+            let live: Vec<(LogId<u64>, Loc)> =
+                self.groups.get(&group).map(|g| g.entries.values().copied().collect()).unwrap_or_default();
+            let mut payloads = Vec::with_capacity(live.len());
+            let mut header_lens = Vec::with_capacity(live.len());
+            for (log_id, loc) in &live {
+                let seg = self.segments.get(&loc.segment).ok_or_else(|| WalError::Corrupt {
+                    path: segment_path(&self.dir, loc.segment).display().to_string(),
+                    offset: loc.offset,
+                    why: "an indexed entry's segment is gone".into(),
+                })?;
+                let mut p = entry_header(group, log_id);
+                header_lens.push(p.len());
+                let body = p.len();
+                p.resize(body + loc.len as usize, 0);
+                seg.file.read_exact_at(&mut p[body..], loc.offset).map_err(|e| io_err(&seg.path, e))?;
+                payloads.push(p);
+            }
+            let offsets = self.write(&payloads)?;
+            let segment = self.current;
+            for (((log_id, loc), offset), header) in live.iter().zip(offsets).zip(header_lens) {
+                let record = Record::Entry {
+                    group,
+                    log_id: *log_id,
+                    offset_in_payload: header,
+                    len: loc.len as usize,
+                };
+                self.apply(segment, record, offset);
+            }
+            copied += live.len();
+        }
+        Ok(copied)
     }
 }
 
@@ -439,10 +487,7 @@ impl Wal {
                 }
                 return Err(corrupt(0, "bad segment header".into()));
             }
-            state.segments.insert(
-                *seq,
-                Segment { path: path.clone(), file: Arc::new(file), max_index: HashMap::new() },
-            );
+            state.segments.insert(*seq, Segment { path: path.clone(), file: Arc::new(file) });
             let mut at = HEADER_LEN as usize;
             while at < bytes.len() {
                 let bad = match read_record(&bytes, at) {
@@ -459,6 +504,13 @@ impl Wal {
                 };
                 if !last {
                     return Err(corrupt(at as u64, bad));
+                }
+                if let Some(next) = written_after(&bytes, at) {
+                    // Data the log wrote lies after the bad record: not a write cut short.
+                    return Err(corrupt(
+                        at as u64,
+                        format!("{bad}, and a valid record follows at offset {next}"),
+                    ));
                 }
                 let dropped = (bytes.len() - at) as u64;
                 tracing::warn!(
@@ -566,10 +618,19 @@ impl Wal {
             .await
     }
 
-    /// Purges `group`'s entries up to `upto`, then deletes the segments nothing needs any more.
+    /// Purges `group`'s entries up to `upto`, then deletes the segments nothing needs any more
+    /// (first copying quiet groups' entries out of the oldest one, see [`State::rewrite_quiet`]).
     pub async fn purge(&self, group: u64, upto: LogId<u64>) -> Result<(), WalError> {
-        self.write_synced(meta_payload(KIND_PURGE, group, |p| put_log_id(p, &Some(upto)))).await?;
-        // The purge records are durable: segments they release can go.
+        self.write_record(meta_payload(KIND_PURGE, group, |p| put_log_id(p, &Some(upto))))?;
+        let copied = lock(&self.state).rewrite_quiet()?;
+        if copied > 0 {
+            tracing::debug!(
+                entries = copied,
+                "write-ahead log: copied quiet groups' entries out of the oldest segment"
+            );
+        }
+        self.sync().await?;
+        // The purge records and the copies are durable: segments they release can go.
         let removed: Vec<Segment> = {
             let mut st = lock(&self.state);
             let seqs = st.purgeable();
@@ -635,6 +696,24 @@ impl Wal {
     }
 }
 
+/// Whether a bad record at `at` in the last segment is followed by data the log wrote: the offset
+/// of the first valid record after it, unless everything from `at` up to that record is zeros.
+///
+/// A power cut tears only what was written after the last sync, and nothing after it was ever
+/// acknowledged: it may leave the tail cut short or, as pages reach the disk out of order, a run
+/// of never-written (zero) bytes with later unsynced records behind it. Both are a torn tail. A bad
+/// record with non-zero bytes that is followed by a valid record is damage to data that was
+/// written in order before it, which may have been acknowledged: corruption, not a torn tail.
+fn written_after(bytes: &[u8], at: usize) -> Option<usize> {
+    let next = (at + 1..bytes.len().saturating_sub(FRAME_LEN))
+        .find(|p| read_record(bytes, *p).is_ok_and(|(payload, _)| parse(payload).is_ok()))?;
+    if bytes[at..next].iter().all(|b| *b == 0) {
+        None
+    } else {
+        Some(next)
+    }
+}
+
 /// The record at `at`: its payload and where the next one starts, or why it is not a record.
 fn read_record(bytes: &[u8], at: usize) -> Result<(&[u8], usize), String> {
     if bytes.len() - at < FRAME_LEN {
@@ -664,6 +743,11 @@ fn sync_dirty(state: &Mutex<State>, failed: &mut Option<String>) -> Result<(), S
         return Err(e.clone());
     }
     let dirty = std::mem::take(&mut lock(state).dirty);
+    if crate::bugs::planted("ack-before-flush") {
+        // The planted bug: appends are acknowledged with their bytes still in the page cache. A
+        // `kill -9` cannot tell (the kernel keeps them); a power cut loses them.
+        return Ok(());
+    }
     for (seq, file) in &dirty {
         if let Err(e) = file.sync_data() {
             tracing::error!(segment = seq, "write-ahead log: fdatasync failed: {e}");
@@ -736,7 +820,9 @@ mod tests {
         let (wal, _) = open(dir.path(), 512);
         wal.save_vote(1, &Vote::new(5, 1)).await.expect("vote");
         append_each(&wal, 1, 1, 60);
-        wal.write_entries(2, entries(1, 2)).expect("append g2");
+        // Group 2's entries are too large to be copied forward (over an eighth of a segment).
+        let big = vec![(id(1, 1), vec![b'x'; 80]), (id(1, 2), vec![b'y'; 80])];
+        wal.write_entries(2, big).expect("append g2");
         append_each(&wal, 1, 61, 120);
         let before = wal.segment_paths().len();
         wal.purge(1, id(1, 100)).await.expect("purge g1");
@@ -752,6 +838,33 @@ mod tests {
         assert_eq!(wal.log_state(1), (Some(id(1, 100)), Some(id(1, 120))));
         assert_eq!(indexes(&wal, 1).len(), 20);
         assert_eq!(wal.log_state(2), (Some(id(1, 2)), Some(id(1, 2))));
+    }
+
+    /// A group that wrote a little long ago and never purges (group 0 of a quiet cluster) must
+    /// not keep every later segment on disk: its entries are copied forward and stay readable.
+    #[tokio::test]
+    async fn a_quiet_groups_entries_are_copied_forward_so_old_segments_go() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let (wal, _) = open(dir.path(), 512);
+            wal.write_entries(2, entries(1, 3)).expect("append g2");
+            for round in 0..5u64 {
+                let from = round * 40 + 1;
+                append_each(&wal, 1, from, from + 39);
+                wal.purge(1, id(1, from + 35)).await.expect("purge g1");
+            }
+            let left = wal.segment_paths().len();
+            assert!(left <= 3, "old segments went although group 2 never purged: {left} left");
+            let first = wal.segment_paths()[0].clone();
+            assert!(!first.ends_with("0000000000000001.wal"), "the first segment is gone");
+            wal.write_entries(2, entries(4, 4)).expect("append g2 after the copy");
+            wal.sync().await.expect("sync");
+        }
+        let (wal, _) = open(dir.path(), 512);
+        assert_eq!(indexes(&wal, 2), vec!["entry 1", "entry 2", "entry 3", "entry 4"]);
+        assert_eq!(wal.log_state(2), (None, Some(id(1, 4))));
+        assert_eq!(wal.log_state(1), (Some(id(1, 196)), Some(id(1, 200))));
+        assert_eq!(indexes(&wal, 1).len(), 4);
     }
 
     #[tokio::test]
@@ -801,6 +914,47 @@ mod tests {
         fs::write(&path, &bytes).expect("write");
         let (wal, recovery) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
         assert!(recovery.truncated_bytes > 0);
+        assert_eq!(indexes(&wal, 1), vec!["entry 1".to_string(), "entry 2".to_string()]);
+    }
+
+    /// A damaged record in the middle of the last segment is not a torn tail: the records after
+    /// it were written (and maybe acknowledged) before the damage, so the log refuses to open
+    /// rather than dropping them. A run of zeros with unsynced records behind it (pages written
+    /// back out of order before a power cut) is a torn tail.
+    #[tokio::test]
+    async fn damage_in_the_middle_of_the_last_segment_is_corruption_but_a_zero_hole_is_torn() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = {
+            let (wal, _) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+            append_each(&wal, 1, 1, 6);
+            wal.sync().await.expect("sync");
+            wal.segment_paths()[0].clone()
+        };
+        let pristine = fs::read(&path).expect("read");
+        let mut bytes = pristine.clone();
+        bytes[HEADER_LEN as usize + FRAME_LEN + 3] ^= 0x01;
+        fs::write(&path, &bytes).expect("write");
+        match Wal::open_with(dir.path(), DEFAULT_SEGMENT_BYTES) {
+            Err(WalError::Corrupt { offset, why, .. }) => {
+                assert_eq!(offset, HEADER_LEN);
+                assert!(why.contains("a valid record follows"), "{why}");
+            }
+            Err(e) => panic!("expected corruption, got {e}"),
+            Ok(_) => panic!("a damaged record was cut off with every acknowledged one after it"),
+        }
+        assert_eq!(fs::read(&path).expect("read"), bytes, "the refused segment is left as it was");
+        // Records 3 and 4 never reached the disk; 5 and 6 did (out of order).
+        let mut bytes = pristine;
+        let mut at = HEADER_LEN as usize;
+        let mut starts = Vec::new();
+        while at < bytes.len() {
+            starts.push(at);
+            at = read_record(&bytes, at).expect("record").1;
+        }
+        bytes[starts[2]..starts[4]].fill(0);
+        fs::write(&path, &bytes).expect("write");
+        let (wal, recovery) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+        assert_eq!(recovery.truncated_bytes, (bytes.len() - starts[2]) as u64);
         assert_eq!(indexes(&wal, 1), vec!["entry 1".to_string(), "entry 2".to_string()]);
     }
 
