@@ -13,17 +13,29 @@
 //! `restart --clear-effects` does not run the flow's effects a second time. A message sent
 //! without an idempotency key is keyed by its request id, so a retry never appends it twice.
 //!
+//! **Straight to the leader.** Any node answers any call (it forwards a flow's proposals and
+//! reads to its shard's leader), but a hop costs a round trip. The client therefore learns the
+//! cluster's shard count, every shard's leader and the members' addresses from `ClusterStatus`
+//! (placement is a pure function of the flow id: [`fetter_raft::placement::shard_of`]) and sends
+//! each call about one flow to its shard's leader first. The map is refreshed in the background
+//! when it is older than [`ROUTES_MAX_AGE`], when an answer names another leader, and when the
+//! leader it named could not be reached (such an address is then left alone for a while: a
+//! member's address may not be reachable from where the client runs). A wrong or stale map costs
+//! nothing but the hop: the call goes on through the given nodes as before.
+//! [`Client::without_routing`] turns it off.
+//!
 //! ```ignore
 //! let client = fetter::Client::connect(["127.0.0.1:7001", "127.0.0.1:7002"])?;
 //! client.start::<Greeter>("ada", &"Ada".to_string()).await?;
 //! let greeting = client.await_result::<Greeter>("ada", Duration::from_secs(30)).await??;
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use fetter_actors::{Flow, Message};
 use serde::de::DeserializeOwned;
@@ -49,6 +61,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Flows with long event logs can be large.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// A shard map older than this is refreshed (in the background; calls use it meanwhile).
+pub const ROUTES_MAX_AGE: Duration = Duration::from_secs(2);
+/// How long a leader address that could not be reached is not tried first again.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
 
 /// What went wrong with a call: the gRPC status of the node's answer by kind (with the node's
 /// message), or a local problem.
@@ -134,7 +150,12 @@ fn is_retryable(status: &Status) -> bool {
     if !matches!(status.code(), Code::Unknown | Code::Internal | Code::Cancelled) {
         return false;
     }
-    // Statuses the node sent have no source; locally made ones carry the transport's error.
+    is_transport_error(status)
+}
+
+/// Whether `status` was made locally from a transport error (the node was not reached or the
+/// connection broke) rather than sent by a node: statuses a node sent have no source.
+fn is_transport_error(status: &Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(cause) = source {
         if cause.is::<tonic::transport::Error>() || cause.is::<std::io::Error>() {
@@ -224,6 +245,44 @@ struct Inner {
     nodes: Vec<Node>,
     /// The node the next call tries first (the last one that answered).
     preferred: AtomicUsize,
+    /// Where each shard's leader is; `None` when routing is off.
+    routing: Option<Routing>,
+}
+
+/// The client's map of the cluster, for sending a flow's calls to its shard's leader.
+#[derive(Default)]
+struct Routing {
+    map: RwLock<Option<ShardMap>>,
+    /// A refresh is under way (at most one at a time).
+    refreshing: AtomicBool,
+    /// Channels to members' addresses the client was not given.
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Leader addresses that could not be reached, and when.
+    unreachable: Mutex<HashMap<String, Instant>>,
+}
+
+/// Every shard's leader, as a node reported it.
+struct ShardMap {
+    shard_count: u32,
+    /// The leader's address per shard, when there is one.
+    leaders: Vec<Option<String>>,
+    /// Members' addresses by id (to check a leader an answer names).
+    addrs: HashMap<u64, String>,
+    learned: Instant,
+    /// Set when the map is known to be wrong: refreshed by the next call.
+    stale: bool,
+}
+
+fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| ClientError::InvalidArgument(format!("{addr:?} is not a host:port address: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        // Notice a node that stops answering (frozen, partitioned) during a call.
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(false))
 }
 
 /// A client of a fetter cluster: any node answers any request (forwarding to the shard's leader);
@@ -255,26 +314,141 @@ impl Client {
             if addr.is_empty() {
                 return Err(ClientError::InvalidArgument("an empty node address".into()));
             }
-            let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-            let endpoint = Endpoint::from_shared(uri)
-                .map_err(|e| {
-                    ClientError::InvalidArgument(format!("{addr:?} is not a host:port address: {e}"))
-                })?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .tcp_nodelay(true)
-                // Notice a node that stops answering (frozen, partitioned) during a call.
-                .http2_keep_alive_interval(Duration::from_secs(2))
-                .keep_alive_timeout(Duration::from_secs(2))
-                .keep_alive_while_idle(false);
-            nodes.push(Node { channel: endpoint.connect_lazy(), addr });
+            nodes.push(Node { channel: endpoint(&addr)?.connect_lazy(), addr });
         }
         if nodes.is_empty() {
             return Err(ClientError::InvalidArgument("no node address given".into()));
         }
         Ok(Client {
-            inner: Arc::new(Inner { nodes, preferred: AtomicUsize::new(0) }),
+            inner: Arc::new(Inner {
+                nodes,
+                preferred: AtomicUsize::new(0),
+                routing: Some(Routing::default()),
+            }),
             timeout: DEFAULT_TIMEOUT,
         })
+    }
+
+    /// The same nodes without routing to shard leaders: every call goes to the given nodes,
+    /// which forward (a new client: connections are not shared with this one).
+    pub fn without_routing(self) -> Client {
+        let nodes = self
+            .inner
+            .nodes
+            .iter()
+            .map(|n| Node { addr: n.addr.clone(), channel: n.channel.clone() })
+            .collect();
+        Client {
+            inner: Arc::new(Inner { nodes, preferred: AtomicUsize::new(0), routing: None }),
+            timeout: self.timeout,
+        }
+    }
+
+    /// Whether the client knows every shard's leader (routing on and a map learned).
+    pub fn knows_leaders(&self) -> bool {
+        self.inner.routing.as_ref().is_some_and(|r| {
+            read_lock(&r.map).as_ref().is_some_and(|m| !m.stale && m.leaders.iter().all(Option::is_some))
+        })
+    }
+
+    /// Where to send a call about `flow_type/instance` first: its shard's leader, when the map
+    /// names one that is reachable. Starts a refresh of the map when it is missing or old.
+    fn leader_of(&self, flow_type: &str, instance: &str) -> Option<(String, Channel)> {
+        let routing = self.inner.routing.as_ref()?;
+        let addr = {
+            let map = read_lock(&routing.map);
+            let fresh = map.as_ref().is_some_and(|m| !m.stale && m.learned.elapsed() < ROUTES_MAX_AGE);
+            let addr = map.as_ref().and_then(|m| {
+                let flow = fetter_raft::ids::FlowId::new(flow_type, instance);
+                let shard = fetter_raft::placement::shard_of(&flow, m.shard_count).0 as usize;
+                m.leaders.get(shard).cloned().flatten()
+            });
+            drop(map);
+            if !fresh {
+                self.refresh_routes();
+            }
+            addr?
+        };
+        if lock(&routing.unreachable).get(&addr).is_some_and(|at| at.elapsed() < UNREACHABLE_FOR) {
+            return None;
+        }
+        if let Some(node) = self.inner.nodes.iter().find(|n| n.addr == addr) {
+            return Some((addr, node.channel.clone()));
+        }
+        let mut channels = lock(&routing.channels);
+        if let Some(channel) = channels.get(&addr) {
+            return Some((addr, channel.clone()));
+        }
+        let channel = endpoint(&addr).ok()?.connect_lazy();
+        channels.insert(addr.clone(), channel.clone());
+        Some((addr, channel))
+    }
+
+    /// Learns the shard map again, in the background (one refresh at a time).
+    fn refresh_routes(&self) {
+        let Some(routing) = self.inner.routing.as_ref() else { return };
+        if routing.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let client = self.clone().with_timeout(ATTEMPT);
+        tokio::spawn(async move {
+            if let Ok(status) = client.cluster_status().await {
+                let addrs: HashMap<u64, String> =
+                    status.members.iter().map(|m| (m.id, m.addr.clone())).collect();
+                let mut leaders = vec![None; status.shards.len()];
+                for shard in &status.shards {
+                    if let Some(slot) = leaders.get_mut(shard.id as usize) {
+                        *slot = shard.leader.and_then(|l| addrs.get(&l).cloned());
+                    }
+                }
+                let map = ShardMap {
+                    shard_count: status.shards.len() as u32,
+                    leaders,
+                    addrs,
+                    learned: Instant::now(),
+                    stale: false,
+                };
+                if map.shard_count > 0 {
+                    if let Some(routing) = client.inner.routing.as_ref() {
+                        *write_lock(&routing.map) = Some(map);
+                    }
+                }
+            }
+            if let Some(routing) = client.inner.routing.as_ref() {
+                routing.refreshing.store(false, Ordering::Release);
+            }
+        });
+    }
+
+    /// An answer about a flow named its shard's leader: if the map says otherwise, it is stale.
+    fn note_leader(&self, flow_type: &str, instance: &str, leader: Option<u64>) {
+        let (Some(routing), Some(leader)) = (self.inner.routing.as_ref(), leader) else { return };
+        let mut map = write_lock(&routing.map);
+        if let Some(m) = map.as_mut() {
+            let flow = fetter_raft::ids::FlowId::new(flow_type, instance);
+            let shard = fetter_raft::placement::shard_of(&flow, m.shard_count).0 as usize;
+            let named = m.addrs.get(&leader);
+            if named.is_none() || m.leaders.get(shard).cloned().flatten().as_ref() != named {
+                m.stale = true;
+            }
+        }
+    }
+
+    /// A leader's address did not answer: try the given nodes first for a while.
+    fn leader_unreachable(&self, addr: &str) {
+        if let Some(routing) = self.inner.routing.as_ref() {
+            lock(&routing.unreachable).insert(addr.to_string(), Instant::now());
+        }
+        self.mark_routes_stale();
+    }
+
+    /// The map is known to be wrong: the next call about a flow refreshes it.
+    fn mark_routes_stale(&self) {
+        if let Some(routing) = self.inner.routing.as_ref() {
+            if let Some(m) = write_lock(&routing.map).as_mut() {
+                m.stale = true;
+            }
+        }
     }
 
     /// The same client with another time budget per call, retries included (default 30 s).
@@ -301,9 +475,57 @@ impl Client {
         F: Fn(FetterClient<Channel>, Req) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
+        self.call_via(None, request, wait, rpc).await
+    }
+
+    /// [`Client::call`] for a call about one flow: its shard's leader first (see the module
+    /// documentation), then the given nodes.
+    async fn call_flow<Req, Resp, F, Fut>(
+        &self,
+        flow: (&str, &str),
+        request: Req,
+        wait: Duration,
+        rpc: F,
+    ) -> Result<Resp, ClientError>
+    where
+        Req: Clone,
+        F: Fn(FetterClient<Channel>, Req) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let leader = self.leader_of(flow.0, flow.1);
+        self.call_via(leader, request, wait, rpc).await
+    }
+
+    /// Runs one RPC: on `first` (a shard leader's address and channel) if given, then failing
+    /// over between the given nodes, all within one time budget.
+    async fn call_via<Req, Resp, F, Fut>(
+        &self,
+        first: Option<(String, Channel)>,
+        request: Req,
+        wait: Duration,
+        rpc: F,
+    ) -> Result<Resp, ClientError>
+    where
+        Req: Clone,
+        F: Fn(FetterClient<Channel>, Req) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
         let nodes = &self.inner.nodes;
         let budget = if wait.is_zero() { self.timeout } else { self.timeout.max(wait + ATTEMPT) };
         let deadline = tokio::time::Instant::now() + budget;
+        if let Some((addr, channel)) = first {
+            let client = FetterClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            match tokio::time::timeout(ATTEMPT + wait, rpc(client, request.clone())).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) if !is_retryable(&status) => return Err(status.into()),
+                // It answered, unavailable (an election): the map is old; on through the nodes.
+                Ok(Err(status)) if !is_transport_error(&status) => self.mark_routes_stale(),
+                // Not reachable from here, or not answering: on through the given nodes.
+                Ok(Err(_)) | Err(_) => self.leader_unreachable(&addr),
+            }
+        }
         let first = self.inner.preferred.load(Ordering::Relaxed);
         let mut backoff = BACKOFF_MIN;
         let mut tried: Vec<&str> = Vec::new();
@@ -372,7 +594,15 @@ impl Client {
             timeout_ms: timeout.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)),
         };
         let wait_for = if wait { timeout.unwrap_or(DEFAULT_WAIT) } else { Duration::ZERO };
-        self.call(request, wait_for, |mut c, r| async move { c.start_flow(r).await }).await
+        let response =
+            self.call_flow((flow_type, instance), request, wait_for, |mut c, r| async move {
+                c.start_flow(r).await
+            })
+            .await?;
+        if let Some(flow) = &response.flow {
+            self.note_leader(flow_type, instance, flow.leader_node);
+        }
+        Ok(response)
     }
 
     /// Appends message `message_type` with `payload_json` to the flow's event log, once per
@@ -393,15 +623,24 @@ impl Client {
             idempotency_key,
             request_id: Some(new_request_id()),
         };
-        let response =
-            self.call(request, Duration::ZERO, |mut c, r| async move { c.send_message(r).await }).await?;
+        let response = self
+            .call_flow((flow_type, instance), request, Duration::ZERO, |mut c, r| async move {
+                c.send_message(r).await
+            })
+            .await?;
         Ok(response.seq)
     }
 
     /// The flow `flow_type/instance` with its journal.
     pub async fn get_flow(&self, flow_type: &str, instance: &str) -> Result<proto::Flow, ClientError> {
         let request = flow_ref(flow_type, instance);
-        self.call(request, Duration::ZERO, |mut c, r| async move { c.get_flow(r).await }).await
+        let flow = self
+            .call_flow((flow_type, instance), request, Duration::ZERO, |mut c, r| async move {
+                c.get_flow(r).await
+            })
+            .await?;
+        self.note_leader(flow_type, instance, flow.leader_node);
+        Ok(flow)
     }
 
     /// One page of flows, optionally of one type and one status (`limit` 0: 100). Pass the
@@ -456,7 +695,10 @@ impl Client {
             clear_effects,
             request_id: Some(new_request_id()),
         };
-        self.call(request, Duration::ZERO, |mut c, r| async move { c.restart(r).await }).await
+        self.call_flow((flow_type, instance), request, Duration::ZERO, |mut c, r| async move {
+            c.restart(r).await
+        })
+        .await
     }
 
     /// Cancels a live flow.
@@ -467,7 +709,13 @@ impl Client {
         expected_epoch: Option<u64>,
     ) -> Result<proto::MutationResponse, ClientError> {
         let request = mutation(flow_type, instance, expected_epoch);
-        self.call(request, Duration::ZERO, |mut c, r| async move { c.cancel(r).await }).await
+        self.call_flow(
+            (flow_type, instance),
+            request,
+            Duration::ZERO,
+            |mut c, r| async move { c.cancel(r).await },
+        )
+        .await
     }
 
     /// Finishes a live flow as succeeded with `output_json`.
@@ -484,7 +732,10 @@ impl Client {
             output_json: output_json.to_string(),
             request_id: Some(new_request_id()),
         };
-        self.call(request, Duration::ZERO, |mut c, r| async move { c.mark_succeeded(r).await }).await
+        self.call_flow((flow_type, instance), request, Duration::ZERO, |mut c, r| async move {
+            c.mark_succeeded(r).await
+        })
+        .await
     }
 
     /// Finishes a live flow as failed for `reason`.
@@ -501,7 +752,10 @@ impl Client {
             reason: reason.to_string(),
             request_id: Some(new_request_id()),
         };
-        self.call(request, Duration::ZERO, |mut c, r| async move { c.mark_failed(r).await }).await
+        self.call_flow((flow_type, instance), request, Duration::ZERO, |mut c, r| async move {
+            c.mark_failed(r).await
+        })
+        .await
     }
 
     /// Deletes the flow and its journal.
@@ -512,7 +766,13 @@ impl Client {
         expected_epoch: Option<u64>,
     ) -> Result<proto::MutationResponse, ClientError> {
         let request = mutation(flow_type, instance, expected_epoch);
-        self.call(request, Duration::ZERO, |mut c, r| async move { c.delete(r).await }).await
+        self.call_flow(
+            (flow_type, instance),
+            request,
+            Duration::ZERO,
+            |mut c, r| async move { c.delete(r).await },
+        )
+        .await
     }
 
     /// Records `value_json` as the value effect `effect_id` returns on replay.
@@ -531,7 +791,10 @@ impl Client {
             value_json: value_json.to_string(),
             request_id: Some(new_request_id()),
         };
-        self.call(request, Duration::ZERO, |mut c, r| async move { c.set_effect(r).await }).await
+        self.call_flow((flow_type, instance), request, Duration::ZERO, |mut c, r| async move {
+            c.set_effect(r).await
+        })
+        .await
     }
 
     /// Forgets effect `effect_id`, so a replay runs it again.
@@ -548,7 +811,10 @@ impl Client {
             effect_id: effect_id.to_string(),
             request_id: Some(new_request_id()),
         };
-        self.call(request, Duration::ZERO, |mut c, r| async move { c.remove_effect(r).await }).await
+        self.call_flow((flow_type, instance), request, Duration::ZERO, |mut c, r| async move {
+            c.remove_effect(r).await
+        })
+        .await
     }
 
     /// The cluster's members and every shard's leader and replicas.
@@ -685,6 +951,18 @@ impl Client {
     pub async fn get(&self, flow_type: &str, instance: &str) -> Result<proto::Flow, ClientError> {
         self.get_flow(flow_type, instance).await
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read_lock<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write_lock<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

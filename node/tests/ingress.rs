@@ -1,8 +1,9 @@
 //! Idempotent ingress end to end: three in-process cluster nodes (real sled, openraft and
-//! tonic), a `fetter::Client` that talks to a node which does not lead the flow's shard (so
-//! every mutation is forwarded to the leader), and a test hook that makes that node lose the
-//! answer to a mutation it applied. The client retries; the retry must change nothing and
-//! answer what the first attempt would have answered.
+//! tonic), a `fetter::Client` that talks to a node which does not lead the flow's shard (routing
+//! off, so every mutation is forwarded to the leader), and a test hook that makes that node lose
+//! the answer to a mutation it applied. The client retries; the retry must change nothing and
+//! answer what the first attempt would have answered. Last, a client given only that node, with
+//! routing on, sends its calls straight to the leader.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -117,7 +118,9 @@ impl Cluster {
             .find(|(id, _)| id.0 != leader)
             .map(|(_, addr)| addr.clone())
             .ok_or_else(|| anyhow!("no follower"))?;
-        let client = Client::connect([follower])?.with_timeout(WAIT);
+        // Without routing: every call goes to the follower, which forwards it (what these tests
+        // are about); the routing test below uses a client of its own.
+        let client = Client::connect([follower])?.with_timeout(WAIT).without_routing();
         Ok(Cluster { _dir: dir, nodes, ledger, client })
     }
 
@@ -219,6 +222,51 @@ async fn a_retried_cancel_answers_success() -> Result<()> {
     let now = cluster.client.get("shipper", "s-cancel").await?;
     ensure!(now.status == "cancelled");
     ensure!(answer.is_ok_and(|a| a.epoch == Some(now.epoch)), "the answer names the cancel's epoch");
+    cluster.stop().await;
+    Ok(())
+}
+
+/// Proposals and reads the nodes forwarded to the leader of shard 0 (group 1).
+fn forwarded(cluster: &Cluster) -> u64 {
+    cluster
+        .nodes
+        .iter()
+        .filter_map(|n| n.raft().group(fetter_raft::ids::GroupId(1)))
+        .map(|g| g.forwarded())
+        .sum()
+}
+
+/// Issue 11 item 5: a client given only a follower learns the shard's leader from
+/// `ClusterStatus` and sends every call about a flow straight to it: no node forwards anything.
+/// The same calls through a client without routing are forwarded (the counter counts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_a_follower_sends_flow_calls_straight_to_the_leader() -> Result<()> {
+    let cluster = Cluster::start().await?;
+    let routed = Client::connect(cluster.client.addrs())?.with_timeout(WAIT);
+    ensure!(!routed.knows_leaders(), "a new client knows no leader yet");
+    // The first call goes through the follower and starts learning the map.
+    routed.start::<Shipper>("r-first", &1).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !routed.knows_leaders() {
+        ensure!(tokio::time::Instant::now() < deadline, "the client never learned the shard's leader");
+        routed.get("shipper", "r-first").await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = forwarded(&cluster);
+    for i in 0..10 {
+        let instance = format!("r-{i}");
+        routed.start::<Shipper>(&instance, &1).await?;
+        routed.get("shipper", &instance).await?;
+        routed.send("shipper", &instance, &Go { n: i }, None).await?;
+    }
+    let routed_forwards = forwarded(&cluster) - before;
+    ensure!(routed_forwards == 0, "{routed_forwards} calls of the routed client were forwarded");
+    let before = forwarded(&cluster);
+    for i in 0..10 {
+        cluster.client.get("shipper", &format!("r-{i}")).await?;
+    }
+    let plain_forwards = forwarded(&cluster) - before;
+    ensure!(plain_forwards >= 10, "reads through the follower were forwarded {plain_forwards} times, not 10");
     cluster.stop().await;
     Ok(())
 }

@@ -189,6 +189,8 @@ struct Inner {
     handover_closed: std::sync::atomic::AtomicBool,
     /// Held while this node carries out a membership change (one at a time).
     membership_changes: tokio::sync::Mutex<()>,
+    /// Proposals and read-index requests this node sent to another node's leader.
+    forwarded: std::sync::atomic::AtomicU64,
 }
 
 impl GroupHandle {
@@ -220,6 +222,7 @@ impl GroupHandle {
                 at_most_once: watch::Sender::new(0),
                 handing_over: std::sync::atomic::AtomicU64::new(0),
                 handover_closed: std::sync::atomic::AtomicBool::new(false),
+                forwarded: std::sync::atomic::AtomicU64::new(0),
                 membership_changes: tokio::sync::Mutex::new(()),
             }),
         }
@@ -228,6 +231,12 @@ impl GroupHandle {
     /// The group.
     pub fn group(&self) -> GroupId {
         self.inner.group
+    }
+
+    /// How many proposals and read-index requests this node has forwarded to the group's leader
+    /// on another node (calls that reached a node which does not lead the group).
+    pub fn forwarded(&self) -> u64 {
+        self.inner.forwarded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The underlying openraft instance.

@@ -191,6 +191,7 @@ impl GroupHandle {
         deadline: Instant,
     ) -> Result<Reply, Error> {
         let group = self.inner.group;
+        self.inner.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let payload = codec::encode(command)
             .map_err(|e| Error::Internal { group, reason: format!("cannot encode command: {e}") })?;
         let bytes = self.call(addr, RpcKind::Propose, payload, deadline).await?;
@@ -203,6 +204,7 @@ impl GroupHandle {
 
     async fn remote_read_index(&self, addr: &str, deadline: Instant) -> Result<Option<u64>, Error> {
         let group = self.inner.group;
+        self.inner.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bytes = self.call(addr, RpcKind::ReadIndex, Vec::new(), deadline).await?;
         let outcome: Result<Option<u64>, Error> = codec::decode(&bytes)
             .map_err(|e| Error::Internal { group, reason: format!("undecodable read index: {e}") })?;
