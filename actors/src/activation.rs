@@ -136,7 +136,8 @@ pub async fn run(
     if record.epoch != epoch {
         return Ok(Outcome::Fenced(format!("flow is at {} not {epoch}", record.epoch)));
     }
-    let ctx = Ctx::new(flow.clone(), epoch, group.clone(), effects, events, limits.max_payload_bytes);
+    let ctx =
+        Ctx::new(flow.clone(), epoch, group.clone(), effects, events, limits.max_payload_bytes, record.seed);
     let result = match registry.get(&flow.flow_type) {
         // Not a failure of the flow: a node that runs this type may lead the shard later (a
         // rolling deploy that adds the type). Operators see why it waits.

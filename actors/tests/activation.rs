@@ -271,10 +271,12 @@ async fn an_effect_error_is_recorded_and_replayed_without_running_again() -> Res
 }
 
 /// uuid / now / random, then a loop that keeps its position in a state value (the newsletter
-/// pattern); step 2 is held so a crash can happen inside it.
+/// pattern); step 2 is held so a crash can happen inside it. Every run reports the uuid and
+/// random number it got.
 struct Helpers {
     steps: Service,
     hold: Service,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, u64)>>>,
 }
 
 impl Flow for Helpers {
@@ -286,6 +288,7 @@ impl Flow for Helpers {
         let id = ctx.uuid("id").await?;
         let now = ctx.now("now").await?;
         let dice = ctx.random("dice").await?;
+        self.seen.lock().expect("seen lock").push((id.to_string(), dice));
         let position = ctx.state::<u32>("position");
         let mut i = position.get().await?.unwrap_or(0);
         while i < 4 {
@@ -305,7 +308,9 @@ async fn determinism_helpers_and_state_are_the_same_on_replay() -> Result<()> {
     let n = single_node().await?;
     let (hold, mut hold_started) = Service::holding();
     let steps = Service::default();
-    let registry = Registry::new().register(Helpers { steps: steps.clone(), hold: hold.clone() })?;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let registry =
+        Registry::new().register(Helpers { steps: steps.clone(), hold: hold.clone(), seen: seen.clone() })?;
     let flow = FlowId::new("helpers", "h-1");
     start(&n.group, &flow, "null").await?;
     crash_during(&n.group, &registry, &flow, &mut hold_started).await?;
@@ -318,21 +323,48 @@ async fn determinism_helpers_and_state_are_the_same_on_replay() -> Result<()> {
             }
         }
     };
-    let (first_id, first_now, first_dice) =
-        (recorded("id").await?, recorded("now").await?, recorded("dice").await?);
+    let first_now = recorded("now").await?;
+    let (first_id, first_dice) = seen.lock().expect("seen lock")[0].clone();
+    // uuid and random are derived from the run's seed: no step of their own in the journal.
+    for derived in ["id", "dice"] {
+        let row =
+            n.group.read(move |kv| shard::get_effect(kv, &FlowId::new("helpers", "h-1"), derived)).await??;
+        ensure!(row.is_none(), "{derived} was committed: {row:?}");
+    }
     ensure!(serde_json::from_slice::<u32>(&recorded("position").await?)? == 2, "position 2 at the crash");
     hold.release(1);
     ensure!(activation::activate(&n.group, &registry, &flow).await? == Outcome::Succeeded);
     let (id, now, dice, position): (String, u64, u64, u32) =
         serde_json::from_slice(status(&n.group, &flow).await?.output.as_deref().unwrap_or_default())?;
-    ensure!(serde_json::from_slice::<String>(&first_id)? == id, "the uuid of the first run");
+    ensure!(first_id == id, "the uuid of the first run");
     ensure!(serde_json::from_slice::<u64>(&first_now)? == now, "the time of the first run");
-    ensure!(serde_json::from_slice::<u64>(&first_dice)? == dice, "the random number of the first run");
+    ensure!(first_dice == dice, "the random number of the first run");
     ensure!(position == 4);
     // Steps 0, 1 and 3 ran once; step 2 (in flight at the crash) ran again.
     ensure!((steps.count(), hold.count()) == (3, 2), "{} {}", steps.count(), hold.count());
     let rows = n.group.read(|kv| shard::list_effects(kv, &flow)).await??;
     ensure!(rows.iter().filter(|(id, _)| id == "position").count() == 1, "one row for the state");
+    // Another flow, and a new run of this one (a restart that clears its effects), get other
+    // values; a restart that keeps the effects keeps them.
+    let other = FlowId::new("helpers", "h-2");
+    start(&n.group, &other, "null").await?;
+    hold.release(10);
+    ensure!(activation::activate(&n.group, &registry, &other).await? == Outcome::Succeeded);
+    for clear_effects in [false, true] {
+        let restart = ShardCommand::Admin {
+            flow: flow.clone(),
+            expected_epoch: None,
+            op: AdminOp::Restart { input: None, clear_effects },
+        };
+        n.group.propose_shard(restart).await?.map_err(|r| anyhow!("{r}"))?;
+        ensure!(activation::activate(&n.group, &registry, &flow).await? == Outcome::Succeeded);
+    }
+    let seen = seen.lock().expect("seen lock").clone();
+    // h-1 (crash), h-1 (replay), h-2, h-1 kept, h-1 cleared.
+    ensure!(seen.len() == 5, "{seen:?}");
+    ensure!(seen[2] != seen[0] && seen[2].0 != seen[0].0, "another flow, other values: {seen:?}");
+    ensure!(seen[3] == seen[0], "a restart keeping the effects keeps the values: {seen:?}");
+    ensure!(seen[4].0 != seen[0].0 && seen[4].1 != seen[0].1, "a new run, new values: {seen:?}");
     n.node.shutdown().await;
     Ok(())
 }

@@ -65,6 +65,8 @@ struct Inner {
     pending: Mutex<Vec<ShardCommand>>,
     /// The cluster's bound on one user payload (bytes): a larger value never enters the log.
     max_payload_bytes: u64,
+    /// The run's seed (`FlowRecord::seed`), from which `uuid` and `random` derive their values.
+    seed: u64,
 }
 
 impl Ctx {
@@ -75,6 +77,7 @@ impl Ctx {
         effects: Vec<(String, EffectRecord)>,
         events: Vec<(u64, Event)>,
         max_payload_bytes: u64,
+        seed: u64,
     ) -> Ctx {
         let (halt, _) = watch::channel(None);
         Ctx {
@@ -88,6 +91,7 @@ impl Ctx {
                 halt,
                 pending: Mutex::new(Vec::new()),
                 max_payload_bytes,
+                seed,
             }),
         }
     }
@@ -122,8 +126,17 @@ impl Ctx {
     }
 
     /// A random UUID (v4), the same on every replay.
+    ///
+    /// Derived, not drawn: a hash of the run's seed (unique in the shard, new when a restart
+    /// clears the effects), the flow id and `id`, so it costs no commit and is the same on every
+    /// replay. A value an operator set for `id` (`effect set`) is returned instead.
     pub async fn uuid(&self, id: impl Into<String>) -> Result<uuid::Uuid, FlowError> {
-        self.generated(id.into(), EffectKind::Uuid, uuid::Uuid::new_v4).await
+        let id = id.into();
+        if let Some(value) = self.recorded_generated(&id, EffectKind::Uuid).await {
+            return Ok(value);
+        }
+        let bits = self.derive(EffectKind::Uuid, &id);
+        Ok(uuid::Builder::from_random_bytes(bits.to_le_bytes()).into_uuid())
     }
 
     /// The wall-clock time, the same on every replay.
@@ -133,8 +146,45 @@ impl Ctx {
     }
 
     /// A random number, the same on every replay.
+    ///
+    /// Derived like [`Ctx::uuid`] (no commit): pseudo-random, not secret.
     pub async fn random(&self, id: impl Into<String>) -> Result<u64, FlowError> {
-        self.generated(id.into(), EffectKind::Random, rand::random::<u64>).await
+        let id = id.into();
+        if let Some(value) = self.recorded_generated(&id, EffectKind::Random).await {
+            return Ok(value);
+        }
+        Ok(self.derive(EffectKind::Random, &id) as u64)
+    }
+
+    /// 128 bits derived from the run's seed, the flow id, the helper's kind and `id`
+    /// (length-prefixed, so no two inputs hash the same bytes).
+    fn derive(&self, kind: EffectKind, id: &str) -> u128 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let flow = &self.inner.flow;
+        for part in [
+            flow.flow_type.as_bytes(),
+            flow.instance.as_bytes(),
+            format!("{kind:?}").as_bytes(),
+            id.as_bytes(),
+        ] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        h.update(&self.inner.seed.to_le_bytes());
+        h.digest128()
+    }
+
+    /// The value recorded for a determinism helper's `id` (set by an operator, or by a version
+    /// that committed them), checked for drift.
+    async fn recorded_generated<T: DeserializeOwned>(&self, id: &str, kind: EffectKind) -> Option<T> {
+        let record = self.recorded(id)?;
+        if let Err(d) = Self::check_kind(&record, kind) {
+            return self.drift(id, d).await;
+        }
+        match &record.state {
+            EffectState::Completed(v) => Some(self.decode(id, v).await),
+            other => self.drift(id, format!("recorded in state {other:?}")).await,
+        }
     }
 
     /// A state value stored under `id`, overwritten in place (constant space in loops).

@@ -436,10 +436,18 @@ impl Cx<'_> {
             created_ms: self.clock,
             updated_ms: self.clock,
             finished_ms: None,
+            seed: self.next_seed()?,
         };
         self.save(&mut rec, false)?;
         self.act(Action::Activate { flow: flow.clone() });
         Ok(())
+    }
+
+    /// A run seed no flow of this shard has had ([`FlowRecord::seed`]).
+    fn next_seed(&mut self) -> Res<u64> {
+        let seed = txn::get::<u64>(&*self.kv, keys::SEEDS)?.unwrap_or(0) + 1;
+        txn::put(self.kv, keys::SEEDS.to_vec(), &seed)?;
+        Ok(seed)
     }
 
     fn activate(&mut self, flow: &FlowId, epoch: Epoch) -> Res<ShardOutcome> {
@@ -1093,6 +1101,8 @@ impl Cx<'_> {
                     self.delete_prefix(&keys::events_prefix(flow))?;
                     self.delete_prefix(&keys::idem_prefix(flow))?;
                     rec.events_len = 0;
+                    // A new run: `ctx.uuid` and `ctx.random` give new values.
+                    rec.seed = self.next_seed()?;
                 } else {
                     self.remove_timer(flow, POSTPONE_TIMER_ID)?;
                 }
@@ -2462,9 +2472,10 @@ mod tests {
         let (outcome, actions) = s.ok_actions(admin(&a, None, AdminOp::Delete));
         assert_eq!((outcome, actions), (ShardOutcome::Done, vec![Action::Fence { flow: a.clone() }]));
         assert_eq!(get_flow(&s.kv, &a).unwrap(), None);
-        // Only the outbox entry for the child (in flight, owned by the shard) remains.
+        // Only the outbox entry for the child (in flight, owned by the shard) and the shard's
+        // run-seed counter (seeds are never given out twice) remain.
         let mut left = s.kv.clone();
-        left.rows.retain(|k, _| !k.starts_with(keys::OUTBOX) && !k.starts_with(b"N"));
+        left.rows.retain(|k, _| !k.starts_with(keys::OUTBOX) && !k.starts_with(b"N") && k != keys::SEEDS);
         assert_eq!(left, rows_before);
 
         assert_eq!(s.ok(start(&a)), ShardOutcome::Started);

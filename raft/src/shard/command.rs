@@ -70,6 +70,10 @@ pub struct FlowRecord {
     pub updated_ms: u64,
     /// When it finished (shard clock, ms), once finished.
     pub finished_ms: Option<u64>,
+    /// This run's seed: given out by the shard (a counter, so unique in the shard) when the flow
+    /// is created and when a restart clears its effects. `ctx.uuid` and `ctx.random` derive
+    /// their values from it, the flow id and the step id, so they need no commit of their own.
+    pub seed: u64,
 }
 
 /// What an effect is, recorded so that replay can detect drift (code asking for another kind).

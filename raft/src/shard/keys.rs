@@ -9,6 +9,7 @@
 //! | key | value |
 //! |---|---|
 //! | `C` | shard clock (`u64`) |
+//! | `S` | `u64`: the last run seed given out ([`super::FlowRecord::seed`]) |
 //! | `G` | shard configuration ([`super::read::ShardConfig`]) |
 //! | `F` flow | [`super::FlowRecord`] |
 //! | `A` flow | marker: the flow is `Running` (what a new leader activates) |
@@ -34,6 +35,8 @@ use crate::ids::{FlowId, ShardId};
 
 /// The shard clock.
 pub(super) const CLOCK: &[u8] = b"C";
+/// The last run seed given out.
+pub(super) const SEEDS: &[u8] = b"S";
 /// The shard configuration.
 pub(super) const CONFIG: &[u8] = b"G";
 /// Prefix of flow records.
