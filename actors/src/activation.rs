@@ -116,7 +116,25 @@ pub async fn activate_with(
     }
 }
 
-/// Runs the activation `epoch` of `flow`, whose `Activate` is committed.
+/// Runs the activation `epoch` that was committed with `flow`'s start and belongs to this node
+/// (`Action::Started`), if the flow is still at that epoch; otherwise activates it as usual.
+pub async fn run_claimed(
+    group: &GroupHandle,
+    registry: &Registry,
+    flow: &FlowId,
+    epoch: Epoch,
+    limits: Limits,
+) -> Result<Outcome, Error> {
+    let record = group.read_local(|kv| shard::get_flow(kv, flow))?;
+    match record {
+        Some(r) if r.epoch == epoch && r.status == shard::FlowStatus::Running => {
+            run(group, registry, flow, epoch, limits).await
+        }
+        _ => activate_with(group, registry, flow, limits).await,
+    }
+}
+
+/// Runs the activation `epoch` of `flow`, whose `Activate` (or claimed start) is committed.
 pub async fn run(
     group: &GroupHandle,
     registry: &Registry,

@@ -19,6 +19,9 @@ pub(crate) struct FlowArgs {
     pub(crate) flow: FlowId,
     pub(crate) shard: ActorRef<ShardMsg>,
     pub(crate) limits: activation::Limits,
+    /// The epoch committed with the flow's start and claimed by this node, if any: run it
+    /// without an `Activate` of its own.
+    pub(crate) claimed: Option<fetter_raft::ids::Epoch>,
 }
 
 /// The actor of one flow's activation. It takes no messages: it runs until its activation ends
@@ -32,9 +35,12 @@ impl Actor for FlowActor {
 
     async fn pre_start(&self, myself: ActorRef<()>, args: FlowArgs) -> Result<Task, ActorProcessingErr> {
         Ok(Task::spawn(async move {
-            let FlowArgs { group, registry, flow, shard, limits } = args;
-            let outcome =
-                activation::activate_with(&group, &registry, &flow, limits).await.map_err(|e| e.to_string());
+            let FlowArgs { group, registry, flow, shard, limits, claimed } = args;
+            let outcome = match claimed {
+                Some(epoch) => activation::run_claimed(&group, &registry, &flow, epoch, limits).await,
+                None => activation::activate_with(&group, &registry, &flow, limits).await,
+            }
+            .map_err(|e| e.to_string());
             // The shard actor matches the actor's identity: a report of an activation it already
             // replaced is ignored.
             let _ = shard.send_message(ShardMsg::Ended { flow, actor: myself.get_id(), outcome });

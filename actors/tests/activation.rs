@@ -466,8 +466,9 @@ async fn a_fenced_activation_commits_nothing_more() -> Result<()> {
     tokio::time::timeout(WAIT, reserve_started.recv())
         .await?
         .ok_or_else(|| anyhow!("reserve never started"))?;
-    // A newer activation takes the flow while the old one is inside `reserve`.
-    let newer = ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(2) };
+    // A newer activation takes the flow while the old one (epoch 2: the start claimed epoch 1
+    // for its leader, whose shard actor does not run in this test) is inside `reserve`.
+    let newer = ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(3) };
     n.group.propose_shard(newer).await?.map_err(|r| anyhow!("{r}"))?;
     reserve.release(1);
     let outcome = tokio::time::timeout(WAIT, old).await???;
@@ -475,7 +476,7 @@ async fn a_fenced_activation_commits_nothing_more() -> Result<()> {
     ensure!(ship.count() == 0, "the fenced activation went no further");
     let reserve_record = n.group.read(|kv| shard::get_effect(kv, &flow, "reserve")).await??;
     ensure!(reserve_record.is_none(), "its result was refused");
-    ensure!(status(&n.group, &flow).await?.epoch == Epoch(2));
+    ensure!(status(&n.group, &flow).await?.epoch == Epoch(3));
     n.node.shutdown().await;
     Ok(())
 }

@@ -753,3 +753,55 @@ async fn a_late_report_of_a_replaced_activation_never_lets_a_second_one_run() ->
     n.node.shutdown().await;
     Ok(())
 }
+
+/// Two at-least-once steps.
+struct TwoSteps {
+    work: Service,
+}
+
+impl Flow for TwoSteps {
+    const TYPE: &'static str = "two-steps";
+    type Input = ();
+    type Output = ();
+
+    async fn run(&self, ctx: &Ctx, _: ()) -> Result<(), FlowError> {
+        let _tx = ctx.uuid("tx").await?;
+        ctx.effect("one", || self.work.call()).await?;
+        ctx.effect("two", || self.work.call()).await?;
+        Ok(())
+    }
+}
+
+/// Issue 11 item 4: a flow started on its shard's leader runs its first activation without an
+/// `Activate` of its own (it was committed with the start), and `ctx.uuid` costs nothing: the
+/// start, `one`'s result, `two`'s result with the end — three log entries for the whole flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_started_on_the_leader_costs_one_entry_per_step_and_none_to_activate() -> Result<()> {
+    let n = single_node().await?;
+    let work = Service::default();
+    let registry = Registry::new().register(TwoSteps { work: work.clone() })?;
+    let (handle, _stats) = run_actor(&n.group, registry).await?;
+    let committed = |g: &GroupHandle| {
+        let g = g.clone();
+        async move {
+            let (read, _) = g.raft().get_read_log_id().await?;
+            Ok::<u64, anyhow::Error>(read.map_or(0, |l| l.index))
+        }
+    };
+    // Wait until the shard actor leads (its first entries are behind us).
+    let warm = FlowId::new("two-steps", "warm");
+    start(&n.group, &warm, "null").await?;
+    finished(&n.group, &warm).await?;
+    let before = committed(&n.group).await?;
+    let flow = FlowId::new("two-steps", "t-1");
+    start(&n.group, &flow, "null").await?;
+    let record = finished(&n.group, &flow).await?;
+    ensure!(record.status == FlowStatus::Succeeded, "{:?}", record.status);
+    ensure!(record.epoch.0 == 1, "ran in the epoch committed with its start, not {}", record.epoch);
+    let entries = committed(&n.group).await? - before;
+    ensure!(entries == 3, "{entries} log entries for a start and two steps");
+    ensure!(work.count() == 4, "each step ran once per flow: {}", work.count());
+    handle.stop();
+    n.node.shutdown().await;
+    Ok(())
+}

@@ -41,9 +41,21 @@ async fn an_order_is_reserved_shipped_captured_and_confirmed_once() -> Result<()
     let (engine, ledger) = engine(dir.path()).await?;
     let flow = FlowId::new("order", "o-1");
     let input = br#"{"order_id":"o-1","customer_id":"c-1","total_cents":4200,"products":["p-1","p-2"]}"#;
+    let shard = fetter::placement::shard_of(&flow, engine.groups().len() as u32).0 as usize;
+    let group = engine.groups()[shard].clone();
+    let committed = || async {
+        let (read, _) = group.raft().get_read_log_id().await?;
+        Ok::<u64, anyhow::Error>(read.map_or(0, |l| l.index))
+    };
+    let before = committed().await?;
     engine.panel().start(&flow, input.to_vec()).await?;
     let view = finished(engine.panel(), &flow).await?;
     ensure!(view.record.status == FlowStatus::Succeeded, "{:?}", view.record);
+    // Log entries (commits) of the order: the start with its first activation; reserve's result
+    // with ship's `Started`; ship's outcome; capture's result; the mail's result with the end.
+    // (7 before the start carried the activation and `ctx.uuid` was derived.)
+    let entries = committed().await? - before;
+    ensure!(entries == 5, "{entries} log entries for one order");
     ensure!(view.record.output.as_deref() == Some(br#"{"tracking_id":"tt-o-1"}"#.as_slice()));
     let entries = Ledger::read_all(&ledger)?;
     for (service, op) in [("payment", "reserve"), ("logistics", "ship"), ("payment", "capture")] {

@@ -203,7 +203,7 @@ async fn newer_activation_fences_older_one() -> Result<()> {
         c.propose(g(0), ShardCommand::Start { flow: flow.clone(), input: b"{}".to_vec(), parent: None })
             .await?,
     )?;
-    expect_ok(c.propose(g(0), ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(1) }).await?)?;
+    // The start committed the flow's first activation (epoch 1) with it: no `Activate` of its own.
     expect_ok(c.propose(g(0), complete(&flow, 1, "a")).await?)?;
     expect_ok(c.propose(g(0), ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(2) }).await?)?;
     let stale = c.propose(g(0), complete(&flow, 1, "b")).await?;
@@ -228,7 +228,7 @@ async fn command_proposed_through_old_leader_is_fenced_after_leader_change() -> 
         c.propose(g(0), ShardCommand::Start { flow: flow.clone(), input: b"{}".to_vec(), parent: None })
             .await?,
     )?;
-    expect_ok(c.propose(g(0), ShardCommand::Activate { flow: flow.clone(), epoch: Epoch(1) }).await?)?;
+    // The start committed the flow's first activation (epoch 1) with it: no `Activate` of its own.
     c.converge(g(0)).await?;
     let old = c.leader(g(0)).await?;
     let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
@@ -289,7 +289,7 @@ async fn redelivered_outbox_entries_apply_exactly_once() -> Result<()> {
         c.propose(g(0), ShardCommand::Start { flow: sender.clone(), input: b"{}".to_vec(), parent: None })
             .await?,
     )?;
-    expect_ok(c.propose(g(0), ShardCommand::Activate { flow: sender.clone(), epoch: Epoch(1) }).await?)?;
+    // The start committed the flow's first activation (epoch 1) with it: no `Activate` of its own.
     for i in 0..3 {
         let send = ShardCommand::Send {
             flow: sender.clone(),

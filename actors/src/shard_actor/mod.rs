@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fetter_raft::handle::GroupHandle;
-use fetter_raft::ids::{FlowId, ShardId};
+use fetter_raft::ids::{Epoch, FlowId, ShardId};
 use fetter_raft::shard::{self, Action, Rejection, ShardCommand};
 use fetter_raft::sync::now_ms;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -335,6 +335,10 @@ pub struct ShardState {
     /// Runnable flows of a type this node does not run: not activated again while this node
     /// leads (a passing scan skips them), unless an action asks for them (a repair).
     parked: HashSet<FlowId>,
+    /// New flows whose first activation (this epoch) was committed with their start and is this
+    /// node's ([`Action::Started`]): run without an `Activate` commit. Dropped when leadership
+    /// is lost (a later leadership activates as usual).
+    claims: HashMap<FlowId, Epoch>,
     /// The pass over the running index; `rescan`: another pass is wanted after it.
     running_pass: Pass<FlowId>,
     rescan: bool,
@@ -375,6 +379,7 @@ impl Actor for ShardActor {
             active: HashMap::new(),
             queue: Queue::new(tuning.max_queued),
             parked: HashSet::new(),
+            claims: HashMap::new(),
             running_pass: Pass::Idle,
             rescan: false,
             timers: Timers::new(tuning.max_timers_in_memory),
@@ -526,6 +531,7 @@ impl ShardActor {
         }
         state.queue.clear();
         state.parked.clear();
+        state.claims.clear();
         state.running_pass = Pass::Idle;
         state.rescan = false;
         state.timers.clear();
@@ -561,6 +567,13 @@ impl ShardActor {
         match action {
             Action::Activate { flow } => {
                 state.parked.remove(&flow);
+                self.activate(myself, state, flow)
+            }
+            Action::Started { flow, epoch, by } => {
+                state.parked.remove(&flow);
+                if by == state.args.group.node_id() {
+                    state.claims.insert(flow.clone(), epoch);
+                }
                 self.activate(myself, state, flow)
             }
             Action::Fence { flow } if crate::bugs::planted("epoch-check") => {
@@ -620,6 +633,7 @@ impl ShardActor {
             flow: flow.clone(),
             shard: myself.clone(),
             limits: state.args.params.limits(),
+            claimed: state.claims.remove(&flow),
         };
         match ractor::ActorRuntime::spawn_linked_instant(None, FlowActor, args, myself.get_cell()) {
             Ok((flow_actor, _)) => {

@@ -129,7 +129,8 @@ impl GroupHandle {
         metrics.membership_config.membership().get_node(&node.0).map(|n| n.addr.clone())
     }
 
-    fn node_id(&self) -> NodeId {
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
         self.inner.peers.identity().node_id
     }
 

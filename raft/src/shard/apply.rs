@@ -7,7 +7,7 @@ use super::command::*;
 use super::keys;
 use super::read::{ShardConfig, MAX_DEAD_LETTERS, MAX_DEAD_LETTER_BYTES, POSTPONE_TIMER_ID, SLEEP_TYPE_NAME};
 use super::txn;
-use crate::ids::{Epoch, FlowId, ShardId};
+use crate::ids::{Epoch, FlowId, NodeId, ShardId};
 use crate::kv::Overlay;
 use crate::kv::{Kv, KvError};
 use crate::placement;
@@ -18,12 +18,25 @@ use crate::placement;
 /// A rejection (`Ok((Err(_), _))`) changes nothing, not even the clock, and carries no actions.
 /// `Err(_)` is a storage failure (or a corrupt row); the caller must abandon the batch.
 pub fn apply(kv: &mut dyn Kv, now_ms: u64, cmd: &ShardCommand) -> Result<(ShardReply, Vec<Action>), KvError> {
+    apply_at(kv, now_ms, None, cmd)
+}
+
+/// [`apply`] for an entry appended by the leader `proposer` (the node of the entry's log id, so
+/// every replica knows the same one). A flow it creates gets its first activation at once —
+/// epoch 1, claimed by `proposer` ([`Action::Started`]) — instead of a later `Activate` commit
+/// of its own. Without a proposer a new flow waits at epoch 0 for its `Activate`.
+pub fn apply_at(
+    kv: &mut dyn Kv,
+    now_ms: u64,
+    proposer: Option<NodeId>,
+    cmd: &ShardCommand,
+) -> Result<(ShardReply, Vec<Action>), KvError> {
     if let ShardCommand::AdminRequest { request_id, flow, expected_epoch, op } = cmd {
-        return apply_request(kv, now_ms, cmd, request_id, |cx| {
+        return apply_request(kv, now_ms, proposer, cmd, request_id, |cx| {
             cx.admin(flow, *expected_epoch, op).map(|epoch| ShardOutcome::Mutated { epoch })
         });
     }
-    isolated(kv, now_ms, |cx| cx.run(cmd))
+    isolated(kv, now_ms, proposer, |cx| cx.run(cmd))
 }
 
 /// Runs `body` against a write buffer and commits its writes (and the advanced clock) only if it
@@ -31,13 +44,14 @@ pub fn apply(kv: &mut dyn Kv, now_ms: u64, cmd: &ShardCommand) -> Result<(ShardR
 fn isolated(
     kv: &mut dyn Kv,
     now_ms: u64,
+    proposer: Option<NodeId>,
     body: impl FnOnce(&mut Cx<'_>) -> Res<ShardOutcome>,
 ) -> Result<(ShardReply, Vec<Action>), KvError> {
     let stored_clock: u64 = txn::get(&*kv, keys::CLOCK)?.unwrap_or(0);
     let clock = stored_clock.max(now_ms);
     let (result, actions, writes) = {
         let mut overlay = Overlay::new(&*kv);
-        let mut cx = Cx { kv: &mut overlay, clock, actions: Vec::new() };
+        let mut cx = Cx { kv: &mut overlay, clock, actions: Vec::new(), proposer };
         let result = body(&mut cx);
         let actions = std::mem::take(&mut cx.actions);
         (result, actions, overlay.into_writes())
@@ -71,6 +85,7 @@ struct RequestRecord {
 fn apply_request(
     kv: &mut dyn Kv,
     now_ms: u64,
+    proposer: Option<NodeId>,
     cmd: &ShardCommand,
     request_id: &str,
     body: impl FnOnce(&mut Cx<'_>) -> Res<ShardOutcome>,
@@ -95,7 +110,7 @@ fn apply_request(
         };
         return Ok((reply, Vec::new()));
     }
-    let (reply, actions) = isolated(kv, now_ms, body)?;
+    let (reply, actions) = isolated(kv, now_ms, proposer, body)?;
     let at_ms = txn::get::<u64>(&*kv, keys::CLOCK)?.unwrap_or(0).max(now_ms);
     remember_request(kv, request_id, &RequestRecord { fingerprint, at_ms, reply: reply.clone() })?;
     Ok((reply, actions))
@@ -173,6 +188,8 @@ struct Cx<'a> {
     kv: &'a mut dyn Kv,
     clock: u64,
     actions: Vec<Action>,
+    /// The leader that appended the entry, when known ([`apply_at`]).
+    proposer: Option<NodeId>,
 }
 
 impl Cx<'_> {
@@ -438,8 +455,20 @@ impl Cx<'_> {
             finished_ms: None,
             seed: self.next_seed()?,
         };
-        self.save(&mut rec, false)?;
-        self.act(Action::Activate { flow: flow.clone() });
+        match self.proposer {
+            // The start and the first activation in one entry: epoch 1 belongs to the leader
+            // that appended it. Any other node that comes to run the flow commits an `Activate`
+            // of epoch 2 first, which fences it.
+            Some(by) => {
+                rec.epoch = Epoch(1);
+                self.save(&mut rec, false)?;
+                self.act(Action::Started { flow: flow.clone(), epoch: rec.epoch, by });
+            }
+            None => {
+                self.save(&mut rec, false)?;
+                self.act(Action::Activate { flow: flow.clone() });
+            }
+        }
         Ok(())
     }
 
@@ -2456,6 +2485,26 @@ mod tests {
         let (_, actions) = s.ok_actions(admin(&a, None, AdminOp::RemoveEffect { effect_id: "ship".into() }));
         assert_eq!(actions, [Action::Fence { flow: a.clone() }]);
         assert_eq!(s.status(&a), FlowStatus::Failed);
+    }
+
+    /// A start appended by a leader commits the first activation with it: epoch 1, claimed by
+    /// that leader; another node's `Activate` (epoch 2) fences it like any older activation.
+    #[test]
+    fn a_start_appended_by_a_leader_carries_its_first_activation() {
+        let mut s = Shard::new();
+        let a = f("a");
+        let (reply, actions) = apply_at(&mut s.kv, s.now, Some(NodeId(7)), &start(&a)).unwrap();
+        assert_eq!(reply, Ok(ShardOutcome::Started));
+        assert_eq!(actions, vec![Action::Started { flow: a.clone(), epoch: e(1), by: NodeId(7) }]);
+        assert_eq!(s.flow(&a).epoch, e(1));
+        assert_eq!(s.flow(&a).status, FlowStatus::Running);
+        s.ok(eff_completed(&a, 1, "x", "1"));
+        s.ok(activate(&a, 2));
+        assert!(matches!(s.rej(eff_completed(&a, 1, "y", "1")), Rejection::StaleEpoch { .. }));
+        // The same start again changes nothing and asks for nothing.
+        let (reply, actions) = apply_at(&mut s.kv, s.now, Some(NodeId(7)), &start(&a)).unwrap();
+        assert_eq!(reply, Ok(ShardOutcome::AlreadyExists { status: FlowStatus::Running }));
+        assert!(actions.is_empty());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{Epoch, FlowId, ShardId};
+use crate::ids::{Epoch, FlowId, NodeId, ShardId};
 
 /// A user payload: JSON text as bytes (inputs, outputs, effect values, messages).
 pub type Payload = Vec<u8>;
@@ -816,5 +816,16 @@ pub enum Action {
         flow: FlowId,
         /// Its final status.
         status: FlowStatus,
+    },
+    /// A new flow whose first activation, `epoch`, is already committed with its start and
+    /// belongs to node `by` (the leader that appended the start): `by` runs it without an
+    /// `Activate` of its own; any other node activates the flow as usual (the next epoch).
+    Started {
+        /// Which flow.
+        flow: FlowId,
+        /// The claimed epoch (1).
+        epoch: Epoch,
+        /// The node it belongs to.
+        by: NodeId,
     },
 }

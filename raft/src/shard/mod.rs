@@ -15,6 +15,6 @@ mod keys;
 mod read;
 pub(crate) mod txn;
 
-pub use apply::apply;
+pub use apply::{apply, apply_at};
 pub use command::*;
 pub use read::*;

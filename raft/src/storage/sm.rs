@@ -250,13 +250,14 @@ impl StateMachineStore {
     fn apply_command(
         &self,
         kv: &mut dyn Kv,
-        now_ms: u64,
+        (now_ms, proposer): (u64, crate::ids::NodeId),
         command: &Command,
         actions: &mut Vec<Action>,
     ) -> Result<Reply, StorageError> {
         match (self.kind, command) {
             (GroupKind::Shard, Command::Shard(cmd)) => {
-                let (reply, mut acts) = shard::apply(kv, now_ms, cmd).map_err(|e| sm_write(any(e)))?;
+                let (reply, mut acts) =
+                    shard::apply_at(kv, now_ms, Some(proposer), cmd).map_err(|e| sm_write(any(e)))?;
                 actions.append(&mut acts);
                 Ok(Reply::Shard(reply))
             }
@@ -301,7 +302,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Normal(request) => {
                     let mut replies = Vec::with_capacity(request.commands.len());
                     for command in &request.commands {
-                        replies.push(self.apply_command(&mut kv, request.now_ms, command, &mut actions)?);
+                        // The entry's log id names the leader that appended it: the same on
+                        // every replica, so apply stays deterministic.
+                        let at = (request.now_ms, crate::ids::NodeId(entry.log_id.leader_id.node_id));
+                        replies.push(self.apply_command(&mut kv, at, command, &mut actions)?);
                     }
                     responses.push(Response { replies });
                 }
