@@ -23,6 +23,9 @@ use crate::history::{
 use crate::net;
 use crate::schedule::{self, Planned, Profile, Target};
 
+/// How long the harness, as an operator, keeps asking to remove a lost node.
+const REMOVE_NODE_WITHIN: Duration = Duration::from_secs(300);
+
 /// Shards of the run's cluster.
 const SHARDS: u32 = 6;
 /// Client tasks of the workload.
@@ -110,7 +113,24 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(self.local.node_dir(node));
         self.members.retain(|m| *m != node);
         let client = self.client()?;
-        client.remove_node(node).await.map_err(|e| anyhow!("remove-node {node}: {e}"))?;
+        // As an operator would: a membership change under faults can outlast one attempt (its
+        // learner catching up, a group electing), so the call is repeated until it is done — a
+        // repeat after it was done answers "not a member". Bounded.
+        let deadline = Instant::now() + REMOVE_NODE_WITHIN;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match client.remove_node(node).await {
+                Ok(()) | Err(ClientError::NotFound(_)) => break,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("remove-node {node} (attempt {attempts}) did not finish, again: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    bail!("remove-node {node}: {attempts} attempts in {REMOVE_NODE_WITHIN:?}, last: {e}")
+                }
+            }
+        }
         let id = self.next_id;
         self.next_id += 1;
         let via = self.local.addr(self.members[0]);
