@@ -124,9 +124,33 @@ impl GroupHandle {
     /// each other.
     /// Returns the voters the group has once the change is committed.
     pub(crate) async fn change_here(&self, op: MembershipOp) -> Result<BTreeSet<NodeId>, Error> {
+        let group = self.inner.group;
+        let asked = std::time::Instant::now();
         let _one_at_a_time = self.inner.membership_changes.lock().await;
-        let raft = &self.inner.raft;
+        let locked = asked.elapsed();
         let (voters, members) = self.effective_members().await?;
+        tracing::info!(%group, ?op, ?voters, ?members, ?locked, "membership change begins");
+        let result = self.change_locked(op.clone(), voters, members).await;
+        // Every change says how it ended and how long it (and its wait for the lock) took: a
+        // change that does not finish holds every later one of the group behind it.
+        match &result {
+            Ok(next) => {
+                tracing::info!(%group, ?op, voters = ?next, took = ?asked.elapsed(), "membership change done")
+            }
+            Err(e) => {
+                tracing::warn!(%group, ?op, error = %e, took = ?asked.elapsed(), "membership change failed")
+            }
+        }
+        result
+    }
+
+    async fn change_locked(
+        &self,
+        op: MembershipOp,
+        voters: BTreeSet<NodeId>,
+        members: BTreeSet<NodeId>,
+    ) -> Result<BTreeSet<NodeId>, Error> {
+        let raft = &self.inner.raft;
         let result = match op {
             MembershipOp::AddLearner { node, addr } => {
                 if members.contains(&node) {
