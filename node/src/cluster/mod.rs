@@ -868,9 +868,9 @@ async fn initialize_own_shards(
     peers: &BTreeMap<NodeId, String>,
 ) -> Result<(), String> {
     let me = shared.node.id();
-    if shared.cluster_info().await.map_err(|e| e.message().to_string())?.is_none() {
+    let Some(info) = shared.cluster_info().await.map_err(|e| e.message().to_string())? else {
         return Err("group 0 does not list the cluster yet".into());
-    }
+    };
     let ids: Vec<NodeId> = peers.keys().copied().collect();
     for (shard, place) in initial_placement(&ids, params.shard_count) {
         if place.preferred_leader != me {
@@ -883,8 +883,13 @@ async fn initialize_own_shards(
         let configure = ShardCommand::Configure { shard_id: shard, shard_count: params.shard_count };
         group.submit_shard(configure).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
         // Every other initial member replicates the group as a learner (as a node added later
-        // does), so it knows the leader and can take a voter's place.
-        for (id, addr) in peers.iter().filter(|(id, _)| !voters.contains_key(id)) {
+        // does), so it knows the leader and can take a voter's place — if it is still a member:
+        // this runs again at every start of the node (its stored arguments name the initial
+        // peers), and a node removed since must not come back as a learner (a dead learner
+        // took the group's membership changes 13–20 s each and a lost node's removal stalled
+        // behind them: 5-node long chaos run, seed 2).
+        let current = |id: &NodeId| info.member(*id).is_some();
+        for (id, addr) in peers.iter().filter(|(id, _)| !voters.contains_key(id) && current(id)) {
             let op = MembershipOp::AddLearner { node: *id, addr: addr.clone() };
             group.change_members(op).await.map_err(|e| e.to_string())?;
         }
