@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use fetter_actors::{Flow, Message};
+use fetter_raft::sync::{lock, read as read_lock, write as write_lock};
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -273,6 +274,22 @@ struct ShardMap {
     stale: bool,
 }
 
+impl ShardMap {
+    /// The address of the leader of the shard `flow_type/instance` is placed on, if known.
+    fn leader_addr(&self, flow_type: &str, instance: &str) -> Option<&String> {
+        let flow = fetter_raft::ids::FlowId::new(flow_type, instance);
+        let shard = fetter_raft::placement::shard_of(&flow, self.shard_count).0 as usize;
+        self.leaders.get(shard)?.as_ref()
+    }
+}
+
+/// A gRPC client of the public API on `channel`.
+fn grpc(channel: Channel) -> FetterClient<Channel> {
+    FetterClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
 fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
     let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     Ok(Endpoint::from_shared(uri)
@@ -358,11 +375,7 @@ impl Client {
         let addr = {
             let map = read_lock(&routing.map);
             let fresh = map.as_ref().is_some_and(|m| !m.stale && m.learned.elapsed() < ROUTES_MAX_AGE);
-            let addr = map.as_ref().and_then(|m| {
-                let flow = fetter_raft::ids::FlowId::new(flow_type, instance);
-                let shard = fetter_raft::placement::shard_of(&flow, m.shard_count).0 as usize;
-                m.leaders.get(shard).cloned().flatten()
-            });
+            let addr = map.as_ref().and_then(|m| m.leader_addr(flow_type, instance).cloned());
             drop(map);
             if !fresh {
                 self.refresh_routes();
@@ -425,10 +438,8 @@ impl Client {
         let (Some(routing), Some(leader)) = (self.inner.routing.as_ref(), leader) else { return };
         let mut map = write_lock(&routing.map);
         if let Some(m) = map.as_mut() {
-            let flow = fetter_raft::ids::FlowId::new(flow_type, instance);
-            let shard = fetter_raft::placement::shard_of(&flow, m.shard_count).0 as usize;
             let named = m.addrs.get(&leader);
-            if named.is_none() || m.leaders.get(shard).cloned().flatten().as_ref() != named {
+            if named.is_none() || m.leader_addr(flow_type, instance) != named {
                 m.stale = true;
             }
         }
@@ -514,10 +525,7 @@ impl Client {
         let budget = if wait.is_zero() { self.timeout } else { self.timeout.max(wait + ATTEMPT) };
         let deadline = tokio::time::Instant::now() + budget;
         if let Some((addr, channel)) = first {
-            let client = FetterClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            match tokio::time::timeout(ATTEMPT + wait, rpc(client, request.clone())).await {
+            match tokio::time::timeout(ATTEMPT + wait, rpc(grpc(channel), request.clone())).await {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) if !is_retryable(&status) => return Err(status.into()),
                 // It answered, unavailable (an election): the map is old; on through the nodes.
@@ -538,10 +546,7 @@ impl Client {
                 break;
             }
             let per_attempt = (deadline - now).min(ATTEMPT + wait);
-            let client = FetterClient::new(node.channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            match tokio::time::timeout(per_attempt, rpc(client, request.clone())).await {
+            match tokio::time::timeout(per_attempt, rpc(grpc(node.channel.clone()), request.clone())).await {
                 Ok(Ok(response)) => {
                     self.inner.preferred.store(i, Ordering::Relaxed);
                     return Ok(response.into_inner());
@@ -951,18 +956,6 @@ impl Client {
     pub async fn get(&self, flow_type: &str, instance: &str) -> Result<proto::Flow, ClientError> {
         self.get_flow(flow_type, instance).await
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn read_lock<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn write_lock<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -5,12 +5,15 @@
 //! answer what the first attempt would have answered. Last, a client given only that node, with
 //! routing on, sends its calls straight to the leader.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
+use common::free_ports;
 use fetter::cluster::{ClusterNode, NodeOptions};
 use fetter::hooks;
 use fetter::prelude::*;
@@ -71,13 +74,6 @@ struct Cluster {
     ledger: Ledger,
     /// A client of one node that does not lead shard 0 (the only shard).
     client: Client,
-}
-
-/// Free loopback ports, held until all are known so that they differ.
-fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
-    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 impl Cluster {

@@ -1,9 +1,12 @@
 //! Membership across restarts, with in-process cluster nodes (real sled, openraft and tonic).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
+use common::free_ports;
 use fetter::cluster::{ClusterNode, NodeOptions};
 use fetter::prelude::Registry;
 use fetter::Client;
@@ -11,12 +14,6 @@ use fetter_raft::ids::{GroupId, NodeId};
 use fetter_raft::node::Timing;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
-    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
-}
 
 /// Whether any running node's replica of shard 0 (group 1) lists `id` as a member.
 fn listed(nodes: &[Option<ClusterNode>], id: NodeId) -> bool {

@@ -348,11 +348,8 @@ int unlink(const char *path) {
 
 int unlinkat(int dirfd, const char *path, int flags) {
     init();
-    char abs[PATH_MAX];
-    abs_path(dirfd, path, abs);
     int r = REAL(unlinkat)(dirfd, path, flags);
-    if (r == 0 && under_prefix(abs))
-        record((flags & AT_REMOVEDIR) ? OP_RMDIR : OP_UNLINK, 0, 0, abs, NULL, NULL, 0);
+    if (r == 0) path_op((flags & AT_REMOVEDIR) ? OP_RMDIR : OP_UNLINK, dirfd, path);
     return r;
 }
 
@@ -378,24 +375,19 @@ int rename(const char *oldpath, const char *newpath) {
     return r;
 }
 
+/* The directory fds stay valid across the call, so the paths are resolved after it. */
 int renameat(int olddirfd, const char *oldpath, int newdirfd, const char *newpath) {
     init();
-    char a[PATH_MAX], b[PATH_MAX];
-    abs_path(olddirfd, oldpath, a);
-    abs_path(newdirfd, newpath, b);
     int r = REAL(renameat)(olddirfd, oldpath, newdirfd, newpath);
-    if (r == 0 && (under_prefix(a) || under_prefix(b))) record(OP_RENAME, 0, 0, a, b, NULL, 0);
+    if (r == 0) rename_op(olddirfd, oldpath, newdirfd, newpath);
     return r;
 }
 
 int renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath,
               unsigned int flags) {
     init();
-    char a[PATH_MAX], b[PATH_MAX];
-    abs_path(olddirfd, oldpath, a);
-    abs_path(newdirfd, newpath, b);
     int r = REAL(renameat2)(olddirfd, oldpath, newdirfd, newpath, flags);
-    if (r == 0 && (under_prefix(a) || under_prefix(b))) record(OP_RENAME, 0, 0, a, b, NULL, 0);
+    if (r == 0) rename_op(olddirfd, oldpath, newdirfd, newpath);
     return r;
 }
 
@@ -408,9 +400,7 @@ int mkdir(const char *path, mode_t mode) {
 
 int mkdirat(int dirfd, const char *path, mode_t mode) {
     init();
-    char abs[PATH_MAX];
-    abs_path(dirfd, path, abs);
     int r = REAL(mkdirat)(dirfd, path, mode);
-    if (r == 0 && under_prefix(abs)) record(OP_MKDIR, 0, 0, abs, NULL, NULL, 0);
+    if (r == 0) path_op(OP_MKDIR, dirfd, path);
     return r;
 }

@@ -281,15 +281,15 @@ impl State {
 
     /// Appends framed `records` (each: payload) to the current segment, rolling to a new one
     /// first if it is full. Returns, per record, the file offset of its payload.
-    fn write(&mut self, payloads: &[Vec<u8>]) -> Result<Vec<u64>, WalError> {
+    fn write<P: AsRef<[u8]>>(&mut self, payloads: &[P]) -> Result<Vec<u64>, WalError> {
         if self.current_len >= self.segment_bytes {
             self.roll()?;
         }
-        let mut buf = Vec::with_capacity(payloads.iter().map(|p| p.len() + FRAME_LEN).sum());
+        let mut buf = Vec::with_capacity(payloads.iter().map(|p| p.as_ref().len() + FRAME_LEN).sum());
         let mut offsets = Vec::with_capacity(payloads.len());
         for p in payloads {
             offsets.push(self.current_len + (buf.len() + FRAME_LEN) as u64);
-            frame(p, &mut buf);
+            frame(p.as_ref(), &mut buf);
         }
         let seg =
             self.segments.get(&self.current).ok_or_else(|| WalError::Sync("no current segment".into()))?;
@@ -376,35 +376,58 @@ impl State {
         for group in quiet {
             let live: Vec<(LogId<u64>, Loc)> =
                 self.groups.get(&group).map(|g| g.entries.values().copied().collect()).unwrap_or_default();
-            let mut payloads = Vec::with_capacity(live.len());
-            let mut header_lens = Vec::with_capacity(live.len());
+            let mut entries = Vec::with_capacity(live.len());
             for (log_id, loc) in &live {
                 let seg = self.segments.get(&loc.segment).ok_or_else(|| WalError::Corrupt {
                     path: segment_path(&self.dir, loc.segment).display().to_string(),
                     offset: loc.offset,
                     why: "an indexed entry's segment is gone".into(),
                 })?;
-                let mut p = entry_header(group, log_id);
-                header_lens.push(p.len());
-                let body = p.len();
-                p.resize(body + loc.len as usize, 0);
-                seg.file.read_exact_at(&mut p[body..], loc.offset).map_err(|e| io_err(&seg.path, e))?;
-                payloads.push(p);
+                let mut bytes = vec![0u8; loc.len as usize];
+                seg.file.read_exact_at(&mut bytes, loc.offset).map_err(|e| io_err(&seg.path, e))?;
+                entries.push(EntryRecord::new(group, *log_id, &bytes));
             }
-            let offsets = self.write(&payloads)?;
-            let segment = self.current;
-            for (((log_id, loc), offset), header) in live.iter().zip(offsets).zip(header_lens) {
-                let record = Record::Entry {
-                    group,
-                    log_id: *log_id,
-                    offset_in_payload: header,
-                    len: loc.len as usize,
-                };
-                self.apply(segment, record, offset);
-            }
-            copied += live.len();
+            self.append_entries(group, &entries)?;
+            copied += entries.len();
         }
         Ok(copied)
+    }
+
+    /// Appends `entries` of `group` (in index order) and indexes them through the same path
+    /// recovery uses.
+    fn append_entries(&mut self, group: u64, entries: &[EntryRecord]) -> Result<(), WalError> {
+        let offsets = self.write(entries)?;
+        let segment = self.current;
+        for (e, offset) in entries.iter().zip(offsets) {
+            let len = e.payload.len() - e.header;
+            let record = Record::Entry { group, log_id: e.log_id, offset_in_payload: e.header, len };
+            self.apply(segment, record, offset);
+        }
+        Ok(())
+    }
+}
+
+/// An entry's record payload (header, then the encoded entry), built before the log's lock is
+/// taken.
+struct EntryRecord {
+    log_id: LogId<u64>,
+    payload: Vec<u8>,
+    /// The header's length: the entry starts there.
+    header: usize,
+}
+
+impl EntryRecord {
+    fn new(group: u64, log_id: LogId<u64>, entry: &[u8]) -> EntryRecord {
+        let mut payload = entry_header(group, &log_id);
+        let header = payload.len();
+        payload.extend_from_slice(entry);
+        EntryRecord { log_id, payload, header }
+    }
+}
+
+impl AsRef<[u8]> for EntryRecord {
+    fn as_ref(&self) -> &[u8] {
+        &self.payload
     }
 }
 
@@ -561,24 +584,9 @@ impl Wal {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut payloads = Vec::with_capacity(entries.len());
-        let mut header_lens = Vec::with_capacity(entries.len());
-        for (log_id, bytes) in &entries {
-            let mut p = entry_header(group, log_id);
-            header_lens.push(p.len());
-            p.extend_from_slice(bytes);
-            payloads.push(p);
-        }
-        let mut st = lock(&self.state);
-        let offsets = st.write(&payloads)?;
-        let segment = st.current;
-        for (((log_id, bytes), offset), header) in entries.iter().zip(offsets).zip(header_lens) {
-            let loc = Loc { segment, offset: offset + header as u64, len: bytes.len() as u32 };
-            let record = Record::Entry { group, log_id: *log_id, offset_in_payload: 0, len: bytes.len() };
-            // Index through the same path recovery uses.
-            st.apply(segment, record, loc.offset);
-        }
-        Ok(())
+        let records: Vec<EntryRecord> =
+            entries.iter().map(|(log_id, bytes)| EntryRecord::new(group, *log_id, bytes)).collect();
+        lock(&self.state).append_entries(group, &records)
     }
 
     /// Writes a record that is not an entry and applies it to the index, as recovery will.
