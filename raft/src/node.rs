@@ -363,6 +363,21 @@ impl RaftNode {
         Ok(handle)
     }
 
+    /// Stops `group` on this node and deletes its log and state: the node no longer hosts it
+    /// (its replica has moved to another node). Calls for it are refused from then on, as for
+    /// any group the node does not host; opening it again starts from an empty log.
+    pub async fn drop_group(&self, group: GroupId) -> Result<(), Error> {
+        let handle = lock(&self.handles).remove(&group);
+        self.groups.remove(group);
+        if let Some(h) = handle {
+            if let Err(e) = h.raft().shutdown().await {
+                tracing::warn!(group = %group, error = %e, "raft shutdown failed before dropping the group");
+            }
+        }
+        self.store.drop_group(group).await?;
+        Ok(())
+    }
+
     /// The handle of an open group.
     pub fn group(&self, group: GroupId) -> Option<GroupHandle> {
         lock(&self.handles).get(&group).cloned()

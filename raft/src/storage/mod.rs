@@ -105,6 +105,7 @@ impl Store {
             .open()
             .map_err(|source| Error::Open { path: state_dir.display().to_string(), source })?;
         let (wal, recovery) = wal::Wal::open(&dir.join("wal"))?;
+        drop_leftover_state(&db, &wal.groups())?;
         tracing::info!(
             dir = %dir.display(),
             segments = recovery.segments,
@@ -134,6 +135,17 @@ impl Store {
         Ok((WalLog::new(self.wal.clone(), group), sm))
     }
 
+    /// Deletes everything of `group` on this node (it no longer hosts it): first its log, durably
+    /// (from then on the group is gone, whatever happens next), then its state. A crash between
+    /// the two leaves state of a group the log does not know, which the next open deletes.
+    pub async fn drop_group(&self, group: GroupId) -> Result<(), Error> {
+        self.wal.drop_group(u64::from(group.0)).await?;
+        drop_state(&self.db, group.0)?;
+        self.checkpoint().await.map_err(|e| Error::Wal(wal::WalError::Sync(e)))?;
+        tracing::info!(group = %group, "group storage dropped");
+        Ok(())
+    }
+
     /// Makes every write to the state issued before this call durable (see the module comment).
     pub async fn checkpoint(&self) -> Result<(), String> {
         self.checkpoints.flush().await
@@ -154,6 +166,42 @@ impl Store {
     pub fn checkpoints(&self) -> u64 {
         self.checkpoints.fsyncs()
     }
+}
+
+/// The group a sled tree of group state belongs to (`g{N}/...`), if it is one.
+fn tree_group(name: &[u8]) -> Option<u32> {
+    let rest = name.strip_prefix(b"g")?;
+    let end = rest.iter().position(|b| *b == b'/')?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+/// Drops every tree of `group`'s state.
+fn drop_state(db: &sled::Db, group: u32) -> Result<(), Error> {
+    for name in db.tree_names() {
+        if tree_group(&name) == Some(group) {
+            db.drop_tree(&name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the state of groups the log knows nothing of: what a crash in the middle of
+/// [`Store::drop_group`] left (or empty trees of a group opened and never written). A group that
+/// has applied anything has a vote in the log, which every new segment carries forward.
+fn drop_leftover_state(db: &sled::Db, logged: &[u64]) -> Result<(), Error> {
+    let mut leftover: Vec<u32> = db
+        .tree_names()
+        .iter()
+        .filter_map(|name| tree_group(name))
+        .filter(|g| !logged.contains(&u64::from(*g)))
+        .collect();
+    leftover.sort_unstable();
+    leftover.dedup();
+    for group in leftover {
+        tracing::info!(group, "dropping the state of a group the log does not hold");
+        drop_state(db, group)?;
+    }
+    Ok(())
 }
 
 /// fsyncs every file under `dir`, then every directory (so new files' entries are durable too).
@@ -218,6 +266,55 @@ mod tests {
         let after: Vec<_> =
             std::fs::read_dir(dir.path()).expect("list").map(|e| e.expect("entry").file_name()).collect();
         assert_eq!(before, after, "nothing was created in the refused directory");
+    }
+
+    /// A dropped group's log and state are gone, also after a reopen; state that a crash left
+    /// behind the log's drop record is deleted at the next open.
+    #[tokio::test]
+    async fn a_dropped_group_leaves_nothing_and_leftover_state_goes_at_open() {
+        use openraft::{CommittedLeaderId, LogId, Vote};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let names = |db: &sled::Db| -> Vec<String> {
+            db.tree_names().iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect()
+        };
+        {
+            let store = Store::open(dir.path()).expect("open");
+            for g in [1u32, 2, 3] {
+                let (_, sm) = store.group(GroupId(g)).expect("group");
+                drop(sm);
+                store.wal.save_vote(u64::from(g), &Vote::new(1, 1)).await.expect("vote");
+                store.db().open_tree(format!("g{g}/sm/0")).expect("tree").insert("row", "v").expect("insert");
+            }
+            let id = LogId::new(CommittedLeaderId::new(1, 1), 1);
+            store.wal.save_committed(2, Some(id)).expect("committed");
+            store.drop_group(GroupId(2)).await.expect("drop g2");
+            assert!(!names(store.db()).iter().any(|n| n.starts_with("g2/")), "{:?}", names(store.db()));
+            assert!(names(store.db()).iter().any(|n| n == "g1/sm/0"));
+            // A crash after the log's drop record, before the state went (done by hand here).
+            store.wal.drop_group(3).await.expect("drop g3's log only");
+            store.checkpoint().await.expect("checkpoint");
+        }
+        // The closed store's checkpoint thread releases sled's directory lock shortly after.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let store = loop {
+            match Store::open(dir.path()) {
+                Ok(store) => break store,
+                Err(e)
+                    if std::time::Instant::now() < deadline
+                        && e.to_string().contains("could not acquire lock") =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("store did not reopen: {e}"),
+            }
+        };
+        let left = names(store.db());
+        assert!(!left.iter().any(|n| n.starts_with("g2/") || n.starts_with("g3/")), "{left:?}");
+        assert_eq!(
+            store.db().open_tree("g1/sm/0").expect("tree").get("row").expect("get").as_deref(),
+            Some(&b"v"[..])
+        );
+        assert_eq!(store.wal.groups(), vec![1]);
     }
 
     /// A new directory gets `wal/` and `state/`; checkpoints are counted apart from the log's syncs.

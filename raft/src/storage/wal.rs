@@ -3,7 +3,8 @@
 //! A segment is `wal/{seq:016}.wal`: a header (magic, format, sequence number) followed by
 //! records. A record is framed as `[payload length: u32 LE][crc32 of the payload: u32 LE][payload]`
 //! and its payload starts with a kind byte and the group. Kinds: a log entry (with its log id, so
-//! recovery never decodes entries), a truncation, a purge, a vote, the committed id.
+//! recovery never decodes entries), a truncation, a purge, a vote, the committed id, and the drop
+//! of a group this node no longer hosts (everything of it before that record is forgotten).
 //!
 //! Durability: writers append to the current segment under one lock (the bytes reach the OS page
 //! cache, readable at once) and hand their acknowledgement to the log's flusher thread (the same
@@ -54,6 +55,7 @@ const KIND_TRUNCATE: u8 = 2;
 const KIND_PURGE: u8 = 3;
 const KIND_VOTE: u8 = 4;
 const KIND_COMMITTED: u8 = 5;
+const KIND_DROP: u8 = 6;
 
 /// Why the log could not be opened or written.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +190,7 @@ enum Record {
     Purge { group: u64, upto: LogId<u64> },
     Vote { group: u64, vote: Vote<u64> },
     Committed { group: u64, committed: Option<LogId<u64>> },
+    Drop { group: u64 },
 }
 
 fn parse(payload: &[u8]) -> Result<Record, String> {
@@ -212,6 +215,7 @@ fn parse(payload: &[u8]) -> Result<Record, String> {
             Record::Vote { group, vote }
         }
         KIND_COMMITTED => Record::Committed { group, committed: r.log_id()? },
+        KIND_DROP => Record::Drop { group },
         k => return Err(format!("unknown record kind {k}")),
     })
 }
@@ -275,6 +279,10 @@ impl State {
             Record::Vote { group, vote } => self.groups.entry(group).or_default().vote = Some(vote),
             Record::Committed { group, committed } => {
                 self.groups.entry(group).or_default().committed = committed
+            }
+            // Its entries no longer pin any segment, and a later roll copies nothing of it.
+            Record::Drop { group } => {
+                self.groups.remove(&group);
             }
         }
     }
@@ -655,6 +663,19 @@ impl Wal {
         Ok(())
     }
 
+    /// Forgets everything of `group` (its entries, vote, committed id and purge point), durably:
+    /// the node no longer hosts it. Its segments go with the next purge that frees them.
+    pub async fn drop_group(&self, group: u64) -> Result<(), WalError> {
+        self.write_synced(meta_payload(KIND_DROP, group, |_| {})).await
+    }
+
+    /// The groups the log holds anything of (entries, a vote, a committed id or a purge point).
+    pub fn groups(&self) -> Vec<u64> {
+        let mut groups: Vec<u64> = lock(&self.state).groups.keys().copied().collect();
+        groups.sort_unstable();
+        groups
+    }
+
     /// `group`'s vote.
     pub fn vote(&self, group: u64) -> Option<Vote<u64>> {
         lock(&self.state).groups.get(&group).and_then(|g| g.vote)
@@ -873,6 +894,40 @@ mod tests {
         assert_eq!(wal.log_state(2), (None, Some(id(1, 4))));
         assert_eq!(wal.log_state(1), (Some(id(1, 196)), Some(id(1, 200))));
         assert_eq!(indexes(&wal, 1).len(), 4);
+    }
+
+    /// A dropped group is gone after a reopen, its entries no longer hold segments back, and the
+    /// same group id can be hosted again from an empty log.
+    #[tokio::test]
+    async fn a_dropped_group_is_forgotten_and_releases_its_segments() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let (wal, _) = open(dir.path(), 512);
+            // Too large to be copied forward: only the drop can release its segment.
+            wal.write_entries(2, vec![(id(1, 1), vec![b'x'; 80]), (id(1, 2), vec![b'y'; 80])])
+                .expect("append g2");
+            wal.save_vote(2, &Vote::new(4, 3)).await.expect("vote g2");
+            append_each(&wal, 1, 1, 60);
+            wal.purge(1, id(1, 55)).await.expect("purge g1");
+            let held = wal.segment_paths().len();
+            assert!(held > 2, "group 2 holds the old segments back: {held}");
+            assert_eq!(wal.groups(), vec![1, 2]);
+            wal.drop_group(2).await.expect("drop g2");
+            assert_eq!(wal.groups(), vec![1]);
+            assert_eq!(wal.log_state(2), (None, None));
+            assert_eq!(wal.vote(2), None);
+            append_each(&wal, 1, 61, 80);
+            wal.purge(1, id(1, 75)).await.expect("purge g1 again");
+            assert!(wal.segment_paths().len() < held, "the dropped group's segment went");
+            // Hosted again later: a fresh log.
+            wal.write_entries(2, entries(1, 1)).expect("append g2 again");
+            wal.sync().await.expect("sync");
+        }
+        let (wal, _) = open(dir.path(), 512);
+        assert_eq!(wal.groups(), vec![1, 2]);
+        assert_eq!(indexes(&wal, 2), vec!["entry 1"]);
+        assert_eq!(wal.vote(2), None, "the vote from before the drop stays forgotten");
+        assert_eq!(wal.log_state(1), (Some(id(1, 75)), Some(id(1, 80))));
     }
 
     #[tokio::test]
