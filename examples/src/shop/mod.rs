@@ -14,6 +14,7 @@
 mod bench;
 mod cluster_bench;
 mod demo;
+mod recovery_bench;
 mod timer_bench;
 
 use std::path::PathBuf;
@@ -103,6 +104,25 @@ enum ShopCommand {
         #[arg(long, default_value_t = 128)]
         concurrency: usize,
     },
+    /// Recovery: one node process runs `--flows` orders to the end, is `kill -9`ed and started
+    /// again; reports the sizes of its log and state and how long until it serves again.
+    BenchRecovery {
+        /// Orders to run before the kill.
+        #[arg(long, default_value_t = 1_000_000)]
+        flows: u64,
+        /// Orders in flight.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Bytes of each order's input (padded with product ids).
+        #[arg(long, default_value_t = 200)]
+        input_bytes: usize,
+        /// Shards.
+        #[arg(long, default_value_t = 12)]
+        shards: u32,
+        /// The node's snapshot policy (raise it to keep every entry in the log).
+        #[arg(long)]
+        snapshot_after_entries: Option<u64>,
+    },
     /// The demo: a local 3-node cluster runs orders while its busiest leader is killed and
     /// restarted; prints what happened to every order (and to the shipments).
     Demo {
@@ -178,6 +198,16 @@ async fn run(command: ShopCommand) -> Result<()> {
         ShopCommand::BenchTimers { flows, interval_ms, concurrency } => {
             let opts = timer_bench::TimerBenchOptions { flows, interval_ms, concurrency: concurrency.max(1) };
             timer_bench::bench(opts).await
+        }
+        ShopCommand::BenchRecovery { flows, concurrency, input_bytes, shards, snapshot_after_entries } => {
+            let opts = recovery_bench::RecoveryBenchOptions {
+                flows,
+                concurrency: concurrency.max(1),
+                input_bytes,
+                shards: shards.max(1),
+                snapshot_after_entries,
+            };
+            recovery_bench::bench(opts).await
         }
         ShopCommand::Demo { orders, base_port, data_dir, concurrency, restart_after_secs } => {
             let opts = demo::DemoOptions {
