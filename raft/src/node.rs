@@ -341,13 +341,14 @@ impl RaftNode {
             return Ok(h);
         }
         let (log, sm) = self.store.group(group)?;
+        let probe = log.clone();
         let reader = sm.reader();
         let actions = sm.actions();
         let network = NetworkFactory::new(self.peers.clone(), group);
         let raft = Raft::new(self.config.node_id.0, self.raft_config.clone(), network, log, sm)
             .await
             .map_err(|e| Error::Raft { group, reason: e.to_string() })?;
-        self.groups.insert(group, raft.clone());
+        self.groups.insert(group, raft.clone(), probe);
         let handle = GroupHandle::start(
             group,
             raft,

@@ -893,3 +893,57 @@ async fn a_dropped_replica_leaves_nothing_behind_and_can_be_added_again() -> Res
     c.shutdown().await;
     Ok(())
 }
+
+/// A replica with an empty log grants no vote, whatever the candidate's term and log. Once
+/// replicas move, a node can host a group, drop it and host it again; an empty replica that
+/// granted votes could let a candidate that missed the removal of the node's old replica win
+/// with a stale configuration (openraft does not ask whether a voter belongs to the candidate's
+/// configuration).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_replica_grants_no_vote() -> Result<()> {
+    use openraft::raft::{VoteRequest, VoteResponse};
+    use openraft::{CommittedLeaderId, LogId, Vote};
+    type RaftError = openraft::error::RaftError<u64>;
+    let mut c = Cluster::start(3, 1, 10_000).await?;
+    start_log_flow(&c).await?;
+    for i in 0..5 {
+        expect_ok(c.propose(g(0), message(i)).await?)?;
+    }
+    c.converge(g(0)).await?;
+    let leader = c.leader(g(0)).await?;
+    let from = c.node(leader)?;
+    let last = c.handle(leader, g(0))?.raft().metrics().borrow().last_log_index.unwrap_or(0);
+    let term = c.handle(leader, g(0))?.raft().metrics().borrow().current_term;
+    // A candidate far ahead in term, with a log at least as long as anyone's.
+    // Node 4 opens the group (empty) but belongs to no configuration yet.
+    c.add_node(4).await?;
+    let ask = |to: u64| {
+        let rpc = VoteRequest::new(
+            Vote::new(term + 10, leader),
+            Some(LogId::new(CommittedLeaderId::new(term, leader), last + 100)),
+        );
+        let request = RaftRequest {
+            group: g(0).0,
+            cluster_id: c.cluster_id.0.clone(),
+            from_node: leader,
+            incarnation: from.identity().incarnation.0,
+            kind: RpcKind::Vote as i32,
+            payload: fetter_raft::codec::encode(&rpc).expect("encode"),
+        };
+        let addr = c.addrs[&to].to_string();
+        let peers = from.peers().clone();
+        async move {
+            match peers.call(&addr, request, Duration::from_secs(5)).await? {
+                raft_response::Result::Ok(bytes) => {
+                    let r: Result<VoteResponse<u64>, RaftError> = fetter_raft::codec::decode(&bytes)?;
+                    Ok::<_, anyhow::Error>(r?)
+                }
+                raft_response::Result::Error(e) => Err(anyhow!("refused: {e:?}")),
+            }
+        }
+    };
+    let answer = ask(4).await?;
+    ensure!(!answer.vote_granted, "an empty replica granted a vote: {answer:?}");
+    c.shutdown().await;
+    Ok(())
+}

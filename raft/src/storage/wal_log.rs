@@ -32,6 +32,12 @@ impl WalLog {
     pub fn new(wal: Wal, group: GroupId) -> WalLog {
         WalLog { wal, group: u64::from(group.0) }
     }
+
+    /// Whether the log holds nothing of the group: no entry, nothing purged (a replica that has
+    /// never received any of the group's log, or whose log was dropped).
+    pub fn is_empty(&self) -> bool {
+        self.wal.log_state(self.group) == (None, None)
+    }
 }
 
 impl RaftLogReader<TypeConfig> for WalLog {

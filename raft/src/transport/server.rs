@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use openraft::error::RaftError;
+use openraft::raft::{VoteRequest, VoteResponse};
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
@@ -15,6 +17,7 @@ use super::{Identity, MAX_BATCH_REQUESTS, MAX_MESSAGE_BYTES};
 use crate::codec;
 use crate::handle::GroupHandle;
 use crate::ids::{GroupId, Incarnation, NodeId};
+use crate::storage::WalLog;
 
 /// Bound on a leadership transfer asked over the transport.
 const TRANSFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -24,7 +27,7 @@ use crate::types::Raft;
 /// The groups this node hosts, by id. Shared by the node (which adds groups) and the service.
 #[derive(Clone, Default)]
 pub struct GroupRegistry {
-    inner: Arc<RwLock<HashMap<GroupId, Raft>>>,
+    inner: Arc<RwLock<HashMap<GroupId, (Raft, WalLog)>>>,
     handles: Arc<RwLock<HashMap<GroupId, GroupHandle>>>,
     lease_ms: Arc<std::sync::atomic::AtomicU64>,
     incarnations: Arc<RwLock<HashMap<NodeId, Incarnation>>>,
@@ -41,9 +44,9 @@ impl GroupRegistry {
         std::time::Duration::from_millis(self.lease_ms.load(std::sync::atomic::Ordering::SeqCst))
     }
 
-    /// Registers `raft` as `group`'s instance on this node.
-    pub fn insert(&self, group: GroupId, raft: Raft) {
-        write(&self.inner).insert(group, raft);
+    /// Registers `raft` as `group`'s instance on this node, with its log.
+    pub fn insert(&self, group: GroupId, raft: Raft, log: WalLog) {
+        write(&self.inner).insert(group, (raft, log));
     }
 
     /// Registers the handle that serves forwarded proposals and read-index requests of `group`.
@@ -58,13 +61,19 @@ impl GroupRegistry {
 
     /// The Raft instance of `group`, if hosted here.
     pub fn get(&self, group: GroupId) -> Option<Raft> {
-        read(&self.inner).get(&group).cloned()
+        read(&self.inner).get(&group).map(|(raft, _)| raft.clone())
+    }
+
+    /// Whether `group`'s log on this node is empty (see [`WalLog::is_empty`]); `false` if the
+    /// group is not hosted here.
+    pub fn log_is_empty(&self, group: GroupId) -> bool {
+        read(&self.inner).get(&group).is_some_and(|(_, log)| log.is_empty())
     }
 
     /// Removes `group` and returns its instance.
     pub fn remove(&self, group: GroupId) -> Option<Raft> {
         write(&self.handles).remove(&group);
-        write(&self.inner).remove(&group)
+        write(&self.inner).remove(&group).map(|(raft, _)| raft)
     }
 
     /// Records the incarnation of every member (as group 0 lists them): a request from one of
@@ -80,7 +89,7 @@ impl GroupRegistry {
 
     /// Every hosted group.
     pub fn all(&self) -> Vec<(GroupId, Raft)> {
-        read(&self.inner).iter().map(|(g, r)| (*g, r.clone())).collect()
+        read(&self.inner).iter().map(|(g, (r, _))| (*g, r.clone())).collect()
     }
 }
 
@@ -198,7 +207,19 @@ impl RaftService {
                 Ok(rpc) => reply(&raft.append_entries(rpc).await),
                 Err(refusal) => refusal,
             },
-            Ok(RpcKind::Vote) => match decode(&req.payload) {
+            Ok(RpcKind::Vote) => match decode::<VoteRequest<u64>>(&req.payload) {
+                Ok(_) if self.groups.log_is_empty(group) => {
+                    // An empty replica grants no vote (ARCHITECTURE.md, "An empty replica does
+                    // not vote"): it answers with its own vote, not granted.
+                    match raft.with_raft_state(|st| *st.vote_ref()).await {
+                        Ok(vote) => {
+                            let answer: Result<VoteResponse<u64>, RaftError<u64>> =
+                                Ok(VoteResponse::new(vote, None, false));
+                            reply(&answer)
+                        }
+                        Err(_) => refuse(ErrorCode::ShuttingDown, format!("group {group} is closing")),
+                    }
+                }
                 Ok(rpc) => reply(&raft.vote(rpc).await),
                 Err(refusal) => refusal,
             },
