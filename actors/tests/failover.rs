@@ -173,34 +173,18 @@ async fn cluster(registry: Registry) -> Result<Cluster> {
     }
     let members: BTreeMap<NodeId, String> =
         nodes.iter().map(|(id, n)| (NodeId(*id), n.addr().to_string())).collect();
-    // Every node initializes every group with the same configuration (an empty replica grants
-    // no vote).
     for s in 0..SHARDS {
-        for node in nodes.values() {
-            let group = node.group(GroupId::of_shard(ShardId(s))).ok_or_else(|| anyhow!("group"))?;
-            group.initialize(members.clone()).await?;
-        }
+        let group = nodes[&1].group(GroupId::of_shard(ShardId(s))).ok_or_else(|| anyhow!("group"))?;
+        group.initialize(members.clone()).await?;
     }
     *router.nodes.lock().map_err(|_| anyhow!("poisoned"))? = nodes.clone();
     let mut c = Cluster { _dir: dir, router: router.clone(), actors: BTreeMap::new() };
     for s in 0..SHARDS {
-        // Every node campaigns at first: a node may lead for a moment in an old term.
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let leader = c.leader_of(s).await?;
-            let configure = ShardCommand::Configure { shard_id: ShardId(s), shard_count: SHARDS };
-            match leader.propose_shard(configure).await {
-                Ok(reply) => {
-                    reply.map_err(|r| anyhow!("configure: {r}"))?;
-                    break;
-                }
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::info!("configure of shard {s} retried: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let leader = c.leader_of(s).await?;
+        leader
+            .propose_shard(ShardCommand::Configure { shard_id: ShardId(s), shard_count: SHARDS })
+            .await?
+            .map_err(|r| anyhow!("configure: {r}"))?;
     }
     // A shard actor for every group on every node; only the leaders' act.
     let dyn_router: Arc<dyn Router> = router.clone();

@@ -12,9 +12,8 @@
 //! Layout (the production one): 12 shard groups plus group 0, every node a voter of every group.
 //! The binary has two roles. Run without `--role` it is the *coordinator*: it makes a temporary
 //! directory, picks free loopback ports and starts `--nodes` child processes of itself with
-//! `--role node`. Every node initializes every group with all nodes as members and node 1 takes
-//! the leadership of every group (by transfer where another node was elected first); it runs the
-//! load: the proposers live in node 1's process (no
+//! `--role node`. Node 1 initializes every group with all nodes as members, so it becomes the
+//! leader of every group, and it runs the load: the proposers live in node 1's process (no
 //! client hop is measured), while nodes 2..N are real follower processes that receive, fsync and
 //! acknowledge every entry over tonic before it can commit.
 //!
@@ -306,14 +305,7 @@ async fn node_main(args: &Args) -> Result<()> {
     }
 
     if id != NodeId(1) {
-        // A follower: every initial member initializes each group with the same configuration
-        // (an empty replica grants no vote); then replicate until the coordinator kills us or
-        // goes away. Node 1 takes every leadership over.
-        for g in &groups {
-            g.initialize(members.clone())
-                .await
-                .with_context(|| format!("cannot initialize {}", g.group()))?;
-        }
+        // A follower: replicate until the coordinator kills us or goes away.
         println!("ready");
         std::io::stdout().flush()?;
         std::future::pending::<()>().await;
@@ -463,11 +455,7 @@ async fn await_leadership(group: GroupHandle) -> Result<()> {
             );
         }
         if leader.is_some() && now >= next_nudge {
-            // Another node leads (the followers initialize too): a leadership transfer to node 1.
-            let lease = Duration::from_millis(Timing::production().election_timeout_max_ms);
-            if let Err(e) = group.move_leadership(NodeId(1), lease, Duration::from_secs(2)).await {
-                eprintln!("journal_bench: moving {} to node 1: {e} (retried)", group.group());
-            }
+            group.raft().trigger().elect().await.map_err(|e| anyhow!("cannot trigger an election: {e}"))?;
             next_nudge = now + Duration::from_secs(1);
         }
         // Woken by a status change, or re-checked every 100 ms.

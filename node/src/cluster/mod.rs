@@ -738,11 +738,9 @@ struct Init {
 
 /// Creates the cluster, idempotently, retrying until done: the seed (the lowest initial member)
 /// generates the cluster id unless it has one, every other initial member learns it from the
-/// seed; every initial member creates group 0 with the initial members as voters (the same
-/// first entry everywhere: an empty replica grants no vote, so each voter must have it), and the
-/// seed records the cluster in it once every peer is ready with that id; then every initial
-/// member creates the shard groups it is an initial replica of, and the first replica of each
-/// configures it.
+/// seed, the seed creates group 0 (once every peer is ready with that id) and records the
+/// cluster in it; then every initial member creates the shard groups it is the first replica
+/// of, and configures them.
 async fn initialize_cluster(shared: Arc<Shared>, init: Init, mut stop: watch::Receiver<bool>) {
     let me = shared.node.id();
     loop {
@@ -750,8 +748,6 @@ async fn initialize_cluster(shared: Arc<Shared>, init: Init, mut stop: watch::Re
             let cluster_id = cluster_id_of_new_cluster(&shared, &init).await?;
             if init.peers.keys().next() == Some(&me) {
                 initialize_meta(&shared, &cluster_id, &init.params, &init.peers).await?;
-            } else {
-                shared.meta.initialize(init.peers.clone()).await.map_err(|e| e.to_string())?;
             }
             initialize_own_shards(&shared, &init.params, &init.peers).await?;
             Ok::<_, String>(cluster_id)
@@ -867,8 +863,8 @@ async fn initialize_meta(
     Ok(())
 }
 
-/// Creates the shard groups this node is an initial replica of, once group 0 records the
-/// cluster, and configures those it is the first replica of.
+/// Creates and configures the shard groups whose first initial replica is this node, once
+/// group 0 records the cluster.
 async fn initialize_own_shards(
     shared: &Shared,
     params: &ClusterParams,
@@ -880,18 +876,13 @@ async fn initialize_own_shards(
     };
     let ids: Vec<NodeId> = peers.keys().copied().collect();
     for (shard, place) in initial_placement(&ids, params.shard_count) {
-        if !place.replicas.contains(&me) {
+        if place.preferred_leader != me {
             continue;
         }
         let group = &shared.shards[shard.0 as usize];
         let voters: BTreeMap<NodeId, String> =
             place.replicas.iter().filter_map(|id| peers.get(id).map(|a| (*id, a.clone()))).collect();
-        // Every initial replica starts the group with the same first entry (an empty replica
-        // grants no vote).
         group.initialize(voters.clone()).await.map_err(|e| e.to_string())?;
-        if place.preferred_leader != me {
-            continue;
-        }
         let configure = ShardCommand::Configure { shard_id: shard, shard_count: params.shard_count };
         group.submit_shard(configure).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
         // Every other initial member replicates the group as a learner (as a node added later

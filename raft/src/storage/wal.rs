@@ -3,8 +3,9 @@
 //! A segment is `wal/{seq:016}.wal`: a header (magic, format, sequence number) followed by
 //! records. A record is framed as `[payload length: u32 LE][crc32 of the payload: u32 LE][payload]`
 //! and its payload starts with a kind byte and the group. Kinds: a log entry (with its log id, so
-//! recovery never decodes entries), a truncation, a purge, a vote, the committed id, and the drop
-//! of a group this node no longer hosts (everything of it before that record is forgotten).
+//! recovery never decodes entries), a truncation, a purge, a vote, the committed id, the drop of
+//! a group this node no longer hosts (everything of it before that record is forgotten, and the
+//! group is remembered as dropped), and that tombstone alone (carried into every new segment).
 //!
 //! Durability: writers append to the current segment under one lock (the bytes reach the OS page
 //! cache, readable at once) and hand their acknowledgement to the log's flusher thread (the same
@@ -26,7 +27,7 @@
 //! starts with every group's current vote, committed id and purge point, so an old segment is
 //! never the only holder of them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -56,6 +57,7 @@ const KIND_PURGE: u8 = 3;
 const KIND_VOTE: u8 = 4;
 const KIND_COMMITTED: u8 = 5;
 const KIND_DROP: u8 = 6;
+const KIND_TOMBSTONE: u8 = 7;
 
 /// Why the log could not be opened or written.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +122,8 @@ struct State {
     current: u64,
     current_len: u64,
     groups: HashMap<u64, GroupLog>,
+    /// Groups dropped here at some time (whether hosted again since or not).
+    dropped: BTreeSet<u64>,
     /// Segments written since the flusher's last round.
     dirty: Vec<(u64, Arc<File>)>,
 }
@@ -191,6 +195,7 @@ enum Record {
     Vote { group: u64, vote: Vote<u64> },
     Committed { group: u64, committed: Option<LogId<u64>> },
     Drop { group: u64 },
+    Tombstone { group: u64 },
 }
 
 fn parse(payload: &[u8]) -> Result<Record, String> {
@@ -216,6 +221,7 @@ fn parse(payload: &[u8]) -> Result<Record, String> {
         }
         KIND_COMMITTED => Record::Committed { group, committed: r.log_id()? },
         KIND_DROP => Record::Drop { group },
+        KIND_TOMBSTONE => Record::Tombstone { group },
         k => return Err(format!("unknown record kind {k}")),
     })
 }
@@ -283,6 +289,10 @@ impl State {
             // Its entries no longer pin any segment, and a later roll copies nothing of it.
             Record::Drop { group } => {
                 self.groups.remove(&group);
+                self.dropped.insert(group);
+            }
+            Record::Tombstone { group } => {
+                self.dropped.insert(group);
             }
         }
     }
@@ -337,6 +347,9 @@ impl State {
             if g.purged.is_some() {
                 payloads.push(meta_payload(KIND_PURGE, *group, |p| put_log_id(p, &g.purged)));
             }
+        }
+        for group in &self.dropped {
+            payloads.push(meta_payload(KIND_TOMBSTONE, *group, |_| {}));
         }
         if !payloads.is_empty() {
             self.write(&payloads)?;
@@ -487,6 +500,7 @@ impl Wal {
             current: 0,
             current_len: HEADER_LEN,
             groups: HashMap::new(),
+            dropped: BTreeSet::new(),
             dirty: Vec::new(),
         };
         let mut recovery = Recovery::default();
@@ -664,9 +678,16 @@ impl Wal {
     }
 
     /// Forgets everything of `group` (its entries, vote, committed id and purge point), durably:
-    /// the node no longer hosts it. Its segments go with the next purge that frees them.
+    /// the node no longer hosts it. Its segments go with the next purge that frees them. The log
+    /// remembers that the group was dropped here ([`Wal::was_dropped`]), for good.
     pub async fn drop_group(&self, group: u64) -> Result<(), WalError> {
         self.write_synced(meta_payload(KIND_DROP, group, |_| {})).await
+    }
+
+    /// Whether `group` was ever dropped on this node (its replica here forgot what it had
+    /// acknowledged; see `transport::server` for why that matters to votes).
+    pub fn was_dropped(&self, group: u64) -> bool {
+        lock(&self.state).dropped.contains(&group)
     }
 
     /// The groups the log holds anything of (entries, a vote, a committed id or a purge point).
@@ -914,11 +935,16 @@ mod tests {
             assert_eq!(wal.groups(), vec![1, 2]);
             wal.drop_group(2).await.expect("drop g2");
             assert_eq!(wal.groups(), vec![1]);
+            assert!(wal.was_dropped(2) && !wal.was_dropped(1));
             assert_eq!(wal.log_state(2), (None, None));
             assert_eq!(wal.vote(2), None);
+            let drop_segment = wal.segment_paths().last().cloned().expect("a segment");
             append_each(&wal, 1, 61, 80);
             wal.purge(1, id(1, 75)).await.expect("purge g1 again");
             assert!(wal.segment_paths().len() < held, "the dropped group's segment went");
+            append_each(&wal, 1, 81, 160);
+            wal.purge(1, id(1, 155)).await.expect("purge g1 once more");
+            assert!(!drop_segment.exists(), "the segment of the drop record is gone too");
             // Hosted again later: a fresh log.
             wal.write_entries(2, entries(1, 1)).expect("append g2 again");
             wal.sync().await.expect("sync");
@@ -927,7 +953,8 @@ mod tests {
         assert_eq!(wal.groups(), vec![1, 2]);
         assert_eq!(indexes(&wal, 2), vec!["entry 1"]);
         assert_eq!(wal.vote(2), None, "the vote from before the drop stays forgotten");
-        assert_eq!(wal.log_state(1), (Some(id(1, 75)), Some(id(1, 80))));
+        assert!(wal.was_dropped(2), "the tombstone was carried into newer segments");
+        assert_eq!(wal.log_state(1), (Some(id(1, 155)), Some(id(1, 160))));
     }
 
     #[tokio::test]

@@ -33,10 +33,11 @@ impl WalLog {
         WalLog { wal, group: u64::from(group.0) }
     }
 
-    /// Whether the log holds nothing of the group: no entry, nothing purged (a replica that has
-    /// never received any of the group's log, or whose log was dropped).
-    pub fn is_empty(&self) -> bool {
-        self.wal.log_state(self.group) == (None, None)
+    /// Whether this replica must grant no vote: the group was dropped on this node once (its
+    /// earlier replica here forgot what it had acknowledged) and its log is empty again (no
+    /// entry, nothing purged). See `transport::server`.
+    pub fn withholds_votes(&self) -> bool {
+        self.wal.was_dropped(self.group) && self.wal.log_state(self.group) == (None, None)
     }
 }
 

@@ -64,10 +64,10 @@ impl GroupRegistry {
         read(&self.inner).get(&group).map(|(raft, _)| raft.clone())
     }
 
-    /// Whether `group`'s log on this node is empty (see [`WalLog::is_empty`]); `false` if the
-    /// group is not hosted here.
-    pub fn log_is_empty(&self, group: GroupId) -> bool {
-        read(&self.inner).get(&group).is_some_and(|(_, log)| log.is_empty())
+    /// Whether `group`'s replica here grants no vote (see [`WalLog::withholds_votes`]); `false`
+    /// if the group is not hosted here.
+    pub fn withholds_votes(&self, group: GroupId) -> bool {
+        read(&self.inner).get(&group).is_some_and(|(_, log)| log.withholds_votes())
     }
 
     /// Removes `group` and returns its instance.
@@ -208,9 +208,10 @@ impl RaftService {
                 Err(refusal) => refusal,
             },
             Ok(RpcKind::Vote) => match decode::<VoteRequest<u64>>(&req.payload) {
-                Ok(_) if self.groups.log_is_empty(group) => {
-                    // An empty replica grants no vote (ARCHITECTURE.md, "An empty replica does
-                    // not vote"): it answers with its own vote, not granted.
+                Ok(_) if self.groups.withholds_votes(group) => {
+                    // A re-created replica grants no vote until it has the log (ARCHITECTURE.md,
+                    // "A re-created replica does not vote while empty"): it answers with its own
+                    // vote, not granted.
                     match raft.with_raft_state(|st| *st.vote_ref()).await {
                         Ok(vote) => {
                             let answer: Result<VoteResponse<u64>, RaftError<u64>> =
