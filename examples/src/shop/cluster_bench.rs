@@ -248,6 +248,29 @@ pub(super) async fn run_order(
     }
 }
 
+/// `work`'s result, or `None` if Ctrl-C came first.
+pub(super) async fn unless_interrupted<T>(work: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        r = work => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+    }
+}
+
+/// Stops every node of `cluster` and returns the outcome of the work done on it: Ctrl-C (`None`)
+/// is "interrupted", an error gets the last `lines` lines of every node's log.
+pub(super) async fn stop_with(
+    cluster: &mut LocalCluster,
+    outcome: Option<Result<()>>,
+    lines: usize,
+) -> Result<()> {
+    let result = match outcome {
+        None => Err(anyhow!("interrupted")),
+        Some(r) => r.map_err(|e| anyhow!("{e:#}\n{}", log_tails(cluster, lines))),
+    };
+    cluster.stop_all().await;
+    result
+}
+
 /// The last lines of every node's log (for error messages).
 pub(super) fn log_tails(cluster: &LocalCluster, lines: usize) -> String {
     let mut out = String::new();
@@ -475,16 +498,9 @@ pub(super) async fn bench(opts: ClusterBenchOptions) -> Result<()> {
                 .base_port(base)
                 .timing("production")
                 .node_args(node_args);
-            let result = tokio::select! {
-                r = run_local(&mut cluster, &opts, ledger.as_deref(), &run_id) => Some(r),
-                _ = tokio::signal::ctrl_c() => None,
-            };
-            let result = match result {
-                None => Err(anyhow!("interrupted")),
-                Some(r) => r.map_err(|e| anyhow!("{e:#}\n{}", log_tails(&cluster, 15))),
-            };
-            cluster.stop_all().await;
-            result
+            let outcome =
+                unless_interrupted(run_local(&mut cluster, &opts, ledger.as_deref(), &run_id)).await;
+            stop_with(&mut cluster, outcome, 15).await
         }
         None => {
             if opts.kill > 0 {

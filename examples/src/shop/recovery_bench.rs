@@ -28,7 +28,7 @@ use fetter::local::LocalCluster;
 use fetter::Client;
 use serde_json::json;
 
-use super::cluster_bench::{free_ports, log_tails, retry, run_order, Retries};
+use super::cluster_bench::{free_ports, retry, run_order, stop_with, unless_interrupted, Retries};
 
 /// The node's id (the cluster has only this one).
 const NODE: u64 = 1;
@@ -70,16 +70,8 @@ pub(super) async fn bench(opts: RecoveryBenchOptions) -> Result<()> {
         .shards(opts.shards)
         .timing("production")
         .node_args(node_args);
-    let result = tokio::select! {
-        r = run(&mut cluster, &opts) => Some(r),
-        _ = tokio::signal::ctrl_c() => None,
-    };
-    let result = match result {
-        None => Err(anyhow!("interrupted")),
-        Some(r) => r.map_err(|e| anyhow!("{e:#}\n{}", log_tails(&cluster, 30))),
-    };
-    cluster.stop_all().await;
-    result
+    let outcome = unless_interrupted(run(&mut cluster, &opts)).await;
+    stop_with(&mut cluster, outcome, 30).await
 }
 
 /// An order input of about `bytes` bytes.

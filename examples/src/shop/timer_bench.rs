@@ -32,7 +32,7 @@ use fetter::local::LocalCluster;
 use fetter::Client;
 use serde_json::json;
 
-use super::cluster_bench::{free_ports, log_tails, now_ms, retry, LedgerTail, Retries};
+use super::cluster_bench::{free_ports, now_ms, retry, stop_with, unless_interrupted, LedgerTail, Retries};
 use crate::fakes::Email;
 use crate::ledger::LedgerEntry;
 
@@ -75,16 +75,8 @@ pub(super) async fn bench(opts: TimerBenchOptions) -> Result<()> {
         .shards(1)
         .timing("production")
         .node_args(vec!["--ledger".to_string(), ledger.display().to_string()]);
-    let result = tokio::select! {
-        r = run(&mut cluster, &opts, &ledger) => Some(r),
-        _ = tokio::signal::ctrl_c() => None,
-    };
-    let result = match result {
-        None => Err(anyhow!("interrupted")),
-        Some(r) => r.map_err(|e| anyhow!("{e:#}\n{}", log_tails(&cluster, 30))),
-    };
-    cluster.stop_all().await;
-    result
+    let outcome = unless_interrupted(run(&mut cluster, &opts, &ledger)).await;
+    stop_with(&mut cluster, outcome, 30).await
 }
 
 /// The customer id of signup `i`.
