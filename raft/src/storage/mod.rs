@@ -189,17 +189,12 @@ fn drop_state(db: &sled::Db, group: u32) -> Result<(), Error> {
 /// [`Store::drop_group`] left (or empty trees of a group opened and never written). A group that
 /// has applied anything has a vote in the log, which every new segment carries forward.
 fn drop_leftover_state(db: &sled::Db, logged: &[u64]) -> Result<(), Error> {
-    let mut leftover: Vec<u32> = db
-        .tree_names()
-        .iter()
-        .filter_map(|name| tree_group(name))
-        .filter(|g| !logged.contains(&u64::from(*g)))
-        .collect();
-    leftover.sort_unstable();
-    leftover.dedup();
-    for group in leftover {
-        tracing::info!(group, "dropping the state of a group the log does not hold");
-        drop_state(db, group)?;
+    for name in db.tree_names() {
+        let Some(group) = tree_group(&name) else { continue };
+        if !logged.contains(&u64::from(group)) {
+            tracing::info!(group, tree = %String::from_utf8_lossy(&name), "dropping state of a group the log does not hold");
+            db.drop_tree(&name)?;
+        }
     }
     Ok(())
 }
@@ -236,7 +231,7 @@ fn fsync_tree(dir: &Path) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A directory written by a fetter that kept the Raft log in sled is refused with a message
@@ -268,6 +263,24 @@ mod tests {
         assert_eq!(before, after, "nothing was created in the refused directory");
     }
 
+    /// Opens the store in `dir` again once the closed one's checkpoint thread has released sled's
+    /// directory lock (shortly after the store is dropped).
+    pub(crate) async fn reopen(dir: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir) {
+                Ok(store) => return store,
+                Err(e)
+                    if std::time::Instant::now() < deadline
+                        && e.to_string().contains("could not acquire lock") =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("store did not reopen: {e}"),
+            }
+        }
+    }
+
     /// A dropped group's log and state are gone, also after a reopen; state that a crash left
     /// behind the log's drop record is deleted at the next open.
     #[tokio::test]
@@ -294,20 +307,7 @@ mod tests {
             store.wal.drop_group(3).await.expect("drop g3's log only");
             store.checkpoint().await.expect("checkpoint");
         }
-        // The closed store's checkpoint thread releases sled's directory lock shortly after.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let store = loop {
-            match Store::open(dir.path()) {
-                Ok(store) => break store,
-                Err(e)
-                    if std::time::Instant::now() < deadline
-                        && e.to_string().contains("could not acquire lock") =>
-                {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("store did not reopen: {e}"),
-            }
-        };
+        let store = reopen(dir.path()).await;
         let left = names(store.db());
         assert!(!left.iter().any(|n| n.starts_with("g2/") || n.starts_with("g3/")), "{left:?}");
         assert_eq!(

@@ -494,18 +494,7 @@ mod tests {
             sm.tree().insert(ROW_REDO, encode_row(&writes).unwrap()).unwrap();
             store.db().flush().unwrap();
         }
-        // The closed store's checkpoint thread releases sled's directory lock shortly after.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let store = loop {
-            match Store::open(dir.path()) {
-                Ok(store) => break store,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    assert!(e.to_string().contains("could not acquire lock"), "{e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("store did not reopen: {e}"),
-            }
-        };
+        let store = crate::storage::tests::reopen(dir.path()).await;
         let (_log, mut sm) = store.group(group).unwrap();
         let (applied, _) = sm.applied_state().await.unwrap();
         assert_eq!(applied.map(|l| l.index), Some(2), "last_applied of the cut batch");

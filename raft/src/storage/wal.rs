@@ -690,6 +690,14 @@ impl Wal {
         lock(&self.state).dropped.contains(&group)
     }
 
+    /// Whether `group` was dropped on this node and the log holds nothing of it since (no entry,
+    /// nothing purged): its replica here has forgotten what it acknowledged.
+    pub fn forgot(&self, group: u64) -> bool {
+        let st = lock(&self.state);
+        st.dropped.contains(&group)
+            && st.groups.get(&group).is_none_or(|g| g.entries.is_empty() && g.purged.is_none())
+    }
+
     /// The groups the log holds anything of (entries, a vote, a committed id or a purge point).
     pub fn groups(&self) -> Vec<u64> {
         let mut groups: Vec<u64> = lock(&self.state).groups.keys().copied().collect();

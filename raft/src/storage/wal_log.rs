@@ -37,7 +37,7 @@ impl WalLog {
     /// earlier replica here forgot what it had acknowledged) and its log is empty again (no
     /// entry, nothing purged). See `transport::server`.
     pub fn withholds_votes(&self) -> bool {
-        self.wal.was_dropped(self.group) && self.wal.log_state(self.group) == (None, None)
+        self.wal.forgot(self.group)
     }
 }
 
