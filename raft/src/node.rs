@@ -345,9 +345,11 @@ impl RaftNode {
         let reader = sm.reader();
         let actions = sm.actions();
         let network = NetworkFactory::new(self.peers.clone(), group);
+        let starting = sm.starting();
         let raft = Raft::new(self.config.node_id.0, self.raft_config.clone(), network, log, sm)
             .await
             .map_err(|e| Error::Raft { group, reason: e.to_string() })?;
+        starting.started();
         self.groups.insert(group, raft.clone(), probe);
         let handle = GroupHandle::start(
             group,

@@ -4,15 +4,18 @@
 #[path = "cluster/harness.rs"]
 mod harness;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
 use std::collections::BTreeSet;
 
 use fetter_raft::handle;
-use fetter_raft::ids::{ClusterId, Epoch, GroupId, Incarnation, NodeId, ShardId};
+use fetter_raft::ids::{ClusterId, Epoch, FlowId, GroupId, Incarnation, NodeId, ShardId};
 use fetter_raft::meta::{self, ClusterInfo, ClusterParams, Member, MetaCommand, MetaOutcome, ShardPlacement};
 use fetter_raft::node::{self, NodeConfig, RaftNode};
+use fetter_raft::placement;
 use fetter_raft::shard::{self, EffectKind, Event, Rejection, ShardCommand, ShardOutcome};
 use fetter_raft::transport::proto::raft_transport_client::RaftTransportClient;
 use fetter_raft::transport::proto::{raft_response, ErrorCode, RaftBatch, RaftRequest, RpcKind};
@@ -956,6 +959,75 @@ async fn a_re_created_replica_grants_no_vote_while_its_log_is_empty() -> Result<
     c.restart(moved).await?;
     let answer = ask_vote(&c, leader, moved, g(0)).await?;
     ensure!(!answer.vote_granted, "a re-created empty replica granted a vote: {answer:?}");
+    c.shutdown().await;
+    Ok(())
+}
+
+/// Snapshots of large states never stall the runtime. Several groups of one node, each holding
+/// tens of MiB of state, snapshot at once on a 2-worker runtime while a ticker on the same
+/// runtime records the longest gap between its ticks: it stays far below the election timeout
+/// (a runtime that stalls longer makes leaders lose their quorum acknowledgement and stop their
+/// flows, as `shop bench-recovery --flows 1000000` did at order 768,910 when every snapshot
+/// copied and encoded its group's whole state on the async workers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_of_large_states_never_stall_the_runtime() -> Result<()> {
+    const SHARDS: u32 = 4;
+    const FLOWS_PER_SHARD: usize = 6_000;
+    const INPUT: usize = 4 * 1024;
+    /// The production election timeout's minimum.
+    const BOUND: Duration = Duration::from_millis(300);
+    init_tracing();
+    let c = Cluster::start(1, SHARDS, 1_000_000).await?;
+    for s in 0..SHARDS {
+        let h = c.handle(1, g(s))?;
+        let ids: Vec<_> = (0..)
+            .map(|i| FlowId::new("big", format!("f{i}")))
+            .filter(|f| placement::shard_of(f, SHARDS) == ShardId(s))
+            .take(FLOWS_PER_SHARD)
+            .collect();
+        for chunk in ids.chunks(100) {
+            let starts = chunk
+                .iter()
+                .map(|f| ShardCommand::Start { flow: f.clone(), input: vec![b'x'; INPUT], parent: None })
+                .collect();
+            for reply in h.propose_shard_all(starts).await? {
+                expect_ok(reply)?;
+            }
+        }
+    }
+
+    let ticking = Arc::new(AtomicBool::new(true));
+    let ticker = {
+        let ticking = ticking.clone();
+        tokio::spawn(async move {
+            let mut longest = Duration::ZERO;
+            let mut last = std::time::Instant::now();
+            while ticking.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                longest = longest.max(last.elapsed());
+                last = std::time::Instant::now();
+            }
+            longest
+        })
+    };
+    let handles: Vec<_> = (0..SHARDS).map(|s| c.handle(1, g(s))).collect::<Result<_>>()?;
+    let targets: Vec<u64> =
+        handles.iter().map(|h| h.raft().metrics().borrow().last_applied.map_or(0, |l| l.index)).collect();
+    for h in &handles {
+        h.raft().trigger().snapshot().await?;
+    }
+    eventually("every group built its snapshot", || async {
+        handles
+            .iter()
+            .zip(&targets)
+            .all(|(h, t)| h.raft().metrics().borrow().snapshot.map(|l| l.index) >= Some(*t))
+            .then_some(())
+    })
+    .await?;
+    ticking.store(false, Ordering::SeqCst);
+    let longest = ticker.await?;
+    tracing::info!(?longest, "longest gap of the ticker while snapshots were built");
+    ensure!(longest < BOUND, "the runtime stalled {longest:?} while snapshots were built (bound {BOUND:?})");
     c.shutdown().await;
     Ok(())
 }

@@ -33,7 +33,9 @@ mod wal_log;
 
 use std::path::{Path, PathBuf};
 
-pub use self::sm::{GroupKind, SnapshotBuilder, StateDigest, StateMachineStore, StateReader};
+pub use self::sm::{
+    GroupKind, MalformedSnapshot, SnapshotBuilder, StartGate, StateDigest, StateMachineStore, StateReader,
+};
 pub use self::wal_log::WalLog;
 use crate::ids::GroupId;
 use crate::types::StorageError;

@@ -13,22 +13,32 @@
 //! Installing a snapshot writes a complete new generation, flushes it, then switches the
 //! generation pointer (one insert) and drops the old tree; a crash at any point leaves one whole
 //! generation.
+//!
+//! A snapshot is not a copy. Building one (every `snapshot_after_entries` entries, so openraft
+//! can purge the log behind it) is a checkpoint: the applied state, already in sled, is made
+//! durable and the snapshot's meta (last applied log id, membership) is stored beside it. Only
+//! when a follower needs the state (it is behind the purged log) is the state encoded, at the
+//! state machine's current last applied entry, on a blocking thread while the state-machine
+//! worker waits, so that nothing is applied during the copy and the async workers never carry
+//! it (a copy of a large state on them stalled every group of the node past its election
+//! timeout: `snapshots_of_large_states_never_stall_the_runtime`).
 
 use std::io::Cursor;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{
     AnyError, EntryPayload, ErrorSubject, ErrorVerb, SnapshotMeta, StorageIOError, StoredMembership,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::broadcast;
 
 use super::flusher::Flusher;
 use super::tree::TreeKv;
 use crate::codec;
 use crate::ids::GroupId;
-use crate::kv::{Kv, KvRead, Overlay, Rows};
+use crate::kv::{Kv, KvRead, Overlay};
 use crate::shard::Action;
 use crate::sync::{lock, read, write};
 use crate::types::{Command, Entry, LogId, Reply, Response, StorageError, TypeConfig};
@@ -41,7 +51,12 @@ const ROW_MEMBERSHIP: &[u8] = b"\x00membership";
 const ROW_REDO: &[u8] = b"\x00redo";
 /// Keys in the group's meta tree.
 const KEY_GENERATION: &[u8] = b"sm_generation";
-const KEY_SNAPSHOT: &[u8] = b"snapshot";
+/// The meta of the latest snapshot (built or installed).
+const KEY_SNAPSHOT: &[u8] = b"snapshot_meta";
+/// Where earlier versions kept a whole copy of the state with the meta; removed at open.
+const KEY_SNAPSHOT_COPY: &[u8] = b"snapshot";
+/// First bytes of a snapshot's data (the encoding of [`encode_state`]).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"fetsnap1";
 
 /// Bound on queued action batches per group; a consumer that lags re-derives from state.
 const ACTIONS_CAPACITY: usize = 4096;
@@ -69,17 +84,67 @@ impl GroupKind {
     }
 }
 
-/// A snapshot as transferred and stored: every row of the state tree at `last_applied`.
-#[derive(Serialize, Deserialize)]
-struct SnapshotRows {
-    rows: Rows,
+/// Encodes every row of `tree`'s state ([`state_rows`]) as a snapshot's data: the magic, the
+/// row count (u64), then per row the key's length (u32), the key, the value's length (u32), the
+/// value, all little-endian. Written row by row: no other copy of the state is made.
+fn encode_state(tree: &sled::Tree) -> Result<Vec<u8>, sled::Error> {
+    let mut data = Vec::with_capacity(tree.len().saturating_mul(64));
+    data.extend_from_slice(SNAPSHOT_MAGIC);
+    data.extend_from_slice(&0u64.to_le_bytes());
+    let mut rows = 0u64;
+    for row in state_rows(tree) {
+        let (k, v) = row?;
+        for part in [&k, &v] {
+            let len = u32::try_from(part.len()).expect("sled keys and values are far below 4 GiB");
+            data.extend_from_slice(&len.to_le_bytes());
+            data.extend_from_slice(part);
+        }
+        rows += 1;
+    }
+    data[SNAPSHOT_MAGIC.len()..SNAPSHOT_MAGIC.len() + 8].copy_from_slice(&rows.to_le_bytes());
+    Ok(data)
 }
 
-/// A snapshot as kept in the meta tree.
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: Meta,
-    data: Vec<u8>,
+/// A row of a snapshot's data: key and value.
+type Row<'a> = (&'a [u8], &'a [u8]);
+
+/// Why a snapshot's data cannot be decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed snapshot data: {0}")]
+pub struct MalformedSnapshot(&'static str);
+
+/// The rows of a snapshot's data ([`encode_state`]), checked: a wrong magic, a cut row, a row
+/// count that does not match or bytes after the last row are errors.
+fn decode_state(data: &[u8]) -> Result<Vec<Row<'_>>, MalformedSnapshot> {
+    fn take<'a>(data: &mut &'a [u8], n: usize) -> Result<&'a [u8], MalformedSnapshot> {
+        if data.len() < n {
+            return Err(MalformedSnapshot("cut short"));
+        }
+        let (head, rest) = data.split_at(n);
+        *data = rest;
+        Ok(head)
+    }
+    fn len(data: &mut &[u8]) -> Result<usize, MalformedSnapshot> {
+        let bytes = take(data, 4)?;
+        Ok(u32::from_le_bytes(bytes.try_into().expect("4 bytes")) as usize)
+    }
+    let mut rest = data;
+    if take(&mut rest, SNAPSHOT_MAGIC.len())? != SNAPSHOT_MAGIC {
+        return Err(MalformedSnapshot("not a snapshot of this format"));
+    }
+    let count = u64::from_le_bytes(take(&mut rest, 8)?.try_into().expect("8 bytes"));
+    let mut rows = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(rest.len() / 8));
+    while !rest.is_empty() {
+        let n = len(&mut rest)?;
+        let key = take(&mut rest, n)?;
+        let n = len(&mut rest)?;
+        let value = take(&mut rest, n)?;
+        rows.push((key, value));
+    }
+    if rows.len() as u64 != count {
+        return Err(MalformedSnapshot("row count does not match"));
+    }
+    Ok(rows)
 }
 
 fn any(e: impl std::error::Error + 'static) -> AnyError {
@@ -175,6 +240,20 @@ pub struct StateMachineStore {
     actions: broadcast::Sender<Arc<Vec<Action>>>,
     /// Serializes writes of the stored snapshot (a build may finish while an install runs).
     snapshot_lock: Arc<Mutex<()>>,
+    /// While set, [`RaftStateMachine::get_current_snapshot`] answers with the stored meta and
+    /// no data (see [`StateMachineStore::starting`]).
+    meta_only: Arc<AtomicBool>,
+}
+
+/// Returned by [`StateMachineStore::starting`]; [`StartGate::started`] ends the start.
+pub struct StartGate(Arc<AtomicBool>);
+
+impl StartGate {
+    /// The group's Raft instance has started: later requests for the current snapshot come
+    /// from replication to a follower, which needs the state.
+    pub fn started(self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// A batch's write set: `Some(value)` puts, `None` deletes, in key order.
@@ -213,6 +292,7 @@ impl StateMachineStore {
             }
         }
         let tree = db.open_tree(&keep).map_err(|e| sm_read(any(e)))?;
+        meta.remove(KEY_SNAPSHOT_COPY).map_err(|e| sm_write(any(e)))?;
         if let Some(bytes) = tree.get(ROW_REDO).map_err(|e| sm_read(any(e)))? {
             // Finish the last batch: a crash may have cut it after its redo record.
             let writes: Writes = codec::decode(&bytes).map_err(|e| sm_read(any(e)))?;
@@ -229,7 +309,22 @@ impl StateMachineStore {
             checkpoints,
             actions,
             snapshot_lock: Arc::new(Mutex::new(())),
+            meta_only: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Marks the start of the group's Raft instance: until [`StartGate::started`], the current
+    /// snapshot is answered with its stored meta only. openraft reads the current snapshot once
+    /// while it starts (`StorageHelper::get_initial_state` in 0.9), for its meta alone; encoding
+    /// the whole state there would make every restart copy every group's state.
+    pub fn starting(&self) -> StartGate {
+        self.meta_only.store(true, Ordering::SeqCst);
+        StartGate(self.meta_only.clone())
+    }
+
+    /// The stored meta of the latest snapshot.
+    fn stored_meta(&self) -> Result<Option<Meta>, StorageError> {
+        read_meta(&self.meta)
     }
 
     /// Read access to the applied state.
@@ -273,15 +368,46 @@ fn encode_row<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
     codec::encode(value).map_err(|e| sm_write(any(e)))
 }
 
+fn read_meta(meta: &sled::Tree) -> Result<Option<Meta>, StorageError> {
+    match meta.get(KEY_SNAPSHOT).map_err(|e| sm_read(any(e)))? {
+        None => Ok(None),
+        Some(bytes) => Ok(Some(codec::decode(&bytes).map_err(|e| sm_read(any(e)))?)),
+    }
+}
+
+/// The last applied log id and membership recorded in `kv`.
+fn applied_in(kv: &dyn KvRead) -> Result<(Option<LogId>, Membership), StorageError> {
+    let applied = read_row::<Option<LogId>>(kv, ROW_APPLIED)?.flatten();
+    let membership = read_row::<Membership>(kv, ROW_MEMBERSHIP)?.unwrap_or_default();
+    Ok((applied, membership))
+}
+
+/// A snapshot meta for the state at `last_log_id`, with an id unique on this node.
+fn new_meta(
+    db: &sled::Db,
+    last_log_id: Option<LogId>,
+    last_membership: Membership,
+) -> Result<Meta, StorageError> {
+    let nonce = db.generate_id().map_err(|e| sm_write(any(e)))?;
+    let snapshot_id = match last_log_id {
+        Some(id) => format!("{}-{}-{nonce}", id.leader_id.term, id.index),
+        None => format!("none-{nonce}"),
+    };
+    Ok(Meta { last_log_id, last_membership, snapshot_id })
+}
+
+/// Runs `f` on a blocking thread and waits for it.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| sm_write(AnyError::error(e)))?
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
-        let tree = self.tree();
-        let view = TreeKv(&tree);
-        let applied = read_row::<Option<LogId>>(&view, ROW_APPLIED)?.flatten();
-        let membership = read_row::<Membership>(&view, ROW_MEMBERSHIP)?.unwrap_or_default();
-        Ok((applied, membership))
+        applied_in(&TreeKv(&self.tree()))
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
@@ -332,12 +458,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Called by the state-machine worker between applies: the copy below is consistent.
-        let tree = self.tree();
-        let rows: Result<Rows, sled::Error> =
-            state_rows(&tree).map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec()))).collect();
+        // Called by the state-machine worker between applies: the applied log id and the
+        // membership read here are those of the state at this point.
         SnapshotBuilder {
-            rows,
+            applied: applied_in(&TreeKv(&self.tree())),
             db: self.db.clone(),
             meta: self.meta.clone(),
             checkpoints: self.checkpoints.clone(),
@@ -355,65 +479,87 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let signature = Some(meta.signature());
-        let snap_err = |e: AnyError| -> StorageError {
+        let snap_err = move |e: AnyError| -> StorageError {
             StorageIOError::new(ErrorSubject::Snapshot(signature.clone()), ErrorVerb::Write, e).into()
         };
         let data = snapshot.into_inner();
-        let rows: SnapshotRows = codec::decode(&data).map_err(|e| snap_err(any(e)))?;
+        let bytes = data.len();
 
-        // 1. Write the complete new generation and make it durable.
+        // 1. Write the complete new generation (on a blocking thread: it is the whole state)
+        //    and make it durable. Malformed data leaves no tree behind.
         let next = self.generation + 1;
         let name = tree_name(self.group, next);
-        self.db.drop_tree(&name).map_err(|e| snap_err(any(e)))?;
-        let tree = self.db.open_tree(&name).map_err(|e| snap_err(any(e)))?;
-        for (k, v) in rows.rows {
-            tree.insert(k, v).map_err(|e| snap_err(any(e)))?;
-        }
+        let db = self.db.clone();
+        let err = snap_err.clone();
+        let tree = blocking(move || {
+            db.drop_tree(&name).map_err(|e| err(any(e)))?;
+            let tree = db.open_tree(&name).map_err(|e| err(any(e)))?;
+            let written = decode_state(&data).map_err(|e| err(any(e))).and_then(|rows| {
+                rows.into_iter().try_for_each(|(k, v)| tree.insert(k, v).map(drop).map_err(|e| err(any(e))))
+            });
+            if let Err(e) = written {
+                db.drop_tree(&name).map_err(|e| err(any(e)))?;
+                return Err(e);
+            }
+            Ok(tree)
+        })
+        .await?;
         self.checkpoints.flush().await.map_err(|e| snap_err(AnyError::error(e)))?;
 
-        // 2. Switch to it with one insert, then keep the snapshot for followers that need it (a
-        //    crash between the two leaves an older stored snapshot, which is harmless).
-        let _guard = lock(&self.snapshot_lock);
-        self.meta
-            .insert(KEY_GENERATION, codec::encode(&next).map_err(|e| snap_err(any(e)))?)
-            .map_err(|e| snap_err(any(e)))?;
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        self.meta
-            .insert(KEY_SNAPSHOT, codec::encode(&stored).map_err(|e| snap_err(any(e)))?)
-            .map_err(|e| snap_err(any(e)))?;
-        drop(_guard);
+        // 2. Switch to it with one insert and keep the snapshot's meta (a crash between the two
+        //    leaves an older meta, which is harmless: it only names an older checkpoint).
+        {
+            let _guard = lock(&self.snapshot_lock);
+            self.meta
+                .insert(KEY_GENERATION, codec::encode(&next).map_err(|e| snap_err(any(e)))?)
+                .map_err(|e| snap_err(any(e)))?;
+            self.meta
+                .insert(KEY_SNAPSHOT, codec::encode(meta).map_err(|e| snap_err(any(e)))?)
+                .map_err(|e| snap_err(any(e)))?;
+        }
         self.checkpoints.flush().await.map_err(|e| snap_err(AnyError::error(e)))?;
 
         // 3. Serve reads from it and drop the old generation.
         let old = tree_name(self.group, self.generation);
         *write(&self.current) = tree;
         self.generation = next;
-        self.db.drop_tree(&old).map_err(|e| snap_err(any(e)))?;
-        tracing::info!(
-            group = %self.group,
-            last_log_id = ?meta.last_log_id,
-            bytes = stored.data.len(),
-            "installed a snapshot"
-        );
+        let db = self.db.clone();
+        let err = snap_err.clone();
+        blocking(move || db.drop_tree(&old).map(drop).map_err(|e| err(any(e)))).await?;
+        tracing::info!(group = %self.group, last_log_id = ?meta.last_log_id, bytes, "installed a snapshot");
         // Everything derived from state may have changed: tell the leader's consumer.
         let _ = self.actions.send(Arc::new(Vec::new()));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        match self.meta.get(KEY_SNAPSHOT).map_err(|e| sm_read(any(e)))? {
-            None => Ok(None),
-            Some(bytes) => {
-                let stored: StoredSnapshot = codec::decode(&bytes).map_err(|e| sm_read(any(e)))?;
-                Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
-            }
+        let Some(stored) = self.stored_meta()? else {
+            return Ok(None);
+        };
+        if self.meta_only.load(Ordering::SeqCst) {
+            return Ok(Some(Snapshot { meta: stored, snapshot: Box::new(Cursor::new(Vec::new())) }));
         }
+        // A follower needs the state. Encode it as it is now: this runs on the state-machine
+        // worker, which waits for the blocking thread, so nothing is applied during the copy and
+        // the copy is of one point (any point at or after the stored meta's does: every applied
+        // entry is committed). The async workers stay free meanwhile.
+        let tree = self.tree();
+        let (data, (applied, membership)) = blocking(move || {
+            let at = applied_in(&TreeKv(&tree))?;
+            let data = encode_state(&tree).map_err(|e| sm_read(any(e)))?;
+            Ok((data, at))
+        })
+        .await?;
+        let meta =
+            if applied == stored.last_log_id { stored } else { new_meta(&self.db, applied, membership)? };
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
 
-/// Builds a snapshot from the copy of the state taken by `get_snapshot_builder`.
+/// Builds a snapshot, that is a checkpoint of the state at the point `get_snapshot_builder` was
+/// called (module comment).
 pub struct SnapshotBuilder {
-    rows: Result<Rows, sled::Error>,
+    applied: Result<(Option<LogId>, Membership), StorageError>,
     db: sled::Db,
     meta: sled::Tree,
     checkpoints: Flusher,
@@ -421,39 +567,25 @@ pub struct SnapshotBuilder {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    /// The returned snapshot carries no data: openraft uses only the meta of a snapshot it has
+    /// built (to purge the log behind it); a follower that needs the state gets it from
+    /// `get_current_snapshot`.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let rows = std::mem::replace(&mut self.rows, Ok(Vec::new())).map_err(|e| sm_read(any(e)))?;
-        let copy = crate::kv::MemKv { rows: rows.iter().cloned().collect() };
-        let last_log_id = read_row::<Option<LogId>>(&copy, ROW_APPLIED)?.flatten();
-        let last_membership = read_row::<Membership>(&copy, ROW_MEMBERSHIP)?.unwrap_or_default();
-        let nonce = self.db.generate_id().map_err(|e| sm_write(any(e)))?;
-        let snapshot_id = match last_log_id {
-            Some(id) => format!("{}-{}-{nonce}", id.leader_id.term, id.index),
-            None => format!("none-{nonce}"),
-        };
-        let meta = Meta { last_log_id, last_membership, snapshot_id };
-        let data = codec::encode(&SnapshotRows { rows }).map_err(|e| sm_write(any(e)))?;
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        let (last_log_id, last_membership) = self.applied.clone()?;
+        let meta = new_meta(&self.db, last_log_id, last_membership)?;
         {
-            // Keep the newest: an install may have stored a later snapshot while this one was built.
+            // Keep the newest: an install may have stored a later snapshot meanwhile.
             let _guard = lock(&self.snapshot_lock);
-            let newer_stored = match self.meta.get(KEY_SNAPSHOT).map_err(|e| sm_read(any(e)))? {
-                Some(b) => {
-                    codec::decode::<StoredSnapshot>(&b).map_err(|e| sm_read(any(e)))?.meta.last_log_id
-                        > last_log_id
-                }
-                None => false,
-            };
-            if !newer_stored {
+            if read_meta(&self.meta)?.is_none_or(|stored| stored.last_log_id <= last_log_id) {
                 self.meta
-                    .insert(KEY_SNAPSHOT, codec::encode(&stored).map_err(|e| sm_write(any(e)))?)
+                    .insert(KEY_SNAPSHOT, codec::encode(&meta).map_err(|e| sm_write(any(e)))?)
                     .map_err(|e| sm_write(any(e)))?;
             }
         }
-        // A checkpoint before openraft purges the log entries the snapshot replaces: the stored
-        // snapshot, and the applied state up to it (written before the copy was taken), are durable.
+        // The checkpoint before openraft purges the log entries the snapshot covers: the applied
+        // state (at or beyond the snapshot's last log id) and the meta are durable after it.
         self.checkpoints.flush().await.map_err(|e| sm_write(AnyError::error(e)))?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(Vec::new())) })
     }
 }
 
@@ -510,10 +642,74 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (_log, mut sm) = store.group(GroupId(1)).unwrap();
         sm.apply([entry(1, ShardCommand::Configure { shard_id: ShardId(0), shard_count: 1 })]).await.unwrap();
-        let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
-        let rows: SnapshotRows = codec::decode(snapshot.snapshot.get_ref()).unwrap();
-        assert!(rows.rows.iter().all(|(k, _)| k.as_slice() != ROW_REDO));
-        assert!(rows.rows.iter().any(|(k, _)| k.as_slice() == ROW_APPLIED));
+        let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let snapshot = sm.get_current_snapshot().await.unwrap().expect("a snapshot was built");
+        assert_eq!(snapshot.meta, built.meta, "nothing applied since the build: the same snapshot");
+        let rows = decode_state(snapshot.snapshot.get_ref()).unwrap();
+        assert!(rows.iter().all(|(k, _)| *k != ROW_REDO));
+        assert!(rows.iter().any(|(k, _)| *k == ROW_APPLIED));
         assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(1));
+    }
+
+    /// The current snapshot is the state at the last applied entry, not at the last build; while
+    /// the group starts it is the stored meta alone.
+    #[tokio::test]
+    async fn the_current_snapshot_is_the_state_as_applied_and_only_meta_while_starting() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_log, mut sm) = store.group(GroupId(1)).unwrap();
+        sm.apply([entry(1, ShardCommand::Configure { shard_id: ShardId(0), shard_count: 1 })]).await.unwrap();
+        let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert!(built.snapshot.get_ref().is_empty(), "a build is a checkpoint, not a copy");
+        let flow = crate::ids::FlowId::new("t", "f");
+        sm.apply([entry(2, ShardCommand::Start { flow: flow.clone(), input: b"{}".to_vec(), parent: None })])
+            .await
+            .unwrap();
+
+        let gate = sm.starting();
+        let at_start = sm.get_current_snapshot().await.unwrap().expect("stored meta");
+        assert_eq!(at_start.meta, built.meta);
+        assert!(at_start.snapshot.get_ref().is_empty(), "no copy while the group starts");
+        gate.started();
+
+        let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot");
+        assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(2));
+        assert_ne!(current.meta.snapshot_id, built.meta.snapshot_id);
+        let rows = decode_state(current.snapshot.get_ref()).unwrap();
+        let copy =
+            crate::kv::MemKv { rows: rows.into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect() };
+        assert!(
+            crate::shard::get_flow(&copy, &flow).unwrap().is_some(),
+            "the flow started after the build is in it"
+        );
+    }
+
+    /// Malformed snapshot data is refused and changes nothing.
+    #[tokio::test]
+    async fn a_malformed_snapshot_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_log, mut sm) = store.group(GroupId(1)).unwrap();
+        sm.apply([entry(1, ShardCommand::Configure { shard_id: ShardId(0), shard_count: 1 })]).await.unwrap();
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let good = sm.get_current_snapshot().await.unwrap().expect("a snapshot");
+        let data = good.snapshot.into_inner();
+        let mut meta = good.meta.clone();
+        meta.last_log_id = Some(LogId::new(CommittedLeaderId::new(1, 0), 9));
+        let before = sm.reader().digest().unwrap();
+        let cut = data[..data.len() - 1].to_vec();
+        let mut extra = data.clone();
+        extra.push(0);
+        let mut miscounted = data.clone();
+        miscounted[SNAPSHOT_MAGIC.len()] += 1;
+        for (what, bad) in
+            [("cut", cut), ("trailing", extra), ("miscounted", miscounted), ("garbage", b"x".to_vec())]
+        {
+            let result = sm.install_snapshot(&meta, Box::new(Cursor::new(bad))).await;
+            assert!(result.is_err(), "{what} data was installed");
+            assert_eq!(sm.reader().digest().unwrap(), before, "{what} data changed the state");
+        }
+        let trees = store.db().tree_names().into_iter().filter(|n| n.starts_with(b"g1/sm/")).count();
+        assert_eq!(trees, 1, "no partial generation left behind");
     }
 }
