@@ -925,13 +925,7 @@ pub async fn run(opts: RunOptions) -> Result<bool> {
 }
 
 fn free_base_port(nodes: u64) -> Result<u16> {
-    for _ in 0..200 {
-        let base: u16 = rand::random_range(20_000..60_000);
-        if (0..nodes as u16).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return Ok(base);
-        }
-    }
-    bail!("no free ports")
+    Ok(fetter::local::free_base_port(u16::try_from(nodes)?)?)
 }
 
 async fn drive(cluster: &mut Cluster, opts: &RunOptions, out: &Path) -> Result<bool> {

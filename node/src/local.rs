@@ -15,6 +15,35 @@ use tokio::process::{Child, Command};
 
 use crate::client::Client;
 
+/// The first port of `n` consecutive loopback ports that are free now, chosen below the kernel's
+/// range of ephemeral ports (`/proc/sys/net/ipv4/ip_local_port_range`, from 32768 if unreadable):
+/// a port in that range can be taken by any process's outgoing connection between this check and
+/// the node binding it, as tests running in parallel showed ("Address already in use").
+pub fn free_base_port(n: u16) -> std::io::Result<u16> {
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    const LOWEST: u16 = 10_000;
+    let top = ephemeral_from.saturating_sub(n).max(LOWEST + 1);
+    // Start somewhere different in each process and call, then walk the range.
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as u64);
+    let span = u64::from(top - LOWEST);
+    for step in 0..span {
+        let base = LOWEST + ((seed + step * 7_919) % span) as u16;
+        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return Ok(base);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no {n} consecutive free ports below {ephemeral_from}"),
+    ))
+}
+
 /// Signals sent to node processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {

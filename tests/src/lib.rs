@@ -7,7 +7,6 @@
 //! in that crate; these are the ones that span the whole system (`tests/tests/cluster.rs`).
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,16 +21,9 @@ pub mod net;
 /// Bound on every wait of the harness.
 pub const WAIT: Duration = Duration::from_secs(120);
 
-/// `n` consecutive free loopback ports (checked by binding them).
+/// `n` consecutive free loopback ports ([`fetter::local::free_base_port`]).
 pub fn free_ports(n: u16) -> Result<u16> {
-    for _ in 0..200 {
-        let base: u16 = rand::random_range(20_000..60_000);
-        let free = (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok());
-        if free {
-            return Ok(base);
-        }
-    }
-    bail!("no {n} consecutive free ports found")
+    Ok(fetter::local::free_base_port(n)?)
 }
 
 /// One multi-process cluster at a time: tests on a 2-core machine stay honest about timing.

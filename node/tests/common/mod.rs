@@ -1,8 +1,7 @@
 //! What the in-process cluster tests of this crate share.
 
-/// `n` free loopback ports, held until all are known so that they differ.
+/// `n` free loopback ports ([`fetter::local::free_base_port`]).
 pub(crate) fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>()?;
-    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+    let base = fetter::local::free_base_port(u16::try_from(n)?)?;
+    Ok((base..base + n as u16).collect())
 }
