@@ -18,7 +18,7 @@ use fetter_raft::kv::KvError;
 use fetter_raft::placement::shard_of;
 use fetter_raft::shard::{
     self, AdminOp, DeadLetter, EffectRecord, ErrorInfo, Event, FlowRecord, FlowStatus, Payload, Rejection,
-    ShardCommand, ShardOutcome,
+    ShardAnswer, ShardCommand, ShardOutcome, ShardQuery,
 };
 
 use crate::shard_actor::Router;
@@ -70,22 +70,13 @@ pub enum Error {
     State(#[from] KvError),
 }
 
-/// Everything about one flow, as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FlowView {
-    /// Status, input, output or error, epoch, times, parent.
-    pub record: FlowRecord,
-    /// Recorded effects by id.
-    pub effects: Vec<(String, EffectRecord)>,
-    /// The event log, with sequence numbers.
-    pub events: Vec<(u64, Event)>,
-    /// Armed timers: (timer id, deadline ms).
-    pub timers: Vec<(String, u64)>,
-    /// Why a running flow makes no progress, when known (e.g. no leader runs its type).
-    pub note: Option<String>,
-    /// Messages from other flows that arrived after it finished (the first
-    /// [`DEAD_LETTERS_IN_VIEW`], oldest first; [`ControlPanel::dead_letters`] pages through all).
-    pub dead_letters: Vec<DeadLetter>,
+/// Everything about one flow, as stored (the first [`DEAD_LETTERS_IN_VIEW`] dead letters;
+/// [`ControlPanel::dead_letters`] pages through all).
+pub use fetter_raft::shard::FlowView;
+
+/// A shard answered a query with another kind of answer (a bug).
+fn unexpected(answer: ShardAnswer) -> Error {
+    Error::Refused(Rejection::Invalid(format!("unexpected answer to a query: {answer:?}")))
 }
 
 /// How many dead letters a [`FlowView`] carries at most.
@@ -175,21 +166,12 @@ impl ControlPanel {
 
     /// Everything about `flow`.
     pub async fn get(&self, flow: &FlowId) -> Result<FlowView, Error> {
-        let view = self
-            .group(flow)?
-            .read(|kv| -> Result<Option<FlowView>, KvError> {
-                let Some(record) = shard::get_flow(kv, flow)? else { return Ok(None) };
-                Ok(Some(FlowView {
-                    record,
-                    effects: shard::list_effects(kv, flow)?,
-                    events: shard::events(kv, flow, 0, usize::MAX)?,
-                    timers: shard::timers_of(kv, flow)?,
-                    note: shard::note_of(kv, flow)?,
-                    dead_letters: shard::dead_letters_of(kv, flow, None, DEAD_LETTERS_IN_VIEW)?,
-                }))
-            })
-            .await??;
-        view.ok_or_else(|| Error::NotFound(flow.clone()))
+        let query = ShardQuery::Flow { flow: flow.clone(), dead_letters: DEAD_LETTERS_IN_VIEW };
+        match self.group(flow)?.query(&query).await? {
+            ShardAnswer::Flow(Some(view)) => Ok(*view),
+            ShardAnswer::Flow(None) => Err(Error::NotFound(flow.clone())),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// A page of flows over all shards, in listing order.
@@ -202,9 +184,12 @@ impl ControlPanel {
             let mut found = Vec::new();
             // Page through the shard until `limit` records pass the status filter.
             loop {
-                let page = group
-                    .read(|kv| shard::list_flows(kv, query.flow_type.as_deref(), after.as_ref(), limit))
-                    .await??;
+                let read =
+                    ShardQuery::Flows { flow_type: query.flow_type.clone(), after: after.clone(), limit };
+                let page = match group.query(&read).await? {
+                    ShardAnswer::Flows(page) => page,
+                    other => return Err(unexpected(other)),
+                };
                 let exhausted = page.len() < limit;
                 after = page.last().map(|r| r.id.clone());
                 found.extend(page.into_iter().filter(|r| {
@@ -233,7 +218,14 @@ impl ControlPanel {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, Error> {
         let limit = limit.max(1);
-        Ok(self.group(flow)?.read(|kv| shard::dead_letters_of(kv, flow, after_seq, limit)).await??)
+        match self
+            .group(flow)?
+            .query(&ShardQuery::DeadLettersOf { flow: flow.clone(), after_seq, limit })
+            .await?
+        {
+            ShardAnswer::DeadLetters(letters) => Ok(letters),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// A page of the dead letters of all shards: up to `limit` after `after` (the target and
@@ -248,8 +240,10 @@ impl ControlPanel {
         let mut all = Vec::new();
         for s in 0..self.shard_count {
             let group = self.router.group(ShardId(s)).ok_or(Error::NoRoute(ShardId(s)))?;
-            let after = after.as_ref().map(|(flow, seq)| (flow, *seq));
-            all.extend(group.read(|kv| shard::dead_letters_after(kv, after, limit)).await??);
+            match group.query(&ShardQuery::DeadLettersAfter { after: after.clone(), limit }).await? {
+                ShardAnswer::DeadLetters(letters) => all.extend(letters),
+                other => return Err(unexpected(other)),
+            }
         }
         all.sort_by(|a, b| listing_order(&a.target, &b.target).then(a.seq.cmp(&b.seq)));
         all.truncate(limit);

@@ -97,6 +97,11 @@ pub struct NodeArgs<X: Args> {
     /// `--max-payload-bytes` (default 7 days).
     #[arg(long)]
     pub retention_secs: Option<u64>,
+    /// Replicas of each shard: a cluster parameter fixed when the cluster is created (default
+    /// 3; a cluster of fewer nodes has fewer). With more nodes than replicas, each node holds
+    /// and applies only its share of the shards.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub replicas: Option<u32>,
     /// This node's snapshot policy: a group snapshots its state after this many log entries
     /// and keeps a quarter of that (at most 1,000) for slow followers.
     #[arg(long, default_value_t = fetter_raft::node::DEFAULT_SNAPSHOT_AFTER_ENTRIES, value_parser = clap::value_parser!(u64).range(1..))]
@@ -263,6 +268,7 @@ impl<X: Args + FromArgMatches + Clone + std::fmt::Debug + Send + Sync + 'static>
         options.timing = args.timing.timing();
         options.max_payload_bytes = args.max_payload_bytes;
         options.retention = args.retention_secs.map(Duration::from_secs);
+        options.replicas = args.replicas;
         options.snapshot_after_entries = args.snapshot_after_entries;
         options.source_ip = args.source_ip;
         let node = match ClusterNode::start(options, registry).await {

@@ -53,11 +53,18 @@ pub struct ClusterParams {
     pub retention_ms: u64,
     /// The largest user payload accepted (bytes).
     pub max_payload_bytes: u64,
+    /// Replicas of each shard (fewer while the cluster has fewer nodes), fixed at creation.
+    pub replicas: u32,
 }
 
 impl Default for ClusterParams {
     fn default() -> Self {
-        ClusterParams { shard_count: 12, retention_ms: 7 * 24 * 60 * 60 * 1000, max_payload_bytes: 1 << 20 }
+        ClusterParams {
+            shard_count: 12,
+            retention_ms: 7 * 24 * 60 * 60 * 1000,
+            max_payload_bytes: 1 << 20,
+            replicas: 3,
+        }
     }
 }
 
@@ -399,6 +406,9 @@ fn validate(info: &ClusterInfo) -> Result<(), MetaRejection> {
     if params.shard_count == 0 {
         return Err(MetaRejection::InvalidParams("shard_count must be at least 1".into()));
     }
+    if params.replicas == 0 {
+        return Err(MetaRejection::InvalidParams("replicas must be at least 1".into()));
+    }
     if params.max_payload_bytes == 0 || params.max_payload_bytes > MAX_PAYLOAD_BYTES_LIMIT {
         return Err(MetaRejection::InvalidParams(format!(
             "max_payload_bytes must be between 1 and {MAX_PAYLOAD_BYTES_LIMIT}, not {}",
@@ -499,7 +509,10 @@ mod tests {
     #[test]
     fn defaults() {
         let p = ClusterParams::default();
-        assert_eq!((p.shard_count, p.retention_ms, p.max_payload_bytes), (12, 604_800_000, 1_048_576));
+        assert_eq!(
+            (p.shard_count, p.retention_ms, p.max_payload_bytes, p.replicas),
+            (12, 604_800_000, 1_048_576, 3)
+        );
     }
 
     #[test]
@@ -585,6 +598,7 @@ mod tests {
             run(&mut kv, 1, cmd).unwrap_err()
         };
         assert!(matches!(bad(&|i| i.params.shard_count = 0), MetaRejection::InvalidParams(_)));
+        assert!(matches!(bad(&|i| i.params.replicas = 0), MetaRejection::InvalidParams(_)));
         assert!(matches!(bad(&|i| i.cluster_id.0.clear()), MetaRejection::InvalidParams(_)));
         assert_eq!(
             bad(&|i| i.members.push(member(1, 11))),

@@ -44,6 +44,8 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Clone, Default)]
 pub struct Liveness {
     alive: Arc<RwLock<HashMap<NodeId, bool>>>,
+    /// The shards each live member reported holding a replica of, at its last ping.
+    hosted: Arc<RwLock<HashMap<NodeId, Vec<proto::HostedShard>>>>,
     /// Most members that answered the last ping round do not list this node: it was removed.
     removed: Arc<std::sync::atomic::AtomicBool>,
     /// This node is stopping: it answers pings "unavailable", so no one moves work to it.
@@ -64,10 +66,22 @@ impl Liveness {
             .unwrap_or_default()
     }
 
-    fn set(&self, node: NodeId, alive: bool) {
+    fn set(&self, node: NodeId, alive: bool, hosted: Vec<proto::HostedShard>) {
         if let Ok(mut m) = self.alive.write() {
             m.insert(node, alive);
         }
+        if let Ok(mut m) = self.hosted.write() {
+            if alive {
+                m.insert(node, hosted);
+            } else {
+                m.remove(&node);
+            }
+        }
+    }
+
+    /// What the live members reported of the shards they hold replicas of.
+    pub(crate) fn hosted_reports(&self) -> Vec<(NodeId, Vec<proto::HostedShard>)> {
+        self.hosted.read().map(|m| m.iter().map(|(n, h)| (*n, h.clone())).collect()).unwrap_or_default()
     }
 
     /// Marks this node as stopping (see [`Liveness::stopping`]).
@@ -90,6 +104,9 @@ impl Liveness {
     /// while its process runs).
     fn retain(&self, members: &BTreeMap<NodeId, String>) {
         if let Ok(mut m) = self.alive.write() {
+            m.retain(|node, _| members.contains_key(node));
+        }
+        if let Ok(mut m) = self.hosted.write() {
             m.retain(|node, _| members.contains_key(node));
         }
     }
@@ -186,7 +203,8 @@ pub(crate) fn journal_status(e: handle::Error) -> Status {
         e @ (handle::Error::NoLeader { .. }
         | handle::Error::NotLeader { .. }
         | handle::Error::Unavailable { .. }
-        | handle::Error::ShuttingDown(_)) => Status::unavailable(e.to_string()),
+        | handle::Error::ShuttingDown(_)
+        | handle::Error::NotHosted(_)) => Status::unavailable(e.to_string()),
         e @ handle::Error::Timeout(_) => Status::deadline_exceeded(e.to_string()),
         e @ handle::Error::Internal { .. } => Status::internal(e.to_string()),
         e @ handle::Error::TooLarge { .. } => Status::invalid_argument(e.to_string()),
@@ -238,7 +256,7 @@ impl Shared {
 
     fn leader_of(&self, flow: &FlowId) -> Option<NodeId> {
         let shard = shard_of(flow, self.shards.len() as u32);
-        self.shards.get(shard.0 as usize).and_then(|g| g.status().borrow().leader)
+        self.shards.at(shard.0 as usize).and_then(|g| g.status().borrow().leader)
     }
 
     async fn view(&self, flow: &FlowId) -> Result<proto::Flow, Status> {
@@ -252,7 +270,7 @@ impl Shared {
     /// so that wakes the waiter too, and so does a re-read every [`WAIT_RECHECK`].
     async fn wait_finished(&self, flow: &FlowId, timeout: Duration) -> Result<proto::Flow, Status> {
         let shard = shard_of(flow, self.shards.len() as u32);
-        let group = self.shards.get(shard.0 as usize).ok_or_else(|| Status::internal("no such shard"))?;
+        let group = self.shards.at(shard.0 as usize).ok_or_else(|| Status::internal("no such shard"))?;
         let mut actions = group.subscribe_actions();
         let deadline = tokio::time::Instant::now() + timeout;
         let mut first = true;
@@ -577,14 +595,14 @@ impl Fetter for Api {
                 alive: m.node == me || s.liveness.is_alive(m.node),
             })
             .collect();
-        let shards = s
-            .shards
-            .iter()
+        // Shards this node holds no replica of: as their replicas reported at the last ping.
+        let shards = super::view::shard_views(s)
+            .into_iter()
             .enumerate()
-            .map(|(k, g)| {
-                let metrics = g.raft().metrics().borrow().clone();
-                let replicas: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
-                proto::ShardStatus { id: k as u32, leader: g.status().borrow().leader.map(|n| n.0), replicas }
+            .map(|(k, v)| proto::ShardStatus {
+                id: k as u32,
+                leader: v.leader.map(|n| n.0),
+                replicas: v.voters.into_iter().map(|n| n.0).collect(),
             })
             .collect();
         Ok(Response::new(proto::ClusterStatusResponse {
@@ -648,9 +666,15 @@ impl Fetter for Api {
     ) -> Result<Response<proto::ShardDigestResponse>, Status> {
         let s = self.shared()?;
         let shard = request.into_inner().shard;
-        let group = s.shards.get(shard as usize).ok_or_else(|| {
+        let group = s.shards.at(shard as usize).ok_or_else(|| {
             Status::invalid_argument(format!("no shard {shard}: the cluster has {} shards", s.shards.len()))
         })?;
+        if !group.is_replica() {
+            return Err(Status::failed_precondition(format!(
+                "node {} holds no replica of shard {shard}",
+                s.node.id().0
+            )));
+        }
         let d = group.state_digest().map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(proto::ShardDigestResponse {
             node_id: s.node.id().0,
@@ -689,6 +713,7 @@ impl Fetter for Api {
             initialized: info.is_some(),
             members,
             ready: true,
+            hosted: super::view::hosted(s),
         }))
     }
 }
@@ -733,13 +758,14 @@ pub(crate) async fn ping_members(shared: Arc<Shared>, mut stop: watch::Receiver<
                 // Whether the member lists this node.
                 let lists_me =
                     info.as_ref().filter(|i| i.initialized).map(|i| i.members.iter().any(|m| m.id == me.0));
-                (*id, info.is_some(), lists_me)
+                let hosted = info.as_ref().map(|i| i.hosted.clone()).unwrap_or_default();
+                (*id, info.is_some(), lists_me, hosted)
             }
         });
         let pings: Vec<_> = pings.collect();
         let (mut listed, mut unlisted) = (0, 0);
-        for (id, alive, lists_me) in futures::future::join_all(pings).await {
-            shared.liveness.set(id, alive);
+        for (id, alive, lists_me, hosted) in futures::future::join_all(pings).await {
+            shared.liveness.set(id, alive, hosted);
             match lists_me {
                 Some(true) => listed += 1,
                 Some(false) => unlisted += 1,

@@ -1,18 +1,18 @@
 //! Adding and removing nodes of a running cluster (`AddNode`, `RemoveNode`, `--join`).
 //!
-//! Every node replicates every group: as one of its (at most [`REPLICAS`]) voters, or as a
-//! learner that receives the log, knows the leader and serves linearizable reads. Adding a node
-//! records it in group 0 (with the incarnation it reports: a node id that comes back with
-//! another disk is refused), makes it a learner of every group and a voter of the groups that
-//! have fewer than [`REPLICAS`] voters. Removing a node replaces it, in every group it votes
-//! in, by a learner (caught up already), drops it from every group, updates the placement and
-//! forgets it in group 0 (its id can never come back with another disk).
+//! Every node replicates group 0 (one of its at most [`REPLICAS`] voters, or a learner); each
+//! shard lives on the members its placement names (the cluster's `replicas` of them). Adding a
+//! node records it in group 0 (with the incarnation it reports: a node id that comes back with
+//! another disk is refused) and makes it a replica of group 0; the reconciler then moves its
+//! share of the shards' replicas to it. Removing a node marks it as leaving, moves each of its
+//! shard replicas to another member (recorded placement, carried out by the shard's leader),
+//! replaces it in group 0 and forgets it there (its id can never come back with another disk).
 
 use std::collections::BTreeSet;
 
-use fetter_raft::handle::{GroupHandle, MembershipOp};
+use fetter_raft::handle::MembershipOp;
 use fetter_raft::ids::{Incarnation, NodeId, ShardId};
-use fetter_raft::meta::{Member, MetaCommand, MetaRejection, ShardPlacement};
+use fetter_raft::meta::{self, Member, MetaCommand, MetaRejection, ShardPlacement};
 use tonic::Status;
 
 use super::api::journal_status;
@@ -32,24 +32,20 @@ pub(crate) async fn submit_meta(shared: &Shared, command: MetaCommand) -> Result
     Ok(())
 }
 
-/// Records `voters` of `shard` as its desired placement in group 0.
-pub(crate) async fn record_placement(
+/// Records `replicas` of `shard` (the first its preferred leader) as its placement in group 0.
+pub(crate) async fn record_placement_ordered(
     shared: &Shared,
     shard: ShardId,
-    voters: &BTreeSet<NodeId>,
+    replicas: Vec<NodeId>,
 ) -> Result<(), Status> {
-    let replicas: Vec<NodeId> = voters.iter().copied().collect();
     let Some(preferred_leader) = replicas.first().copied() else { return Ok(()) };
     let placement = ShardPlacement { replicas, preferred_leader };
     submit_meta(shared, MetaCommand::SetPlacement { shard, placement }).await
 }
 
-fn groups(shared: &Shared) -> impl Iterator<Item = (Option<ShardId>, &GroupHandle)> {
-    std::iter::once((None, &shared.meta))
-        .chain(shared.shards.iter().enumerate().map(|(k, g)| (Some(ShardId(k as u32)), g)))
-}
-
-/// Adds the node `id` that listens on `addr` (it must be running, in this cluster).
+/// Adds the node `id` that listens on `addr` (it must be running, in this cluster): it is
+/// recorded in group 0 and replicates group 0 (a voter while group 0 has fewer than three);
+/// the reconciler then gives it its share of the shards' replicas.
 pub(crate) async fn add_node(
     shared: &Shared,
     cluster_id: &str,
@@ -76,28 +72,24 @@ pub(crate) async fn add_node(
     }
     let member = Member { node: id, addr: addr.to_string(), incarnation: Incarnation(info.incarnation) };
     submit_meta(shared, MetaCommand::AddMember(member)).await?;
-    for (shard, group) in groups(shared) {
-        group
-            .change_members(MembershipOp::AddLearner { node: id, addr: addr.to_string() })
+    let meta = &shared.meta;
+    meta.change_members(MembershipOp::AddLearner { node: id, addr: addr.to_string() })
+        .await
+        .map_err(journal_status)?;
+    let (voters, _) = meta.members();
+    if voters.len() < REPLICAS && !voters.contains(&id) {
+        // Decided again by the group's leader on the voters it holds.
+        meta.change_members(MembershipOp::AddVoter { node: id, replicas: REPLICAS as u32 })
             .await
             .map_err(journal_status)?;
-        let (voters, _) = group.members();
-        if voters.len() < REPLICAS && !voters.contains(&id) {
-            // Decided again by the group's leader: the reconciler may have filled the seat.
-            let voters = group
-                .change_members(MembershipOp::AddVoter { node: id, replicas: REPLICAS as u32 })
-                .await
-                .map_err(journal_status)?;
-            if let Some(shard) = shard {
-                record_placement(shared, shard, &voters).await?;
-            }
-        }
     }
     tracing::info!(node = id.0, addr, "node added");
     Ok(())
 }
 
-/// Removes node `id` (alive or dead) and moves its replicas to the other nodes.
+/// Removes node `id` (alive or dead): its replicas move to the other members (each shard's
+/// new placement recorded and carried out before this returns), it leaves group 0, and group 0
+/// forgets it.
 pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Status> {
     let info = shared.initialized_cluster().await?;
     if info.member(id).is_none() {
@@ -107,50 +99,62 @@ pub(crate) async fn remove_node(shared: &Shared, id: NodeId) -> Result<(), Statu
         return Err(Status::failed_precondition("the last node of a cluster cannot be removed"));
     }
     // First the node is marked as leaving, so that the reconciler (on group 0's leader, maybe
-    // another node) gives it no seat or leadership while its replicas move away.
+    // another node) gives it no replica or leadership while its replicas move away.
     submit_meta(shared, MetaCommand::Leave(id)).await?;
-    // The groups are independent: each one's change runs at once (a dozen sequential
+    let info = shared.initialized_cluster().await?;
+    let leaving = shared.meta.read(meta::read_leaving).await.map_err(journal_status)?.unwrap_or_default();
+    let target = super::reconcile::target_placement(&info, &leaving);
+    // The shards are independent: each one's move runs at once (a dozen sequential
     // reconfigurations took longer than a client's attempt).
-    let changes = groups(shared).map(|(shard, group)| async move {
-        let (voters, nodes) = group.members();
-        if voters.contains(&id) {
-            // A learner takes its place (live ones first).
-            let mut spare: Vec<NodeId> =
-                nodes.keys().copied().filter(|n| *n != id && !voters.contains(n)).collect();
-            spare.sort_by_key(|n| !shared.liveness.is_alive(*n));
-            let replacement = spare.first().copied();
-            if voters.len() == 1 && replacement.is_none() {
-                return Err(Status::failed_precondition(format!(
-                    "node {id} is the only replica of {}",
-                    group.group()
-                )));
-            }
-            if group.status().borrow().leader == Some(id) && shared.liveness.is_alive(id) {
-                // A live leader hands over first: removing it would cost an election timeout.
-                let to =
-                    voters.iter().copied().filter(|v| *v != id).min_by_key(|v| !shared.liveness.is_alive(*v));
-                if let Some(to) = to {
-                    if let Err(e) = group.move_leadership(to, shared.lease, MOVE_TIMEOUT).await {
-                        tracing::info!(group = %group.group(), error = %e, "no handover before the removal");
-                    }
+    let info = &info;
+    let moves = target.into_iter().map(|(shard, replicas)| async move {
+        let recorded = info.placement.get(&shard).map(|p| p.replicas.clone()).unwrap_or_default();
+        if !recorded.contains(&id)
+            && !super::view::shard_views(shared)[shard.0 as usize].members.contains(&id)
+        {
+            return Ok(());
+        }
+        if replicas.contains(&id) {
+            return Err(Status::failed_precondition(format!(
+                "node {} holds shard {}'s only replica and no other member can take it",
+                id.0, shard.0
+            )));
+        }
+        if replicas != recorded {
+            record_placement_ordered(shared, shard, replicas).await?;
+        }
+        super::reconcile::converge(shared, shard, shared.lease).await.map(|_| ()).map_err(|e| {
+            Status::unavailable(format!("moving shard {}'s replica off node {}: {e}", shard.0, id.0))
+        })
+    });
+    futures::future::try_join_all(moves).await?;
+    // Group 0: a learner takes the node's seat (live ones first), then the node leaves.
+    let meta_group = &shared.meta;
+    let (voters, nodes) = meta_group.members();
+    if voters.contains(&id) {
+        let mut spare: Vec<NodeId> =
+            nodes.keys().copied().filter(|n| *n != id && !voters.contains(n)).collect();
+        spare.sort_by_key(|n| !shared.liveness.is_alive(*n));
+        let replacement = spare.first().copied();
+        if meta_group.status().borrow().leader == Some(id) && shared.liveness.is_alive(id) {
+            // A live leader hands over first: removing it would cost an election timeout.
+            let to =
+                voters.iter().copied().filter(|v| *v != id).min_by_key(|v| !shared.liveness.is_alive(*v));
+            if let Some(to) = to {
+                if let Err(e) = meta_group.move_leadership(to, shared.lease, MOVE_TIMEOUT).await {
+                    tracing::info!(error = %e, "no handover of group 0 before the removal");
                 }
             }
-            // Decided by the group's leader on the voters it holds then (a seat may have moved).
-            let next = group
-                .change_members(MembershipOp::RetireVoter { node: id, replacement })
-                .await
-                .map_err(journal_status)?;
-            if let Some(shard) = shard {
-                record_placement(shared, shard, &next).await?;
-            }
         }
-        group
-            .change_members(MembershipOp::RemoveNodes { nodes: BTreeSet::from([id]) })
+        meta_group
+            .change_members(MembershipOp::RetireVoter { node: id, replacement })
             .await
-            .map(|_| ())
-            .map_err(journal_status)
-    });
-    futures::future::try_join_all(changes).await?;
+            .map_err(journal_status)?;
+    }
+    meta_group
+        .change_members(MembershipOp::RemoveNodes { nodes: BTreeSet::from([id]) })
+        .await
+        .map_err(journal_status)?;
     submit_meta(shared, MetaCommand::RemoveMember(id)).await?;
     tracing::info!(node = id.0, "node removed");
     Ok(())

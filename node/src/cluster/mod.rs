@@ -19,34 +19,37 @@
 //! fresh node whose id a reachable peer already lists as a member (it lost its disk) is
 //! refused: it must rejoin under a new id.
 //!
-//! **Groups.** Every node opens group 0 and every shard group; a group whose membership does not
-//! include the node stays idle. A shard group has at most three voters (its placement) and every
-//! other member replicates it as a learner: the initial members beyond three from the bootstrap
-//! on, a node added later from its `AddNode`. So every member replicates every shard.
-//! A shard actor runs on every node for every shard and acts only while its node leads.
+//! **Groups.** Every node replicates group 0. Each shard lives on the cluster's `replicas`
+//! (default 3) members its placement in group 0 names, spread evenly (`reconcile`, `spread`);
+//! the other nodes are outside the shard's group, so storage and apply work spread as nodes are
+//! added. Every node still has a Raft instance and a shard actor for every shard (`hosting`): an
+//! empty instance outside the group routes calls to the shard's replicas, and its actor never
+//! leads. A replica that moved away is dropped (log and state) and replaced by an empty instance.
 //!
 //! **Requests.** Any node answers any request: the control panel submits to the shard's leader
 //! (forwarded over the Raft transport, one hop, following hints) and reads linearizably on the
-//! local replica (read index from the leader).
+//! local replica (read index from the leader) — or, on a node without a replica, sends the read
+//! as a query to one (`view` says where: the leader and voters the replicas report in their
+//! answers to pings, then the placement).
 
 mod api;
 mod convert;
+mod hosting;
 mod members;
 mod reconcile;
-// The replica planner of shards on R nodes (issue 11, item 7); the reconciler does not use it yet.
-#[cfg_attr(not(test), allow(dead_code))]
 mod spread;
+mod view;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fetter_actors::control::ControlPanel;
-use fetter_actors::shard_actor::{Params, Router, ShardActor, ShardArgs, ShardHandle};
+use fetter_actors::shard_actor::{Params, Router};
 use fetter_actors::Registry;
-use fetter_raft::handle::{GroupHandle, MembershipOp};
+use fetter_raft::handle::GroupHandle;
 use fetter_raft::ids::{ClusterId, GroupId, NodeId, ShardId};
 use fetter_raft::meta::{self, ClusterParams, Member, MetaCommand, ShardPlacement};
 use fetter_raft::node::{NodeConfig, RaftNode, Timing};
@@ -94,6 +97,8 @@ pub struct NodeOptions {
     /// The largest user payload (input, message, output, effect value) accepted: a cluster
     /// parameter like `retention` (`None`: 1 MiB).
     pub max_payload_bytes: Option<u64>,
+    /// Replicas of each shard: a cluster parameter fixed at creation (`None`: 3).
+    pub replicas: Option<u32>,
     /// sled's page cache.
     pub cache_bytes: u64,
     /// Each group builds a snapshot of its state after this many log entries since the last
@@ -122,6 +127,7 @@ impl NodeOptions {
             timing: Timing::production(),
             retention: None,
             max_payload_bytes: None,
+            replicas: None,
             cache_bytes: fetter_raft::storage::DEFAULT_CACHE_BYTES,
             snapshot_after_entries: fetter_raft::node::DEFAULT_SNAPSHOT_AFTER_ENTRIES,
             source_ip: None,
@@ -271,14 +277,19 @@ fn new_cluster_id() -> ClusterId {
     ClusterId(format!("fc-{}", uuid::Uuid::new_v4().simple()))
 }
 
-/// The initial placement: shard `k`'s replicas are `min(3, n)` members starting at the `k`-th
-/// (in id order), the first of them its preferred leader — so leaders spread evenly.
-pub fn initial_placement(members: &[NodeId], shards: u32) -> BTreeMap<ShardId, ShardPlacement> {
+/// The initial placement: shard `k`'s replicas are `min(replicas, n)` members starting at the
+/// `k`-th (in id order), the first of them its preferred leader — so replicas and leaders
+/// spread evenly.
+pub fn initial_placement(
+    members: &[NodeId],
+    shards: u32,
+    replicas: u32,
+) -> BTreeMap<ShardId, ShardPlacement> {
     let n = members.len().max(1);
     (0..shards)
         .map(|k| {
             let replicas: Vec<NodeId> =
-                (0..REPLICAS.min(members.len())).map(|i| members[(k as usize + i) % n]).collect();
+                (0..(replicas as usize).min(members.len())).map(|i| members[(k as usize + i) % n]).collect();
             let preferred_leader = replicas.first().copied().unwrap_or(NodeId(0));
             (ShardId(k), ShardPlacement { replicas, preferred_leader })
         })
@@ -291,7 +302,7 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) panel: ControlPanel,
     pub(crate) meta: GroupHandle,
-    pub(crate) shards: Vec<GroupHandle>,
+    pub(crate) shards: Arc<hosting::Shards>,
     /// The cluster's parameters as group 0 last said (followed by [`follow_params`]).
     pub(crate) params: Params,
     pub(crate) liveness: Liveness,
@@ -321,7 +332,6 @@ impl Shared {
 pub struct ClusterNode {
     shared: Arc<Shared>,
     lease: Duration,
-    actors: Vec<ShardHandle>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -473,6 +483,7 @@ impl ClusterNode {
             max_payload_bytes: options
                 .max_payload_bytes
                 .unwrap_or(ClusterParams::default().max_payload_bytes),
+            replicas: options.replicas.unwrap_or(ClusterParams::default().replicas),
         };
         let mut current = seed.clone();
         if let Some(info) = meta.read_local(meta::read_cluster).ok().flatten() {
@@ -491,33 +502,27 @@ impl ClusterNode {
         for s in 0..shards {
             groups.push(node.open_group(GroupId::of_shard(ShardId(s))).await?);
         }
-        let routes: HashMap<ShardId, GroupHandle> =
-            groups.iter().enumerate().map(|(s, g)| (ShardId(s as u32), g.clone())).collect();
-        let router: Arc<dyn Router> = Arc::new(routes);
-        let election_timeout = Duration::from_millis(options.timing.election_timeout_max_ms);
-        let mut actors = Vec::new();
-        for (s, group) in groups.iter().enumerate() {
-            let shard = ShardId(s as u32);
-            let mut args =
-                ShardArgs::new(shard, group.clone(), router.clone(), registry.clone(), election_timeout);
-            args.params = params.clone();
-            let (actor, _) = ShardActor::start(args)
-                .await
-                .map_err(|e| StartError::Cluster(format!("cannot spawn the actor of shard {shard}: {e}")))?;
-            actors.push(actor);
-        }
+        let hosted = Arc::new(hosting::Shards::new(groups));
+        let router: Arc<dyn Router> = hosted.clone();
+        let actor_config = Arc::new(hosting::ActorConfig {
+            registry: registry.clone(),
+            election_timeout: Duration::from_millis(options.timing.election_timeout_max_ms),
+            params: params.clone(),
+        });
+        hosted.start_actors(&actor_config).await.map_err(StartError::Cluster)?;
         let liveness = Liveness::default();
         let shared = Arc::new(Shared {
             node: node.clone(),
             registry,
             panel: ControlPanel::new(router, shards),
             meta: meta.clone(),
-            shards: groups,
+            shards: hosted,
             params,
             liveness: liveness.clone(),
             lease: Duration::from_millis(options.timing.election_timeout_max_ms),
         });
         late.set(shared.clone(), shards);
+        view::set_routes(&shared);
 
         let (stop, stop_rx) = watch::channel(false);
         let lease = Duration::from_millis(options.timing.election_timeout_max_ms);
@@ -525,12 +530,13 @@ impl ClusterNode {
             tokio::spawn(api::ping_members(shared.clone(), stop_rx.clone(), PING_EVERY)),
             tokio::spawn(reconcile::balance_leaders(shared.clone(), lease, stop_rx.clone())),
             tokio::spawn(follow_params(shared.clone(), stop_rx.clone())),
+            tokio::spawn(hosting::janitor(shared.clone(), actor_config, stop_rx.clone())),
         ];
         if let Some(peers) = &options.peers {
             let init = Init { record, params: seed, peers: peers.clone() };
             tasks.push(tokio::spawn(initialize_cluster(shared.clone(), init, stop_rx.clone())));
         }
-        let node = ClusterNode { shared, lease, actors, stop, tasks };
+        let node = ClusterNode { shared, lease, stop, tasks };
         if let Some(join) = &options.join {
             let listed = node.shared.meta.read_local(meta::read_cluster).ok().flatten();
             let member = listed.as_ref().and_then(|i| i.member(options.id)).map(|m| m.incarnation);
@@ -582,9 +588,7 @@ impl ClusterNode {
     pub async fn shutdown(self) {
         self.shared.liveness.set_stopping();
         let _ = self.stop.send(true);
-        for actor in &self.actors {
-            actor.stop();
-        }
+        self.shared.shards.stop_actors();
         for task in self.tasks {
             task.abort();
         }
@@ -628,6 +632,15 @@ fn check_params(options: &NodeOptions, cluster: &ClusterParams) -> Result<(), St
                  changes them on every node); start without the flag",
                 given / 1000,
                 cluster.retention_ms / 1000
+            ));
+        }
+    }
+    if let Some(given) = options.replicas {
+        if given != cluster.replicas {
+            return Err(format!(
+                "--replicas {given} contradicts the cluster's {} replicas per shard, fixed when it \
+                 was created; start without the flag",
+                cluster.replicas
             ));
         }
     }
@@ -857,7 +870,7 @@ async fn initialize_meta(
         cluster_id: cluster_id.clone(),
         params: params.clone(),
         members,
-        placement: initial_placement(&ids, params.shard_count),
+        placement: initial_placement(&ids, params.shard_count, params.replicas),
     };
     shared.meta.submit_meta(init).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     Ok(())
@@ -875,27 +888,19 @@ async fn initialize_own_shards(
         return Err("group 0 does not list the cluster yet".into());
     };
     let ids: Vec<NodeId> = peers.keys().copied().collect();
-    for (shard, place) in initial_placement(&ids, params.shard_count) {
+    for (shard, place) in initial_placement(&ids, params.shard_count, info.params.replicas) {
         if place.preferred_leader != me {
             continue;
         }
-        let group = &shared.shards[shard.0 as usize];
+        let group = shared.shards.at(shard.0 as usize).ok_or("no such shard")?;
         let voters: BTreeMap<NodeId, String> =
             place.replicas.iter().filter_map(|id| peers.get(id).map(|a| (*id, a.clone()))).collect();
         group.initialize(voters.clone()).await.map_err(|e| e.to_string())?;
         let configure = ShardCommand::Configure { shard_id: shard, shard_count: params.shard_count };
         group.submit_shard(configure).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-        // Every other initial member replicates the group as a learner (as a node added later
-        // does), so it knows the leader and can take a voter's place — if it is still a member:
-        // this runs again at every start of the node (its stored arguments name the initial
-        // peers), and a node removed since must not come back as a learner (a dead learner
-        // took the group's membership changes 13–20 s each and a lost node's removal stalled
-        // behind them: 5-node long chaos run, seed 2).
-        let current = |id: &NodeId| info.member(*id).is_some();
-        for (id, addr) in peers.iter().filter(|(id, _)| !voters.contains_key(id) && current(id)) {
-            let op = MembershipOp::AddLearner { node: *id, addr: addr.clone() };
-            group.change_members(op).await.map_err(|e| e.to_string())?;
-        }
+        // The other initial members hold no replica of it: nodes outside a shard's placement
+        // are outside its group (they route to it), so a cluster of more nodes than replicas
+        // spreads the shards' storage and apply work.
     }
     Ok(())
 }

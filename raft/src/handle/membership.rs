@@ -195,24 +195,27 @@ impl GroupHandle {
         let group = self.inner.group;
         let deadline = Instant::now() + self.inner.propose_timeout * 3;
         loop {
-            let status = self.status().borrow().clone();
-            let outcome = if status.is_leader {
-                self.change_here(op.clone()).await
-            } else if let Some(addr) = status.leader.and_then(|l| self.addr_of(l)) {
-                let payload = crate::codec::encode(&op)
-                    .map_err(|e| Error::Internal { group, reason: format!("cannot encode: {e}") })?;
-                match self.call(&addr, RpcKind::ChangeMembers, payload, deadline).await {
-                    Ok(bytes) => crate::codec::decode::<Result<BTreeSet<NodeId>, Error>>(&bytes)
-                        .map_err(|e| Error::Internal { group, reason: format!("undecodable reply: {e}") })?,
-                    Err(e) => Err(e),
-                }
-            } else {
-                Err(Error::NotLeader { group, leader: None, leader_addr: None })
-            };
+            let op = &op;
+            let outcome = self
+                .via_leader(deadline, |remote| async move {
+                    match remote {
+                        None => self.change_here(op.clone()).await,
+                        Some((_, addr)) => {
+                            let payload = crate::codec::encode(op).map_err(|e| Error::Internal {
+                                group,
+                                reason: format!("cannot encode: {e}"),
+                            })?;
+                            let bytes = self.call(&addr, RpcKind::ChangeMembers, payload, deadline).await?;
+                            crate::codec::decode::<Result<BTreeSet<NodeId>, Error>>(&bytes).map_err(|e| {
+                                Error::Internal { group, reason: format!("undecodable reply: {e}") }
+                            })?
+                        }
+                    }
+                })
+                .await;
             match outcome {
-                Err(Error::NotLeader { .. }) | Err(Error::Unavailable { .. })
-                    if Instant::now() < deadline =>
-                {
+                // A change in progress, a quorum missing for a moment: again, within the budget.
+                Err(Error::Unavailable { .. }) if Instant::now() < deadline => {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
                 other => return other,

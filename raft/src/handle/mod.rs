@@ -105,6 +105,10 @@ pub enum Error {
         /// [`MAX_PROPOSAL_BYTES`].
         limit: u64,
     },
+    /// This node holds no replica of the group (it is not in the group's membership): its
+    /// state cannot be read here. Ask a node that hosts the group.
+    #[error("{0} has no replica on this node")]
+    NotHosted(GroupId),
     /// The reply did not match the command (a bug: the state machine broke its contract).
     #[error("internal error in {group}: {reason}")]
     Internal {
@@ -191,7 +195,15 @@ struct Inner {
     membership_changes: tokio::sync::Mutex<()>,
     /// Proposals and read-index requests this node sent to another node's leader.
     forwarded: std::sync::atomic::AtomicU64,
+    /// Where to send proposals while this node is not a member of the group (it knows no
+    /// leader then): see [`GroupHandle::set_routes`].
+    routes: std::sync::RwLock<Option<Routes>>,
+    /// Turns through [`Inner::routes`], so that a dead or stale route is not tried forever.
+    next_route: std::sync::atomic::AtomicUsize,
 }
+
+/// The nodes (id and address) believed to host a group, for a node that hosts none of it.
+pub type Routes = Arc<dyn Fn() -> Vec<(NodeId, String)> + Send + Sync>;
 
 impl GroupHandle {
     /// Starts the batcher and the status watch of `raft`. `propose_timeout` bounds every proposal.
@@ -224,6 +236,8 @@ impl GroupHandle {
                 handover_closed: std::sync::atomic::AtomicBool::new(false),
                 forwarded: std::sync::atomic::AtomicU64::new(0),
                 membership_changes: tokio::sync::Mutex::new(()),
+                routes: std::sync::RwLock::new(None),
+                next_route: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -342,8 +356,12 @@ impl GroupHandle {
 
     /// A linearizable read on any replica: the leader confirms its leadership with a quorum and
     /// names the last committed index (asked over the transport when another node leads); once
-    /// this replica has applied that far, `f` runs over its state.
+    /// this replica has applied that far, `f` runs over its state. [`Error::NotHosted`] on a
+    /// node that holds no replica.
     pub async fn read<R>(&self, f: impl FnOnce(&dyn KvRead) -> R) -> Result<R, Error> {
+        if !self.is_replica() {
+            return Err(Error::NotHosted(self.inner.group));
+        }
         self.read_barrier().await?;
         Ok(self.inner.reader.read(f))
     }

@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Error, GroupHandle};
+use super::{Error, GroupHandle, Routes};
 use crate::codec;
 use crate::ids::NodeId;
 use crate::meta::{MetaCommand, MetaReply};
-use crate::shard::{ShardCommand, ShardReply};
+use crate::shard::{ShardAnswer, ShardCommand, ShardQuery, ShardReply};
 use crate::transport::proto::raft_response::Result as ProtoResult;
 use crate::transport::proto::{RaftRequest, RpcKind};
 use crate::transport::CallError;
@@ -50,10 +50,37 @@ impl GroupHandle {
         .await
     }
 
+    /// Whether this node is a member (voter or learner) of the group, as far as it knows: it
+    /// receives the group's log and holds its state.
+    pub fn is_replica(&self) -> bool {
+        let metrics = self.inner.raft.metrics().borrow().clone();
+        metrics.membership_config.membership().get_node(&self.node_id().0).is_some()
+    }
+
+    /// Where proposals go while this node is not a member of the group: `routes` names the
+    /// nodes that host it (the shard's placement). The first that answers forwards to its
+    /// leader's hint; a route that fails is followed by the next.
+    pub fn set_routes(&self, routes: Routes) {
+        *crate::sync::write(&self.inner.routes) = Some(routes);
+    }
+
+    /// A node from the routes (not this one), turning through them call by call.
+    fn route(&self) -> Option<(NodeId, String)> {
+        let routes = crate::sync::read(&self.inner.routes).clone()?;
+        let me = self.node_id();
+        let nodes: Vec<(NodeId, String)> = routes().into_iter().filter(|(n, _)| *n != me).collect();
+        if nodes.is_empty() {
+            return None;
+        }
+        let turn = self.inner.next_route.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(nodes[turn % nodes.len()].clone())
+    }
+
     /// Runs `attempt` on the leader this replica knows of (`None`: this node; else the leader's
     /// id and address), following "not leader" hints and retrying after a refused or broken
-    /// connection, waiting out elections, until `deadline`; then [`Error::NoLeader`].
-    async fn via_leader<T, F, Fut>(&self, deadline: Instant, attempt: F) -> Result<T, Error>
+    /// connection, waiting out elections, until `deadline`; then [`Error::NoLeader`]. A node
+    /// that is not a member of the group starts from one of its routes ([`GroupHandle::set_routes`]).
+    pub(super) async fn via_leader<T, F, Fut>(&self, deadline: Instant, attempt: F) -> Result<T, Error>
     where
         F: Fn(Option<(NodeId, String)>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
@@ -80,6 +107,15 @@ impl GroupHandle {
                     last = reason;
                     target = Target::Unknown;
                 }
+                // A route that no longer hosts the group (its replica moved away): the next.
+                Err(Error::Unavailable { reason, .. }) if !self.is_replica() => {
+                    last = reason;
+                    target = Target::Unknown;
+                }
+                Err(e @ Error::NotHosted(_)) if !self.is_replica() => {
+                    last = e.to_string();
+                    target = Target::Unknown;
+                }
                 other => return other,
             }
             if Instant::now() >= deadline {
@@ -90,6 +126,34 @@ impl GroupHandle {
                 target = self.leader_target();
             }
         }
+    }
+
+    /// Runs `query` linearizably on a replica of the group: this node's, or (on a node that holds
+    /// none) one that its routes lead to.
+    pub async fn query(&self, query: &ShardQuery) -> Result<ShardAnswer, Error> {
+        if self.is_replica() {
+            return self.query_here(query).await;
+        }
+        let group = self.inner.group;
+        let deadline = Instant::now() + self.inner.propose_timeout;
+        self.via_leader(deadline, |remote| async move {
+            let Some((node, addr)) = remote else { return self.query_here(query).await };
+            self.inner.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let payload = codec::encode(query)
+                .map_err(|e| Error::Internal { group, reason: format!("cannot encode query: {e}") })?;
+            let bytes = self.call(&addr, RpcKind::Query, payload, deadline).await?;
+            codec::decode::<Result<ShardAnswer, Error>>(&bytes).map_err(|e| Error::Internal {
+                group,
+                reason: format!("undecodable answer from node {node}: {e}"),
+            })?
+        })
+        .await
+    }
+
+    /// Runs `query` on this node's replica ([`Error::NotHosted`] without one).
+    pub(crate) async fn query_here(&self, query: &ShardQuery) -> Result<ShardAnswer, Error> {
+        let group = self.inner.group;
+        self.read(|kv| query.run(kv)).await?.map_err(|e| Error::Internal { group, reason: e.to_string() })
     }
 
     /// [`GroupHandle::submit`] for a shard command.
@@ -134,9 +198,17 @@ impl GroupHandle {
         self.inner.peers.identity().node_id
     }
 
-    /// The leader this replica knows of, with its address from the group's membership.
+    /// The leader this replica knows of, with its address from the group's membership; on a
+    /// node that is not a member, one of the routes.
     fn leader_target(&self) -> Target {
         let metrics = self.inner.raft.metrics().borrow().clone();
+        let member = metrics.membership_config.membership().get_node(&self.node_id().0).is_some();
+        if !member {
+            return match self.route() {
+                Some((node, addr)) => Target::Remote(node, addr),
+                None => Target::Unknown,
+            };
+        }
         let Some(leader) = metrics.current_leader else { return Target::Unknown };
         if leader == self.node_id().0 {
             return Target::Here;

@@ -143,26 +143,28 @@ impl GroupHandle {
     /// over the transport when another node does).
     pub async fn move_leadership(&self, to: NodeId, lease: Duration, timeout: Duration) -> Result<(), Error> {
         let group = self.inner.group;
-        let status = self.status().borrow().clone();
-        if status.leader == Some(to) {
+        if self.status().borrow().leader == Some(to) {
             return Ok(());
         }
-        if status.is_leader {
-            return self.transfer_leadership(to, lease, timeout).await;
-        }
-        let leader =
-            status.leader.ok_or_else(|| Error::NoLeader { group, reason: "no leader known".into() })?;
-        let addr = self
-            .addr_of(leader)
-            .ok_or_else(|| Error::Unavailable { group, reason: format!("no address for node {leader}") })?;
         let payload = crate::codec::encode(&to)
             .map_err(|e| Error::Internal { group, reason: format!("cannot encode node id: {e}") })?;
         // The leader may first wait for at-most-once work in flight (the hand-over drain).
         let call_deadline = Instant::now() + timeout + self.inner.handover_drain;
-        let bytes = self.call(&addr, RpcKind::TransferLeader, payload, call_deadline).await?;
-        let moved: Result<(), Error> = crate::codec::decode(&bytes)
-            .map_err(|e| Error::Internal { group, reason: format!("undecodable transfer reply: {e}") })?;
-        moved
+        let payload = &payload;
+        self.via_leader(Instant::now() + timeout, |remote| async move {
+            match remote {
+                None => self.transfer_leadership(to, lease, timeout).await,
+                Some((_, addr)) => {
+                    let bytes =
+                        self.call(&addr, RpcKind::TransferLeader, payload.clone(), call_deadline).await?;
+                    crate::codec::decode::<Result<(), Error>>(&bytes).map_err(|e| Error::Internal {
+                        group,
+                        reason: format!("undecodable transfer reply: {e}"),
+                    })?
+                }
+            }
+        })
+        .await
     }
 
     /// Stands for election now (asked by the leader handing over).

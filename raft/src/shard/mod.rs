@@ -12,9 +12,11 @@
 mod apply;
 mod command;
 mod keys;
+mod query;
 mod read;
 pub(crate) mod txn;
 
 pub use apply::{apply, apply_at};
 pub use command::*;
+pub use query::{FlowView, ShardAnswer, ShardQuery};
 pub use read::*;

@@ -251,6 +251,11 @@ impl RaftService {
                     (_, None) => refuse(ErrorCode::ShuttingDown, format!("group {group} is closing")),
                 }
             }
+            Ok(RpcKind::Query) => match (decode(&req.payload), self.groups.handle(group)) {
+                (Ok(query), Some(handle)) => reply(&handle.query_here(&query).await),
+                (Err(refusal), _) => refusal,
+                (_, None) => refuse(ErrorCode::ShuttingDown, format!("group {group} is closing")),
+            },
             Ok(RpcKind::ChangeMembers) => match (decode(&req.payload), self.groups.handle(group)) {
                 (Ok(op), Some(handle)) => reply(&handle.change_here(op).await),
                 (Err(refusal), _) => refusal,
